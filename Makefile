@@ -1,0 +1,41 @@
+# The README's two commands are `make serve` and `make test`. Each creates or refreshes
+# .venv itself (scripts/bootstrap.sh), so nothing depends on what was installed by hand.
+PY := .venv/bin/python
+SERVE_ARGS ?=
+
+.PHONY: venv serve test unit integration lint format bench-embedding bench-llm bench-routing bench-balancing
+
+venv:
+	@scripts/bootstrap.sh
+
+serve: venv
+	$(PY) -m serving $(SERVE_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+unit: venv
+	$(PY) -m pytest tests/unit -q
+
+integration: venv
+	$(PY) -m pytest tests/integration -q
+
+test: lint
+	$(PY) -m pytest tests -q
+
+bench-embedding: venv
+	$(PY) benchmarks/embedding.py
+
+bench-llm: venv
+	$(PY) benchmarks/llm.py
+
+bench-routing: venv
+	$(PY) benchmarks/routing.py
+
+bench-balancing: venv
+	$(PY) benchmarks/balancing.py

@@ -1,0 +1,221 @@
+"""Adapters between Triton's Python backend and :mod:`serving`.
+
+The only module in the package that imports ``triton_python_backend_utils``; it exists
+inside the stub process, and ``tests/conftest.py`` installs a fake for unit tests. Every
+``model.py`` uses these helpers so error handling, batching and BLS calls are written once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from serving.errors import ConfigError, ValidationError
+from serving.params import Params
+
+log = logging.getLogger("serving")
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+#: Triton's wire name for each numpy dtype a request may carry.
+_DTYPE_NAMES = {
+    np.dtype(np.bool_): "BOOL",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.uint64): "UINT64",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.float64): "FP64",
+    np.dtype(np.object_): "BYTES",
+}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return _DTYPE_NAMES.get(np.dtype(dtype), str(dtype))
+
+
+class ModelSetup:
+    """What every model reads once in ``initialize``: its config, parameters and name."""
+
+    def __init__(self, args: dict[str, str]) -> None:
+        self.config: dict[str, Any] = json.loads(args["model_config"])
+        self.name: str = args.get("model_name", self.config.get("name", "model"))
+        self.instance: str = args.get("model_instance_name", self.name)
+        self.params = Params(self.config, self.name)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
+
+    def set_torch_threads(self, default: int = 1) -> int:
+        """Bound torch's intra-op threads: every stub shares the same cores."""
+        threads = self.params.get("torch_threads", int, default=default)
+        if threads < 1:
+            raise ConfigError(f"{self.name}: torch_threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        return threads
+
+    def output_dtype(self, name: str) -> np.dtype:
+        cfg = pb_utils.get_output_config_by_name(self.config, name)
+        if cfg is None:
+            raise ConfigError(f"{self.name}: config has no output '{name}'")
+        return pb_utils.triton_string_to_numpy(cfg["data_type"])
+
+
+def model_exception(exc: Exception) -> Exception:
+    """Turn a load-time error into the exception Triton reports for a failed load."""
+    return pb_utils.TritonModelException(str(exc))
+
+
+def get_input(
+    request: Any,
+    name: str,
+    dtype: np.dtype | type | None = None,
+    required: bool = True,
+) -> np.ndarray | None:
+    """Read one input, checking its dtype; ``None`` for a missing optional input."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if required:
+            raise ValidationError(f"input '{name}' is required")
+        return None
+    array = tensor.as_numpy()
+    if dtype is not None and array.dtype != np.dtype(dtype):
+        raise ValidationError(
+            f"input '{name}' must be {dtype_name(np.dtype(dtype))}, got {dtype_name(array.dtype)}"
+        )
+    return array
+
+
+def get_scalar(request: Any, name: str, dtype: np.dtype | type, default: Any = None) -> Any:
+    """Read an optional one-element input as a Python scalar (``default`` when absent)."""
+    array = get_input(request, name, dtype, required=default is None)
+    if array is None:
+        return default
+    if array.size != 1:
+        raise ValidationError(f"input '{name}' must hold one value, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    return value.item() if hasattr(value, "item") else value
+
+
+def error_of(exc: BaseException, model: str) -> Any:
+    """The TritonError a client sees: the message for bad input, a short note otherwise.
+
+    Unexpected errors are logged with their traceback here, on the server; the client
+    gets only the exception's class and a pointer to the log.
+    """
+    if isinstance(exc, ValidationError):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    log.exception("%s: unexpected error while serving a request", model, exc_info=exc)
+    return pb_utils.TritonError(
+        f"{model}: internal error ({type(exc).__name__}); see the server log",
+        pb_utils.TritonError.INTERNAL,
+    )
+
+
+def tensor(name: str, array: np.ndarray) -> Any:
+    return pb_utils.Tensor(name, array)
+
+
+def execute_batch(
+    requests: Sequence[Any],
+    parse: Callable[[Any], Item],
+    run: Callable[[list[Item]], Sequence[Result]],
+    to_outputs: Callable[[Result], list[Any]],
+    model: str,
+) -> list[Any]:
+    """Parse each request, run the valid ones as one batch, split the results back.
+
+    The single place where a batch is joined and split: a request that fails to parse
+    gets its own INVALID_ARG response and the rest of the batch still runs, and the
+    returned list always has one response per request, in order.
+    """
+    responses: list[Any] = [None] * len(requests)
+    items: list[Item] = []
+    slots: list[int] = []
+    for i, request in enumerate(requests):
+        try:
+            items.append(parse(request))
+            slots.append(i)
+        except Exception as exc:  # isolated per request, reported to its client
+            responses[i] = pb_utils.InferenceResponse(error=error_of(exc, model))
+    if items:
+        try:
+            results = run(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batch returned {len(results)} results for {len(items)}")
+            for slot, result in zip(slots, results, strict=True):
+                responses[slot] = pb_utils.InferenceResponse(output_tensors=to_outputs(result))
+        except Exception as exc:
+            err = error_of(exc, model)
+            for slot in slots:
+                responses[slot] = pb_utils.InferenceResponse(error=err)
+    return responses
+
+
+class DownstreamError(RuntimeError):
+    """A model called through BLS answered with an error."""
+
+    def __init__(self, model: str, message: str, invalid_arg: bool) -> None:
+        super().__init__(f"{model}: {message}")
+        self.model = model
+        self.invalid_arg = invalid_arg
+
+
+def _check(response: Any, model: str) -> Any:
+    if response.has_error():
+        err = response.error()
+        code = err.code() if hasattr(err, "code") else None
+        invalid = code == pb_utils.TritonError.INVALID_ARG
+        raise DownstreamError(model, err.message(), invalid)
+    return response
+
+
+def bls_request(model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> Any:
+    return pb_utils.InferenceRequest(
+        model_name=model,
+        inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+        requested_output_names=list(outputs),
+    )
+
+
+def bls_infer(model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Call ``model`` once through BLS and return its outputs; raise on a downstream error."""
+    response = _check(bls_request(model, inputs, outputs).exec(), model)
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+
+
+def bls_stream(
+    model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Stream from a decoupled ``model``; yields each non-empty response's outputs.
+
+    Closing the generator early (the caller's client cancelled) stops reading; the
+    downstream model sees the cancellation through Triton's response iterator.
+    """
+    stream = bls_request(model, inputs, outputs).exec(decoupled=True)
+    for response in stream:
+        _check(response, model)
+        out = {}
+        for name in outputs:
+            t = pb_utils.get_output_tensor_by_name(response, name)
+            if t is not None:
+                out[name] = t.as_numpy()
+        if out:
+            yield out
+
+
+def final_flag() -> int:
+    return pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def string_array(values: Sequence[str], shape: tuple[int, ...] | None = None) -> np.ndarray:
+    arr = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+    return arr.reshape(shape) if shape is not None else arr

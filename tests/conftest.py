@@ -1,0 +1,249 @@
+"""The one fake ``triton_python_backend_utils`` for unit tests.
+
+It is installed into ``sys.modules`` before any test imports ``serving.triton`` or a
+``model.py``, and mimics the parts of the real module (Triton 2.51) the project uses:
+tensors, requests with response senders and cancellation, responses with errors, BLS
+requests whose results a test scripts, loggers and metrics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_TRITON_TO_NUMPY = {
+    "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_UINT64": np.uint64,
+    "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32, "TYPE_FP64": np.float64, "TYPE_STRING": np.object_,
+}
+
+
+class TritonError(Exception):
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+
+class TritonModelException(Exception):
+    pass
+
+
+class Tensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None) -> None:
+        self._outputs = list(output_tensors or [])
+        self._error = error
+
+    def output_tensors(self) -> list[Tensor]:
+        return self._outputs
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+
+class ResponseSender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[InferenceResponse | None, int]] = []
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if self.sent and self.sent[-1][1] & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            raise RuntimeError("response sent after the final flag")
+        self.sent.append((response, flags))
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.sent) and bool(self.sent[-1][1] & TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def responses(self) -> list[InferenceResponse]:
+        return [r for r, _ in self.sent if r is not None]
+
+
+class FakeRequest:
+    """A request as a model's ``execute`` sees it."""
+
+    def __init__(self, inputs: dict[str, Any], cancelled: bool = False) -> None:
+        self._inputs = {k: Tensor(k, np.asarray(v)) for k, v in inputs.items()}
+        self.sender = ResponseSender()
+        self.cancelled = cancelled
+
+    def inputs(self) -> list[Tensor]:
+        return list(self._inputs.values())
+
+    def get_response_sender(self) -> ResponseSender:
+        return self.sender
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+    def request_id(self) -> str:
+        return ""
+
+
+#: BLS handlers tests install: model name -> callable(inputs dict) -> response or list.
+BLS_HANDLERS: dict[str, Callable[[dict[str, np.ndarray]], Any]] = {}
+
+
+class InferenceRequest:
+    def __init__(self, model_name: str, inputs: list[Tensor], requested_output_names: list[str],
+                 **_: Any) -> None:
+        self.model_name = model_name
+        self.inputs = {t.name(): t.as_numpy() for t in inputs}
+        self.requested_output_names = requested_output_names
+
+    def exec(self, decoupled: bool = False) -> Any:
+        handler = BLS_HANDLERS.get(self.model_name)
+        if handler is None:
+            err = TritonError(f"Request for unknown model: '{self.model_name}' is not found",
+                              TritonError.NOT_FOUND)
+            result: Any = InferenceResponse(error=err)
+        else:
+            result = handler(self.inputs)
+        if decoupled:
+            return iter(result if isinstance(result, list) else [result])
+        return result[0] if isinstance(result, list) else result
+
+
+class Logger:
+    @staticmethod
+    def log_info(msg: str) -> None:
+        pass
+
+    log_warn = log_error = log_verbose = log_info
+
+
+class Metric:
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels, self.value = labels, 0.0
+
+    def increment(self, value: float) -> None:
+        self.value += value
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def observe(self, value: float) -> None:
+        self.value += value
+
+
+class MetricFamily:
+    COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
+
+    def __init__(self, name: str, description: str, kind: int) -> None:
+        self.name, self.kind, self.metrics = name, kind, []
+
+    def Metric(self, labels: dict[str, str] | None = None, **_: Any) -> Metric:  # noqa: N802 (real API name)
+        m = Metric(labels or {})
+        self.metrics.append(m)
+        return m
+
+
+def get_input_tensor_by_name(request: FakeRequest, name: str) -> Tensor | None:
+    return request._inputs.get(name)
+
+
+def get_output_tensor_by_name(response: InferenceResponse, name: str) -> Tensor | None:
+    return next((t for t in response.output_tensors() if t.name() == name), None)
+
+
+def _config_entry(model_config: dict, kind: str, name: str) -> dict | None:
+    return next((e for e in model_config.get(kind, []) if e["name"] == name), None)
+
+
+def get_input_config_by_name(model_config: dict, name: str) -> dict | None:
+    return _config_entry(model_config, "input", name)
+
+
+def get_output_config_by_name(model_config: dict, name: str) -> dict | None:
+    return _config_entry(model_config, "output", name)
+
+
+def using_decoupled_model_transaction_policy(model_config: dict) -> bool:
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
+
+
+def triton_string_to_numpy(name: str) -> type:
+    return _TRITON_TO_NUMPY[name]
+
+
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+
+def _install() -> types.ModuleType:
+    module = types.ModuleType("triton_python_backend_utils")
+    for name, value in dict(globals()).items():
+        if not name.startswith("_") and name not in {"annotations", "pytest", "np", "json", "sys",
+                                                     "types", "importlib", "Path", "ROOT"}:
+            setattr(module, name, value)
+    sys.modules["triton_python_backend_utils"] = module
+    return module
+
+
+pb_utils = _install()
+
+
+@pytest.fixture
+def bls() -> dict[str, Callable[[dict[str, np.ndarray]], Any]]:
+    """Script BLS downstream models for one test; cleared afterwards."""
+    BLS_HANDLERS.clear()
+    yield BLS_HANDLERS
+    BLS_HANDLERS.clear()
+
+
+def load_model_module(model: str) -> types.ModuleType:
+    """Import ``model_repository/<model>/1/model.py`` under the fake pb_utils."""
+    path = ROOT / "model_repository" / model / "1" / "model.py"
+    spec = importlib.util.spec_from_file_location(f"model_{model}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_args(model: str, profile_config: dict | None = None) -> dict[str, str]:
+    """The ``args`` Triton passes to ``initialize``, built from the model's config.pbtxt."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2
+    from google.protobuf import text_format
+
+    if profile_config is None:
+        text = (ROOT / "model_repository" / model / "config.pbtxt").read_text()
+        msg = text_format.Parse(text, model_config_pb2.ModelConfig())
+        profile_config = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    profile_config.setdefault("name", model)
+    return {
+        "model_config": json.dumps(profile_config),
+        "model_name": model,
+        "model_instance_name": f"{model}_0_0",
+        "model_repository": str(ROOT / "model_repository" / model),
+        "model_version": "1",
+    }
