@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -178,29 +179,36 @@ def _check(response: Any, model: str) -> Any:
     return response
 
 
-def bls_request(model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> Any:
+def bls_request(
+    model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
+) -> Any:
     return pb_utils.InferenceRequest(
         model_name=model,
         inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
         requested_output_names=list(outputs),
+        request_id=request_id,
     )
 
 
-def bls_infer(model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+def bls_infer(
+    model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Call ``model`` once through BLS and return its outputs; raise on a downstream error."""
     response = _check(bls_request(model, inputs, outputs).exec(), model)
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
 def bls_stream(
-    model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
+    model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream from a decoupled ``model``; yields each non-empty response's outputs.
 
-    Closing the generator early (the caller's client cancelled) stops reading; the
-    downstream model sees the cancellation through Triton's response iterator.
+    Triton 2.51's BLS response iterator has no ``cancel()``: closing this generator early
+    does not stop the downstream model, and dropping the iterator blocks until the
+    downstream sends its final response. To stop a tensorrt_llm-style model, send it a
+    ``stop`` request with the same ``request_id`` (what the router does).
     """
-    stream = bls_request(model, inputs, outputs).exec(decoupled=True)
+    stream = bls_request(model, inputs, outputs, request_id).exec(decoupled=True)
     for response in stream:
         _check(response, model)
         out = {}
@@ -219,3 +227,40 @@ def final_flag() -> int:
 def string_array(values: Sequence[str], shape: tuple[int, ...] | None = None) -> np.ndarray:
     arr = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
     return arr.reshape(shape) if shape is not None else arr
+
+
+#: pb_utils.MetricFamily kinds by name, so callers need not touch pb_utils.
+_METRIC_KINDS = {"counter": "COUNTER", "gauge": "GAUGE", "histogram": "HISTOGRAM"}
+
+
+class LabelledMetric:
+    """One custom metric family with a metric per label set, created on first use.
+
+    Creating a metric is an IPC round trip to the server, so each label set is created
+    once and cached; the lock makes that safe from a decoupled model's worker threads.
+    The metrics appear on Triton's metrics port next to ``nv_inference_*``.
+    """
+
+    def __init__(
+        self, name: str, description: str, kind: str, buckets: Sequence[float] | None = None
+    ) -> None:
+        if kind not in _METRIC_KINDS:
+            raise ConfigError(f"metric {name}: kind must be one of {sorted(_METRIC_KINDS)}")
+        if (kind == "histogram") != (buckets is not None):
+            raise ConfigError(f"metric {name}: buckets go with (and only with) a histogram")
+        family_kind = getattr(pb_utils.MetricFamily, _METRIC_KINDS[kind])
+        self._family = pb_utils.MetricFamily(name=name, description=description, kind=family_kind)
+        self._buckets = list(buckets) if buckets is not None else None
+        self._metrics: dict[tuple[tuple[str, str], ...], Any] = {}
+        self._lock = threading.Lock()
+
+    def labels(self, **labels: str) -> Any:
+        """The metric for these label values (``increment``, ``set`` or ``observe`` it)."""
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            metric = self._metrics.get(key)
+            if metric is None:
+                extra = {"buckets": self._buckets} if self._buckets is not None else {}
+                metric = self._family.Metric(labels=dict(key), **extra)
+                self._metrics[key] = metric
+            return metric
