@@ -50,8 +50,10 @@ class Params:
 
     def __init__(self, model_config: Mapping[str, Any], model_name: str = "model") -> None:
         raw = model_config.get("parameters", {}) or {}
-        self._raw = {k: (v.get("string_value", "") if isinstance(v, Mapping) else str(v))
-                     for k, v in raw.items()}
+        self._raw = {
+            k: (v.get("string_value", "") if isinstance(v, Mapping) else str(v))
+            for k, v in raw.items()
+        }
         self._model = model_name
 
     def get(self, name: str, kind: type[T], default: Any = _MISSING) -> T:
@@ -69,7 +71,9 @@ class Params:
                 f"{kind.__name__}: {exc}"
             ) from exc
         if kind in (dict, list) and not isinstance(value, kind):
-            raise ConfigError(f"{self._model}: config parameter '{name}' must be a JSON {kind.__name__}")
+            raise ConfigError(
+                f"{self._model}: config parameter '{name}' must be a JSON {kind.__name__}"
+            )
         return value
 
     def __contains__(self, name: str) -> bool:

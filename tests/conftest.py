@@ -22,14 +22,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 _TRITON_TO_NUMPY = {
-    "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_UINT64": np.uint64,
-    "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_FP16": np.float16,
-    "TYPE_FP32": np.float32, "TYPE_FP64": np.float64, "TYPE_STRING": np.object_,
+    "TYPE_BOOL": np.bool_,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+    "TYPE_STRING": np.object_,
 }
 
 
 class TritonError(Exception):
-    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+    (
+        UNKNOWN,
+        INTERNAL,
+        NOT_FOUND,
+        INVALID_ARG,
+        UNAVAILABLE,
+        UNSUPPORTED,
+        ALREADY_EXISTS,
+        CANCELLED,
+    ) = range(8)
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
@@ -58,7 +73,9 @@ class Tensor:
 
 
 class InferenceResponse:
-    def __init__(self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None) -> None:
+    def __init__(
+        self, output_tensors: list[Tensor] | None = None, error: TritonError | None = None
+    ) -> None:
         self._outputs = list(output_tensors or [])
         self._error = error
 
@@ -115,8 +132,9 @@ BLS_HANDLERS: dict[str, Callable[[dict[str, np.ndarray]], Any]] = {}
 
 
 class InferenceRequest:
-    def __init__(self, model_name: str, inputs: list[Tensor], requested_output_names: list[str],
-                 **_: Any) -> None:
+    def __init__(
+        self, model_name: str, inputs: list[Tensor], requested_output_names: list[str], **_: Any
+    ) -> None:
         self.model_name = model_name
         self.inputs = {t.name(): t.as_numpy() for t in inputs}
         self.requested_output_names = requested_output_names
@@ -124,8 +142,10 @@ class InferenceRequest:
     def exec(self, decoupled: bool = False) -> Any:
         handler = BLS_HANDLERS.get(self.model_name)
         if handler is None:
-            err = TritonError(f"Request for unknown model: '{self.model_name}' is not found",
-                              TritonError.NOT_FOUND)
+            err = TritonError(
+                f"Request for unknown model: '{self.model_name}' is not found",
+                TritonError.NOT_FOUND,
+            )
             result: Any = InferenceResponse(error=err)
         else:
             result = handler(self.inputs)
@@ -162,7 +182,7 @@ class MetricFamily:
     def __init__(self, name: str, description: str, kind: int) -> None:
         self.name, self.kind, self.metrics = name, kind, []
 
-    def Metric(self, labels: dict[str, str] | None = None, **_: Any) -> Metric:  # noqa: N802 (real API name)
+    def Metric(self, labels: dict[str, str] | None = None, **_: Any) -> Metric:
         m = Metric(labels or {})
         self.metrics.append(m)
         return m
@@ -202,14 +222,41 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 def _install() -> types.ModuleType:
     module = types.ModuleType("triton_python_backend_utils")
     for name, value in dict(globals()).items():
-        if not name.startswith("_") and name not in {"annotations", "pytest", "np", "json", "sys",
-                                                     "types", "importlib", "Path", "ROOT"}:
+        if not name.startswith("_") and name not in {
+            "annotations",
+            "pytest",
+            "np",
+            "json",
+            "sys",
+            "types",
+            "importlib",
+            "Path",
+            "ROOT",
+        }:
             setattr(module, name, value)
     sys.modules["triton_python_backend_utils"] = module
     return module
 
 
 pb_utils = _install()
+
+
+def _has_gpu() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are opt-in hardware tests: they skip cleanly without a GPU."""
+    gpu_items = [i for i in items if i.get_closest_marker("gpu")]
+    if gpu_items and not _has_gpu():
+        skip = pytest.mark.skip(reason="needs an NVIDIA GPU (nvidia-smi -L found none)")
+        for item in gpu_items:
+            item.add_marker(skip)
 
 
 @pytest.fixture
@@ -231,9 +278,8 @@ def load_model_module(model: str) -> types.ModuleType:
 
 def model_args(model: str, profile_config: dict | None = None) -> dict[str, str]:
     """The ``args`` Triton passes to ``initialize``, built from the model's config.pbtxt."""
-    from google.protobuf import json_format
+    from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
-    from google.protobuf import text_format
 
     if profile_config is None:
         text = (ROOT / "model_repository" / model / "config.pbtxt").read_text()

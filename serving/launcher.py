@@ -1,0 +1,415 @@
+"""Start tritonserver on the model repository, load models, supervise stubs, serve deep health.
+
+``python -m serving`` is a thin CLI over :class:`TritonLauncher`; tests and benchmarks use
+the class directly, so every server in this project starts the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from serving.errors import ConfigError
+from serving.repository import DEFAULT_PROFILE, ModelEntry, dependents, load_order, load_repository
+from serving.runtime import TritonInstall, bundled_install, custom_install, server_env
+from serving.supervisor import Supervisor
+
+log = logging.getLogger("serving.launcher")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+PROFILES = (DEFAULT_PROFILE, "h100")
+
+
+class LaunchError(RuntimeError):
+    """The server could not be started or a model could not be loaded. The message says why."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free right now on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def check_port_free(host: str, port: int, flag: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Like the servers themselves: a port left in TIME_WAIT is free, a listener is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise LaunchError(
+                    f"port {port} ({flag}) is already in use on {host}: stop what holds it or "
+                    f"choose another with {flag}"
+                ) from None
+            raise LaunchError(f"cannot bind {host}:{port} ({flag}): {exc.strerror}") from None
+
+
+@dataclass
+class LaunchOptions:
+    profile: str = DEFAULT_PROFILE
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    health_port: int = 8003
+    models: list[str] | None = None
+    repository: Path = DEFAULT_REPOSITORY
+    log_path: Path | None = None
+    tritonserver: Path | None = None
+    ready_timeout: float = 600.0
+    supervise_interval: float = 1.0
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def on_free_ports(cls, **kwargs: object) -> LaunchOptions:
+        """Options with every port picked free (tests, benchmarks, several replicas)."""
+        host = str(kwargs.get("host", "127.0.0.1"))
+        ports = {
+            name: free_port(host)
+            for name in ("http_port", "grpc_port", "metrics_port", "health_port")
+        }
+        return cls(**{**ports, **kwargs})
+
+
+class TritonLauncher:
+    """One tritonserver process with explicit model control, a supervisor and a health endpoint."""
+
+    def __init__(self, options: LaunchOptions) -> None:
+        if options.profile not in PROFILES:
+            raise LaunchError(
+                f"unknown profile '{options.profile}'; choose one of {', '.join(PROFILES)}"
+            )
+        self.options = options
+        self.models: dict[str, ModelEntry] = {}
+        self.wanted: list[str] = []
+        self.process: subprocess.Popen[bytes] | None = None
+        self.supervisor: Supervisor | None = None
+        self._health: ThreadingHTTPServer | None = None
+        self._log_file = None
+        self._lock = threading.RLock()
+
+    # ----------------------------------------------------------------- addresses
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.health_port}/health/ready"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def log_path(self) -> Path:
+        if self.options.log_path is None:
+            raise LaunchError("no log path set")
+        return self.options.log_path
+
+    # ----------------------------------------------------------------- lifecycle
+    def _install(self) -> TritonInstall:
+        try:
+            if self.options.tritonserver:
+                return custom_install(self.options.tritonserver)
+            return bundled_install()
+        except ConfigError as exc:
+            raise LaunchError(str(exc)) from None
+
+    def _command(self, install: TritonInstall) -> list[str]:
+        o = self.options
+        cmd = [
+            str(install.binary),
+            f"--model-repository={o.repository}",
+            f"--backend-directory={install.backend_dir}",
+            "--model-control-mode=explicit",
+            "--strict-readiness=true",
+            "--exit-on-error=false",
+            f"--http-address={o.host}",
+            f"--http-port={o.http_port}",
+            f"--grpc-address={o.host}",
+            f"--grpc-port={o.grpc_port}",
+            f"--metrics-address={o.host}",
+            f"--metrics-port={o.metrics_port}",
+            "--allow-gpu-metrics=false",
+            f"--log-verbose={o.log_verbose}",
+        ]
+        if o.profile != DEFAULT_PROFILE:
+            cmd.append(f"--model-config-name={o.profile}")
+        return cmd + list(o.extra_args)
+
+    def start(self, on_progress: Callable[[str], None] | None = None) -> None:
+        """Start the server, load the models in dependency order, start supervision.
+
+        Blocks until everything is loaded; raises :class:`LaunchError` with the reason
+        (the failing model's error, quoted from the server log) and leaves nothing running.
+        """
+        progress = on_progress or (lambda _msg: None)
+        o = self.options
+        try:
+            self.models = load_repository(Path(o.repository), o.profile)
+            waves = load_order(self.models, o.models)
+        except ConfigError as exc:
+            raise LaunchError(str(exc)) from None
+        if o.profile != DEFAULT_PROFILE:
+            self._preflight(waves)
+        for flag, port in (
+            ("--http-port", o.http_port),
+            ("--grpc-port", o.grpc_port),
+            ("--metrics-port", o.metrics_port),
+            ("--health-port", o.health_port),
+        ):
+            check_port_free(o.host, port, flag)
+        install = self._install()
+        if o.log_path is None:
+            o.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tritonserver-{o.http_port}.log"
+        o.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(o.log_path, "wb")  # noqa: SIM115 (lives as long as the server)
+        progress(f"starting tritonserver (log: {o.log_path})")
+        self.process = subprocess.Popen(
+            self._command(install),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=server_env(install),
+            start_new_session=True,
+        )
+        try:
+            self._wait_server_ready(time.monotonic() + o.ready_timeout)
+            self.wanted = [m for wave in waves for m in wave]
+            for wave in waves:
+                progress(f"loading {', '.join(wave)}")
+                self._load_wave(wave)
+            self.supervisor = Supervisor(self, interval=o.supervise_interval)
+            self.supervisor.start()
+            self._start_health_server()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _preflight(self, waves: list[list[str]]) -> None:
+        """Refuse to serve TensorRT-LLM engines built by another TensorRT-LLM version."""
+        from build_engines.manifest import check_engines_for_serving
+
+        problems = check_engines_for_serving(Path(self.options.repository))
+        if problems:
+            raise LaunchError("refusing to serve the h100 profile:\n  " + "\n  ".join(problems))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop supervision, then the server and its stubs (the whole process group)."""
+        with self._lock:
+            if self.supervisor:
+                self.supervisor.stop()
+            if self._health:
+                self._health.shutdown()
+                self._health.server_close()
+                self._health = None
+            proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not exit in %.0fs; killing it", timeout)
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if self.supervisor:
+            self.supervisor.clean_shm()
+            self.supervisor = None
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> TritonLauncher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- server API
+    def _request(
+        self, method: str, path: str, body: dict | None = None, timeout: float = 600.0
+    ) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else {}
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw) if raw else {}
+            except json.JSONDecodeError:
+                return exc.code, {"error": raw.decode(errors="replace")}
+
+    def _wait_server_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise LaunchError("tritonserver exited during start-up:\n" + self.log_tail())
+            with contextlib.suppress(OSError):
+                if self._request("GET", "/v2/health/ready", timeout=2)[0] == 200:
+                    return
+            time.sleep(0.2)
+        raise LaunchError(
+            f"tritonserver not ready after {self.options.ready_timeout:.0f}s:\n" + self.log_tail()
+        )
+
+    def _load_wave(self, wave: list[str]) -> None:
+        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+            errors = [e for e in pool.map(self._load_one, wave) if e]
+        if errors:
+            raise LaunchError("\n".join(errors))
+
+    def _load_one(self, model: str) -> str | None:
+        status, body = self._request("POST", f"/v2/repository/models/{model}/load")
+        if status == 200:
+            return None
+        return f"model '{model}' failed to load: {body.get('error', status)}" + self._log_lines(
+            model
+        )
+
+    def _log_lines(self, model: str, limit: int = 8) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        hits = [ln for ln in lines if model in ln and (ln[:1] == "E" or "rror" in ln)][-limit:]
+        return ("\n  server log:\n    " + "\n    ".join(hits)) if hits else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except (OSError, LaunchError):
+            return "(no server log)"
+
+    def load(self, model: str) -> None:
+        """Load ``model`` (and ensembles that were wanted and depend on it); supervise it."""
+        with self._lock:
+            error = self._load_one(model)
+            if error:
+                raise LaunchError(error)
+            if model not in self.wanted:
+                self.wanted.append(model)
+            for dep in dependents(self.models, model):
+                if dep in self.wanted:
+                    self._load_one(dep)
+            if self.supervisor:
+                self.supervisor.refresh()
+
+    def unload(self, model: str) -> None:
+        """Unload ``model`` on purpose: the supervisor and deep health stop expecting it."""
+        with self._lock:
+            if model in self.wanted:
+                self.wanted.remove(model)
+            status, body = self._request("POST", f"/v2/repository/models/{model}/unload")
+            if status != 200:
+                raise LaunchError(f"unloading '{model}' failed: {body.get('error', status)}")
+            if self.supervisor:
+                self.supervisor.refresh()
+
+    def reload(self, model: str) -> None:
+        """Unload then load ``model``, then reload the wanted ensembles built on it.
+
+        A plain load does not revive a model whose stub died; unload + load does.
+        """
+        with self._lock:
+            self._request("POST", f"/v2/repository/models/{model}/unload")
+            error = self._load_one(model)
+            if error:
+                raise LaunchError(error)
+            for dep in dependents(self.models, model):
+                if dep in self.wanted:
+                    self._request("POST", f"/v2/repository/models/{dep}/unload")
+                    dep_error = self._load_one(dep)
+                    if dep_error:
+                        raise LaunchError(dep_error)
+
+    def model_states(self) -> dict[str, str]:
+        """Triton's repository index: model name -> state (READY, UNAVAILABLE, ...)."""
+        status, body = self._request("POST", "/v2/repository/index", {}, timeout=5)
+        if status != 200 or not isinstance(body, list):
+            raise LaunchError(f"repository index failed: {status}")
+        return {m["name"]: m.get("state", "") for m in body}
+
+    # ----------------------------------------------------------------- deep health
+    def deep_health(self) -> tuple[bool, dict]:
+        """Ready only if the server answers, every wanted model is READY and no stub is dead."""
+        report: dict = {"server": "down", "models": {}, "broken": []}
+        if self.process is None or self.process.poll() is not None:
+            return False, report
+        try:
+            if self._request("GET", "/v2/health/ready", timeout=2)[0] != 200:
+                report["server"] = "not ready"
+                return False, report
+            states = self.model_states()
+        except (OSError, LaunchError) as exc:
+            report["server"] = f"unreachable: {exc}"
+            return False, report
+        report["server"] = "ready"
+        broken = set(self.supervisor.broken()) if self.supervisor else set()
+        for model in self.wanted:
+            state = states.get(model, "MISSING")
+            if model in broken:
+                state = "STUB_DEAD"
+            report["models"][model] = state
+            if state != "READY":
+                report["broken"].append(model)
+        return not report["broken"], report
+
+    def _start_health_server(self) -> None:
+        launcher = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.rstrip("/") == "/health/ready":
+                    ok, report = launcher.deep_health()
+                elif self.path.rstrip("/") == "/health/live":
+                    ok = launcher.process is not None and launcher.process.poll() is None
+                    report = {"live": ok}
+                else:
+                    self.send_error(404, "try /health/ready or /health/live")
+                    return
+                body = json.dumps(report).encode()
+                self.send_response(200 if ok else 503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args: object) -> None:
+                log.debug("health: " + fmt, *args)
+
+        self._health = ThreadingHTTPServer((self.options.host, self.options.health_port), Handler)
+        self._health.daemon_threads = True
+        threading.Thread(target=self._health.serve_forever, name="health", daemon=True).start()

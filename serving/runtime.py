@@ -1,0 +1,130 @@
+"""Locate the ``tritonserver`` bundled in the ``nvidia-pytriton`` wheel and prepare its runtime.
+
+The wheel ships the server binary, its shared libraries, the Python backend and one
+``triton_python_backend_stub`` per Python version. The stub that matches this interpreter
+must sit beside ``libtriton_python.so`` in the directory given to ``--backend-directory``,
+so that directory is assembled in the cache (the installed package is never modified).
+
+The stub ignores ``PYTHONPATH``: it finds its environment through the ``python3`` on
+``PATH``. :func:`server_env` therefore puts this interpreter's ``bin/`` first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.assets import cache_dir
+from serving.errors import ConfigError
+
+STUB_NAME = "triton_python_backend_stub"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Paths of one tritonserver installation."""
+
+    binary: Path
+    libs: Path | None
+    backend_dir: Path
+
+
+def _pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "nvidia-pytriton is not installed, so there is no tritonserver binary; "
+            "run 'make venv' (or pip install nvidia-pytriton==0.7.0)"
+        )
+    return Path(spec.origin).parent
+
+
+def python_version_tag() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def bundled_install(python_tag: str | None = None) -> TritonInstall:
+    """The wheel's server with a backend directory built for this interpreter's stub."""
+    root = _pytriton_root()
+    server_dir = root / "tritonserver"
+    binary = server_dir / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise ConfigError(f"tritonserver binary not found at {binary}; reinstall nvidia-pytriton")
+    tag = python_tag or python_version_tag()
+    stub = server_dir / "python_backend_stubs" / tag / STUB_NAME
+    if not stub.is_file():
+        have = sorted(p.name for p in (server_dir / "python_backend_stubs").glob("*"))
+        raise ConfigError(
+            f"no Python backend stub for Python {tag} in nvidia-pytriton "
+            f"(it ships {', '.join(have) or 'none'}); use one of those Python versions"
+        )
+    libs = root.parent / "nvidia_pytriton.libs"
+    return TritonInstall(
+        binary=binary,
+        libs=libs if libs.is_dir() else None,
+        backend_dir=_assemble_backends(server_dir / "backends", stub),
+    )
+
+
+def _assemble_backends(source: Path, stub: Path) -> Path:
+    """Copy the wheel's backends plus the matching stub into a cache folder, once."""
+    python_src = source / "python"
+    parts = [
+        python_src / "libtriton_python.so",
+        python_src / "triton_python_backend_utils.py",
+        stub,
+    ]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ConfigError(f"nvidia-pytriton install is incomplete, missing: {', '.join(missing)}")
+    key = hashlib.sha256(
+        "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts).encode()
+    ).hexdigest()[:12]
+    target = cache_dir() / "backends" / key
+    if (target / "python" / STUB_NAME).is_file():
+        return target
+    staging = target.with_name(f"{key}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, staging / "python" / STUB_NAME)
+    try:
+        staging.rename(target)
+    except OSError:  # a concurrent launcher finished first; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def custom_install(binary: Path) -> TritonInstall:
+    """A system tritonserver (for example /opt/tritonserver in the NGC container)."""
+    if not binary.is_file():
+        raise ConfigError(f"tritonserver binary not found at {binary}")
+    backends = binary.parent.parent / "backends"
+    if not backends.is_dir():
+        raise ConfigError(f"no backends directory beside {binary} (looked in {backends})")
+    return TritonInstall(binary=binary, libs=None, backend_dir=backends)
+
+
+def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the server: its libraries, and this interpreter first on PATH."""
+    env = dict(os.environ if base is None else base)
+    lib_paths = [str(install.libs)] if install.libs else []
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir:
+        lib_paths.append(libdir)
+    if env.get("LD_LIBRARY_PATH"):
+        lib_paths.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_paths)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    # Each stub is its own process on shared cores; libraries must not each grab every core.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env

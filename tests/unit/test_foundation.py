@@ -1,0 +1,150 @@
+"""The shared serving helpers: parameters, text checks, batch join/split, BLS wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving import triton as st
+from serving.errors import ConfigError, ValidationError
+from serving.params import Params
+from serving.text import decode_utf8, require_text
+from tests.conftest import FakeRequest, InferenceResponse, Tensor, TritonError
+
+
+def _params(**values: str) -> Params:
+    return Params({"parameters": {k: {"string_value": v} for k, v in values.items()}}, "m")
+
+
+class TestParams:
+    def test_typed_values(self) -> None:
+        p = _params(n="4", x="0.5", flag="true", name="llm", table='{"a": "b"}')
+        assert p.get("n", int) == 4
+        assert p.get("x", float) == 0.5
+        assert p.get("flag", bool) is True
+        assert p.get("name", str) == "llm"
+        assert p.get("table", dict) == {"a": "b"}
+
+    def test_empty_and_template_placeholders_mean_unset(self) -> None:
+        p = _params(a="", b="${max_batch}")
+        assert p.get("a", int, default=7) == 7
+        assert p.get("b", int, default=3) == 3
+        assert "a" not in p
+
+    def test_required_missing_names_the_parameter(self) -> None:
+        with pytest.raises(ConfigError, match="'threads' is required"):
+            _params().get("threads", int)
+
+    def test_bad_value_names_parameter_and_type(self) -> None:
+        with pytest.raises(ConfigError, match=r"'n'='four' is not a valid int"):
+            _params(n="four").get("n", int)
+        with pytest.raises(ConfigError, match="must be a JSON dict"):
+            _params(t="[1]").get("t", dict)
+        with pytest.raises(ConfigError, match="not a valid bool"):
+            _params(f="maybe").get("f", bool)
+
+
+class TestText:
+    def test_decodes_bytes_and_str(self) -> None:
+        assert decode_utf8("é".encode(), "text") == "é"
+        assert decode_utf8(np.bytes_(b"ok"), "text") == "ok"
+        assert decode_utf8("x", "text") == "x"
+
+    def test_invalid_utf8_names_field_and_offset(self) -> None:
+        with pytest.raises(
+            ValidationError, match=r"'text_input' is not valid UTF-8 \(bad byte at offset 2\)"
+        ):
+            decode_utf8(b"ab\xff", "text_input")
+
+    @pytest.mark.parametrize("value", [b"", b"   ", "\n\t"])
+    def test_blank_text_rejected(self, value: object) -> None:
+        with pytest.raises(ValidationError, match="empty or whitespace only"):
+            require_text(value, "text")
+
+    def test_non_string_rejected(self) -> None:
+        with pytest.raises(ValidationError, match="must be a string"):
+            decode_utf8(3, "text")
+
+
+class TestInputs:
+    def test_dtype_checked(self) -> None:
+        req = FakeRequest({"n": np.array([1], dtype=np.int64)})
+        with pytest.raises(ValidationError, match="input 'n' must be INT32, got INT64"):
+            st.get_input(req, "n", np.int32)
+
+    def test_missing_required_and_optional(self) -> None:
+        req = FakeRequest({})
+        with pytest.raises(ValidationError, match="input 'x' is required"):
+            st.get_input(req, "x")
+        assert st.get_scalar(req, "max_tokens", np.int32, default=16) == 16
+
+    def test_scalar_must_be_single(self) -> None:
+        req = FakeRequest({"t": np.array([1.0, 2.0], dtype=np.float32)})
+        with pytest.raises(ValidationError, match=r"must hold one value, got shape \[2\]"):
+            st.get_scalar(req, "t", np.float32, default=1.0)
+
+
+class TestExecuteBatch:
+    def test_bad_request_isolated_and_order_kept(self) -> None:
+        requests = [FakeRequest({"x": np.array([v])}) for v in (1, -1, 3)]
+
+        def parse(req: FakeRequest) -> int:
+            value = int(st.get_input(req, "x")[0])
+            if value < 0:
+                raise ValidationError("x must be >= 0")
+            return value
+
+        seen: list[list[int]] = []
+
+        def run(items: list[int]) -> list[int]:
+            seen.append(items)
+            return [v * 10 for v in items]
+
+        out = st.execute_batch(requests, parse, run, lambda r: [Tensor("y", np.array([r]))], "m")
+        assert seen == [[1, 3]]  # the good requests ran together, once
+        assert len(out) == 3
+        assert out[0].output_tensors()[0].as_numpy().tolist() == [10]
+        assert out[1].error().code() == TritonError.INVALID_ARG
+        assert out[1].error().message() == "x must be >= 0"
+        assert out[2].output_tensors()[0].as_numpy().tolist() == [30]
+
+    def test_unexpected_error_hides_traceback(self, caplog: pytest.LogCaptureFixture) -> None:
+        requests = [FakeRequest({}), FakeRequest({})]
+
+        def run(items: list[int]) -> list[int]:
+            raise KeyError("secret internals")
+
+        out = st.execute_batch(requests, lambda r: 1, run, lambda r: [], "emb")
+        for resp in out:
+            assert resp.error().code() == TritonError.INTERNAL
+            assert "secret" not in resp.error().message()
+            assert "KeyError" in resp.error().message()
+        assert "secret internals" in caplog.text  # logged on the server
+
+
+class TestBls:
+    def test_infer_returns_outputs(self, bls: dict) -> None:
+        bls["cls"] = lambda inputs: InferenceResponse([Tensor("y", inputs["x"] + 1)])
+        out = st.bls_infer("cls", {"x": np.array([1])}, ["y"])
+        assert out["y"].tolist() == [2]
+
+    def test_downstream_error_raised_with_code(self, bls: dict) -> None:
+        bls["cls"] = lambda inputs: InferenceResponse(
+            error=TritonError("bad x", TritonError.INVALID_ARG)
+        )
+        with pytest.raises(st.DownstreamError, match="cls: bad x") as info:
+            st.bls_infer("cls", {"x": np.array([1])}, ["y"])
+        assert info.value.invalid_arg
+
+    def test_unknown_model_is_an_error(self, bls: dict) -> None:
+        with pytest.raises(st.DownstreamError, match="not found"):
+            st.bls_infer("nope", {}, ["y"])
+
+    def test_stream_yields_non_empty_responses(self, bls: dict) -> None:
+        bls["llm"] = lambda inputs: [
+            InferenceResponse([Tensor("t", np.array([1]))]),
+            InferenceResponse([]),
+            InferenceResponse([Tensor("t", np.array([2]))]),
+        ]
+        chunks = [c["t"].tolist() for c in st.bls_stream("llm", {}, ["t"])]
+        assert chunks == [[1], [2]]

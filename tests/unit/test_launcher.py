@@ -1,0 +1,211 @@
+"""Launcher pieces that need no server: repository order, stub discovery, runtime, ports."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving import runtime
+from serving.errors import ConfigError
+from serving.launcher import LaunchError, LaunchOptions, TritonLauncher, check_port_free
+from serving.repository import dependents, load_order, load_repository
+from serving.stubs import find_stubs, parse_cmdline, remove_shm_region
+
+PY_MODEL = 'name: "{name}"\nbackend: "python"\nmax_batch_size: 4\n'
+ENSEMBLE = (
+    'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: 4\nensemble_scheduling {{ {steps} }}\n'
+)
+STEP = 'step {{ model_name: "{model}" model_version: -1 }}'
+
+
+def _model(root: Path, name: str, text: str, profile_text: str | None = None) -> None:
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text(text)
+    if profile_text is not None:
+        (root / name / "configs").mkdir()
+        (root / name / "configs" / "h100.pbtxt").write_text(profile_text)
+
+
+def _ensemble(name: str, *steps: str) -> str:
+    return ENSEMBLE.format(name=name, steps=" ".join(STEP.format(model=s) for s in steps))
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    _model(tmp_path, "embedding", PY_MODEL.format(name="embedding"))
+    _model(tmp_path, "head", PY_MODEL.format(name="head"))
+    _model(tmp_path, "classifier", _ensemble("classifier", "embedding", "head"))
+    _model(tmp_path, "outer", _ensemble("outer", "classifier"))
+    _model(
+        tmp_path,
+        "llm",
+        PY_MODEL.format(name="llm"),
+        'name: "llm"\nbackend: "tensorrtllm"\nmax_batch_size: 64\n',
+    )
+    (tmp_path / "not_a_model").mkdir()
+    return tmp_path
+
+
+class TestRepository:
+    def test_models_and_profiles(self, repo: Path) -> None:
+        cpu = load_repository(repo)
+        assert sorted(cpu) == ["classifier", "embedding", "head", "llm", "outer"]
+        assert cpu["llm"].config.backend == "python"
+        assert load_repository(repo, "h100")["llm"].config.backend == "tensorrtllm"
+        # A model without an h100 file falls back to config.pbtxt, as Triton does.
+        assert load_repository(repo, "h100")["head"].config.backend == "python"
+
+    def test_waves_respect_ensemble_dependencies(self, repo: Path) -> None:
+        waves = load_order(load_repository(repo))
+        assert waves == [["embedding", "head", "llm"], ["classifier"], ["outer"]]
+
+    def test_subset_is_closed_over_dependencies(self, repo: Path) -> None:
+        assert load_order(load_repository(repo), ["outer"]) == [
+            ["embedding", "head"],
+            ["classifier"],
+            ["outer"],
+        ]
+
+    def test_unknown_model_lists_what_exists(self, repo: Path) -> None:
+        with pytest.raises(ConfigError, match=r"unknown model\(s\) nope; the repository has"):
+            load_order(load_repository(repo), ["nope"])
+
+    def test_cycle_and_missing_step(self, tmp_path: Path) -> None:
+        _model(tmp_path, "a", _ensemble("a", "b"))
+        _model(tmp_path, "b", _ensemble("b", "a"))
+        _model(tmp_path, "c", _ensemble("c", "ghost"))
+        models = load_repository(tmp_path)
+        with pytest.raises(ConfigError, match="cycle"):
+            load_order(models, ["a"])
+        with pytest.raises(ConfigError, match="uses 'ghost', which is not in the repository"):
+            load_order(models, ["c"])
+
+    def test_dependents_are_transitive(self, repo: Path) -> None:
+        assert dependents(load_repository(repo), "embedding") == ["classifier", "outer"]
+        assert dependents(load_repository(repo), "llm") == []
+
+    def test_bad_config_is_a_clear_error(self, tmp_path: Path) -> None:
+        _model(tmp_path, "broken", "name: 'broken'\nmax_batch_size: lots\n")
+        with pytest.raises(
+            ConfigError, match=r"broken/config\.pbtxt: not a valid Triton ModelConfig"
+        ):
+            load_repository(tmp_path)
+
+    def test_name_must_match_folder(self, tmp_path: Path) -> None:
+        _model(tmp_path, "x", PY_MODEL.format(name="y"))
+        with pytest.raises(ConfigError, match="name 'y' differs from its folder 'x'"):
+            load_repository(tmp_path)
+
+
+def _fake_proc(root: Path, pid: int, ppid: int, argv: list[str], comm: str = "stub") -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    (d / "stat").write_text(f"{pid} ({comm} with space) S {ppid} 1 1 0\n")
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+
+
+def _stub_argv(model: str, instance: str, region: str) -> list[str]:
+    return [
+        "/cache/backends/x/python/triton_python_backend_stub",
+        f"/repo/{model}/1/model.py",
+        region,
+        "1048576",
+        "1048576",
+        "100",
+        "/cache/backends/x/python",
+        "336",
+        instance,
+        "DEFAULT",
+    ]
+
+
+class TestStubs:
+    def test_parse_names_model_from_path(self) -> None:
+        # One instance is named m_0, several m_0_0, m_0_1: the path is what names the model.
+        assert parse_cmdline(_stub_argv("llm_small_1", "llm_small_1_0", "region")) == (
+            "llm_small_1",
+            "llm_small_1_0",
+            "region",
+        )
+        assert parse_cmdline(["/usr/bin/python3", "x"]) is None
+
+    def test_find_only_children_of_the_server(self, tmp_path: Path) -> None:
+        _fake_proc(tmp_path, 201, 100, _stub_argv("embedding", "embedding_0_0", "r1"))
+        _fake_proc(tmp_path, 202, 100, _stub_argv("embedding", "embedding_0_1", "r2"))
+        _fake_proc(tmp_path, 203, 999, _stub_argv("other", "other_0", "r3"))
+        _fake_proc(tmp_path, 204, 100, ["/bin/sleep", "1"])
+        (tmp_path / "self").mkdir()
+        stubs = sorted(find_stubs(100, tmp_path), key=lambda s: s.pid)
+        assert [(s.pid, s.model, s.shm_region) for s in stubs] == [
+            (201, "embedding", "r1"),
+            (202, "embedding", "r2"),
+        ]
+
+    def test_remove_shm_region_only_touches_triton_regions(self, tmp_path: Path) -> None:
+        region = tmp_path / "triton_python_backend_shm_region_abc"
+        region.write_bytes(b"x")
+        other = tmp_path / "postgres"
+        other.write_bytes(b"x")
+        assert remove_shm_region("triton_python_backend_shm_region_abc", tmp_path)
+        assert not region.exists()
+        assert not remove_shm_region("postgres", tmp_path)
+        assert not remove_shm_region("../triton_python_backend_shm_region_x", tmp_path)
+        assert other.exists()
+        assert not remove_shm_region("triton_python_backend_shm_region_gone", tmp_path)
+
+
+class TestRuntime:
+    def test_bundled_install_has_stub_for_this_python(self) -> None:
+        install = runtime.bundled_install()
+        assert install.binary.is_file()
+        assert (install.backend_dir / "python" / "libtriton_python.so").is_file()
+        assert (install.backend_dir / "python" / runtime.STUB_NAME).is_file()
+
+    def test_missing_stub_version_is_explained(self) -> None:
+        with pytest.raises(
+            ConfigError, match=r"no Python backend stub for Python 2\.7 .*ships 3\.1"
+        ):
+            runtime.bundled_install("2.7")
+
+    def test_env_puts_this_interpreter_first(self) -> None:
+        install = runtime.bundled_install()
+        env = runtime.server_env(install, {"PATH": "/usr/bin", "PYTHONPATH": "/x"})
+        assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+        assert str(install.libs) in env["LD_LIBRARY_PATH"]
+        assert env["HF_HUB_OFFLINE"] == "1"
+
+    def test_custom_binary_missing(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="tritonserver binary not found"):
+            runtime.custom_install(tmp_path / "tritonserver")
+
+
+class TestPortsAndOptions:
+    def test_port_in_use_is_named(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            with pytest.raises(
+                LaunchError, match=f"port {port} \\(--grpc-port\\) is already in use"
+            ):
+                check_port_free("127.0.0.1", port, "--grpc-port")
+
+    def test_free_ports_are_distinct_and_loopback(self) -> None:
+        o = LaunchOptions.on_free_ports(models=["embedding"])
+        ports = {o.http_port, o.grpc_port, o.metrics_port, o.health_port}
+        assert len(ports) == 4
+        assert o.host == "127.0.0.1"
+        assert o.models == ["embedding"]
+
+    def test_unknown_profile(self) -> None:
+        with pytest.raises(LaunchError, match="unknown profile 'tpu'"):
+            TritonLauncher(LaunchOptions(profile="tpu"))
+
+    def test_unknown_model_fails_before_starting(self, repo: Path) -> None:
+        launcher = TritonLauncher(LaunchOptions.on_free_ports(repository=repo, models=["nope"]))
+        with pytest.raises(LaunchError, match="unknown model"):
+            launcher.start()
+        assert launcher.process is None
