@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.errors import ConfigError, ValidationError
+from serving.errors import ConfigError, UnavailableError, ValidationError
 from serving.params import Params
 
 log = logging.getLogger("serving")
@@ -114,6 +114,8 @@ def error_of(exc: BaseException, model: str) -> Any:
     """
     if isinstance(exc, ValidationError):
         return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+    if isinstance(exc, UnavailableError):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
     log.exception("%s: unexpected error while serving a request", model, exc_info=exc)
     return pb_utils.TritonError(
         f"{model}: internal error ({type(exc).__name__}); see the server log",
@@ -123,6 +125,18 @@ def error_of(exc: BaseException, model: str) -> Any:
 
 def tensor(name: str, array: np.ndarray) -> Any:
     return pb_utils.Tensor(name, array)
+
+
+def response_of(outputs: dict[str, np.ndarray]) -> Any:
+    """An InferenceResponse carrying ``outputs`` (for decoupled models' senders)."""
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()]
+    )
+
+
+def error_response(exc: BaseException, model: str) -> Any:
+    """An InferenceResponse carrying :func:`error_of` ``exc``."""
+    return pb_utils.InferenceResponse(error=error_of(exc, model))
 
 
 def execute_batch(
