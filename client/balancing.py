@@ -1,0 +1,229 @@
+"""Client-side balancing across replicas: strategies, health ejection, the replica pool.
+
+The strategies are plain objects that pick one of the healthy replicas from what the
+client knows (requests it has in flight per replica), so they are unit-tested without
+any server:
+
+- ``round_robin``: each replica in turn. Fair in request count, blind to request length.
+- ``least_requests``: the replica with the fewest requests in flight (ties rotate).
+- ``power_of_two``: two random replicas, the one with fewer in flight. Nearly as good as
+  least_requests with many clients, without every client herding onto the same replica.
+
+A replica is ejected when a call to it fails to connect or its health URL (the
+launcher's deep readiness endpoint, ``GET /health/ready``: 200 ready, 503 not) says it is
+not ready; a background probe puts it back once the health check passes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+
+from client.errors import ServerUnavailable
+from client.sdk import AsyncClient, BaseAsyncClient
+from client.transport import ModelStatus, Protocol, Tensors
+
+log = logging.getLogger(__name__)
+
+
+class Strategy(str, enum.Enum):
+    """How the pool picks a replica for each request."""
+
+    ROUND_ROBIN = "round_robin"
+    LEAST_REQUESTS = "least_requests"
+    POWER_OF_TWO = "power_of_two"
+
+
+@dataclass(eq=False)
+class Replica:
+    """One server as the pool sees it."""
+
+    url: str
+    health_url: str | None = None
+    in_flight: int = 0
+    healthy: bool = True
+    sent: int = 0
+
+
+class Picker:
+    """Chooses one replica from the healthy candidates (never empty)."""
+
+    def choose(self, candidates: Sequence[Replica]) -> Replica:
+        raise NotImplementedError
+
+
+class RoundRobin(Picker):
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, candidates: Sequence[Replica]) -> Replica:
+        return candidates[next(self._counter) % len(candidates)]
+
+
+class LeastRequests(Picker):
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, candidates: Sequence[Replica]) -> Replica:
+        # Rotate the starting point so ties do not always land on the first replica.
+        start = next(self._counter) % len(candidates)
+        rotated = list(candidates[start:]) + list(candidates[:start])
+        return min(rotated, key=lambda r: r.in_flight)
+
+
+class PowerOfTwo(Picker):
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def choose(self, candidates: Sequence[Replica]) -> Replica:
+        if len(candidates) == 1:
+            return candidates[0]
+        first, second = self._rng.sample(list(candidates), 2)
+        return second if second.in_flight < first.in_flight else first
+
+
+def make_picker(strategy: Strategy | str, rng: random.Random | None = None) -> Picker:
+    """The picker object for a strategy name."""
+    strategy = Strategy(strategy)
+    if strategy is Strategy.ROUND_ROBIN:
+        return RoundRobin()
+    if strategy is Strategy.LEAST_REQUESTS:
+        return LeastRequests()
+    return PowerOfTwo(rng)
+
+
+async def probe_health(session: aiohttp.ClientSession, url: str, timeout: float) -> bool:
+    """True when the deep readiness endpoint answers 200 within ``timeout`` seconds."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            return response.status == 200
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+
+
+class AsyncReplicaPool(BaseAsyncClient):
+    """The SDK's methods, balanced over several servers.
+
+    Args:
+        urls: ``host:port`` of each replica (gRPC or HTTP port, per ``protocol``).
+        strategy: see :class:`Strategy`.
+        health_urls: per replica, the launcher's ``http://host:port/health/ready`` (or
+            None to probe with Triton's own ``server_ready``).
+        probe_interval: seconds between health probes.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        protocol: Protocol | str = Protocol.GRPC,
+        strategy: Strategy | str = Strategy.ROUND_ROBIN,
+        health_urls: Sequence[str | None] | None = None,
+        timeout: float | None = None,
+        probe_interval: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(timeout)
+        if not urls:
+            raise ValueError("a replica pool needs at least one url")
+        health = list(health_urls) if health_urls is not None else [None] * len(urls)
+        if len(health) != len(urls):
+            raise ValueError(f"got {len(urls)} replica urls but {len(health)} health urls")
+        self.replicas = [Replica(url=u, health_url=h) for u, h in zip(urls, health, strict=True)]
+        self._clients = {r: AsyncClient(r.url, protocol) for r in self.replicas}
+        self.strategy = Strategy(strategy)
+        self._picker = make_picker(self.strategy, rng)
+        self._probe_interval = probe_interval
+        self._probe_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def pick(self) -> Replica:
+        """The replica for the next request; starts health probing on first use."""
+        if self._probe_task is None:
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+        candidates = [r for r in self.replicas if r.healthy]
+        if not candidates:
+            raise ServerUnavailable(
+                "no healthy replica: " + ", ".join(r.url for r in self.replicas)
+            )
+        return self._picker.choose(candidates)
+
+    def eject(self, replica: Replica, reason: str) -> None:
+        if replica.healthy:
+            log.warning("ejecting replica %s: %s", replica.url, reason)
+        replica.healthy = False
+
+    async def check(self, replica: Replica) -> bool:
+        """Probe one replica now and update its health."""
+        if replica.health_url is not None:
+            if self._session is None:
+                self._session = aiohttp.ClientSession()
+            ok = await probe_health(self._session, replica.health_url, timeout=2.0)
+        else:
+            try:
+                ok = await self._clients[replica].server_ready()
+            except Exception:
+                ok = False
+        if ok and not replica.healthy:
+            log.info("replica %s is back", replica.url)
+        if not ok:
+            self.eject(replica, "health check failed")
+        replica.healthy = ok
+        return ok
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            # Replicas with a deep readiness URL are checked continuously (a stub can die
+            # while Triton still answers); others only when ejected, to be let back in.
+            due = [r for r in self.replicas if r.health_url is not None or not r.healthy]
+            await asyncio.gather(*(self.check(r) for r in due))
+
+    @contextlib.contextmanager
+    def _lease(self, replica: Replica) -> Iterator[Replica]:
+        replica.in_flight += 1
+        replica.sent += 1
+        try:
+            yield replica
+        except ServerUnavailable as exc:
+            self.eject(replica, str(exc))
+            raise
+        finally:
+            replica.in_flight -= 1
+
+    async def infer_tensors(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
+        replica = self.pick()
+        with self._lease(replica):
+            return await self._clients[replica].infer_tensors(model, inputs, outputs)
+
+    async def stream_tensors(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+        replica = self.pick()
+        with self._lease(replica):
+            async for tensors in self._clients[replica].stream_tensors(model, inputs):
+                yield tensors
+
+    async def models(self) -> list[ModelStatus]:
+        """The models of the first healthy replica (replicas serve the same repository)."""
+        replica = self.pick()
+        with self._lease(replica):
+            return await self._clients[replica].models()
+
+    async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+            self._probe_task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        for client in self._clients.values():
+            await client.close()

@@ -1,0 +1,117 @@
+"""Turn a load-generator run into a summary table, a JSON file and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from client.metrics import PERCENTILES, RequestRecord
+
+_LATENCIES = (("ttft_ms", "TTFT"), ("itl_ms", "ITL"), ("tpot_ms", "TPOT"), ("e2e_ms", "end-to-end"))
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def summary_table(summary: dict[str, Any], title: str) -> Table:
+    """Latency percentiles as rows, followed by throughput, goodput and errors."""
+    table = Table(title=title)
+    table.add_column("metric")
+    for p in PERCENTILES:
+        table.add_column(f"p{p}", justify="right")
+    table.add_column("mean", justify="right")
+    for key, label in _LATENCIES:
+        stats = summary[key]
+        table.add_row(
+            f"{label} (ms)", *(_fmt(stats[f"p{p}"]) for p in PERCENTILES), _fmt(stats["mean"])
+        )
+    rates = summary["output_tokens_per_s_per_user"]
+    table.add_row(
+        "output tok/s per user", *(_fmt(rates[f"p{p}"]) for p in PERCENTILES), _fmt(rates["mean"])
+    )
+    table.add_section()
+    good = summary["goodput"]
+    errors = ", ".join(f"{k}={v}" for k, v in summary["errors"].items()) or "none"
+    sla = f"ttft<={_fmt(good['sla_ttft_ms'], 0)}ms itl<={_fmt(good['sla_itl_ms'], 0)}ms"
+    for label, value in (
+        ("requests (ok/total)", f"{summary['succeeded']}/{summary['requests']}"),
+        ("requests/s", _fmt(summary["requests_per_s"], 2)),
+        ("output tok/s (aggregate)", _fmt(summary["output_tokens_per_s"], 1)),
+        (
+            f"goodput ({sla})",
+            f"{_fmt(good['requests_per_s'], 2)} req/s ({100 * good['fraction']:.0f}%)",
+        ),
+        ("errors", errors),
+        ("wall time (s)", _fmt(summary["wall_time_s"], 1)),
+    ):
+        table.add_row(label, value, *([""] * len(PERCENTILES)))
+    return table
+
+
+def write_json(
+    path: Path, summary: dict[str, Any], config: dict[str, Any], records: Sequence[RequestRecord]
+) -> None:
+    """The summary, the exact configuration, and every request (for re-analysis)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"config": config, "summary": summary, "requests": [r.to_json() for r in records]}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -> list[Path]:
+    """``latency_cdf.png`` (TTFT, ITL, e2e) and ``ttft_over_time.png``; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in records if r.ok]
+    series = {
+        "TTFT": [r.ttft * 1000 for r in ok if r.ttft is not None],
+        "ITL": [gap * 1000 for r in ok for gap in r.itls],
+        "end-to-end": [r.e2e * 1000 for r in ok],
+    }
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, values in series.items():
+        if values:
+            xs = np.sort(np.asarray(values))
+            ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=f"{label} (n={len(xs)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, log scale)")
+    ax.set_ylabel("fraction of samples ≤ x")
+    ax.set_title(f"Latency CDF: {title}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    cdf = directory / "latency_cdf.png"
+    fig.tight_layout()
+    fig.savefig(cdf, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    timed = [r for r in ok if r.ttft is not None]
+    ax.scatter([r.start for r in timed], [r.ttft * 1000 for r in timed], s=8, label="TTFT")
+    failed = [r for r in records if not r.ok]
+    if failed:
+        ax.scatter(
+            [r.start for r in failed],
+            [0] * len(failed),
+            marker="x",
+            color="red",
+            label=f"errors (n={len(failed)})",
+        )
+    ax.set_xlabel("request start (s since the run began)")
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title(f"TTFT over time: {title}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    over_time = directory / "ttft_over_time.png"
+    fig.tight_layout()
+    fig.savefig(over_time, dpi=110)
+    plt.close(fig)
+    return [cdf, over_time]

@@ -1,0 +1,337 @@
+"""gRPC and HTTP transports with one shape: tensors in, tensors (or a stream of them) out.
+
+Everything above this module (the SDK, the load generator, the replica pool) speaks only
+:class:`Transport`, so each feature and each measurement exists once rather than once per
+protocol. Both transports are asyncio; the synchronous client runs them on a private loop.
+
+Streams are async generators. Closing one early (``break`` out of ``async for``, or
+``aclose()``) cancels the request on the server: over gRPC the call is cancelled, which
+Triton forwards to the model as ``request.is_cancelled()``; over HTTP the connection is
+closed.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpc_aio
+import tritonclient.http as httpclient
+import tritonclient.http.aio as http_aio
+from tritonclient.utils import np_to_triton_dtype
+
+from client.errors import error_from_status, translate
+
+Tensors = dict[str, np.ndarray]
+
+_FINAL = "triton_final_response"
+
+
+class Protocol(str, enum.Enum):
+    """Wire protocol to the server."""
+
+    GRPC = "grpc"
+    HTTP = "http"
+
+
+DEFAULT_URLS = {Protocol.GRPC: "127.0.0.1:8001", Protocol.HTTP: "127.0.0.1:8000"}
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One row of the server's repository index."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+
+def _strip_scheme(url: str) -> str:
+    for scheme in ("http://", "https://", "grpc://"):
+        if url.startswith(scheme):
+            return url[len(scheme) :]
+    return url
+
+
+def _infer_inputs(cls: type, inputs: Tensors) -> list[Any]:
+    """tritonclient InferInput objects (the gRPC and HTTP classes share this interface)."""
+    built = []
+    for name, array in inputs.items():
+        item = cls(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item.set_data_from_numpy(array)
+        built.append(item)
+    return built
+
+
+def _json_value(array: np.ndarray) -> Any:
+    """A tensor as the plain JSON value the generate endpoints take (scalars unwrapped)."""
+    flat = array.reshape(-1)
+    values = [v.decode("utf-8") if isinstance(v, bytes) else v.item() for v in flat]
+    return values[0] if len(values) == 1 else values
+
+
+def _from_json(value: Any) -> np.ndarray:
+    if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], str)):
+        return np.atleast_1d(np.array(value, dtype=object))
+    return np.atleast_1d(np.array(value))
+
+
+def sse_events(buffer: bytearray) -> list[dict[str, Any]]:
+    """Pop every complete ``data:`` event from an SSE byte buffer (in place).
+
+    Events may arrive split across network reads, so the buffer keeps any partial tail.
+    """
+    events = []
+    while True:
+        end = buffer.find(b"\n\n")
+        if end < 0:
+            return events
+        block = bytes(buffer[:end])
+        del buffer[: end + 2]
+        data = b"".join(
+            line[5:].lstrip() for line in block.split(b"\n") if line.startswith(b"data:")
+        )
+        if data:
+            events.append(json.loads(data))
+
+
+class Transport(abc.ABC):
+    """What the SDK needs from a protocol. All methods raise :class:`ClientError` types."""
+
+    def __init__(self, url: str) -> None:
+        self.url = _strip_scheme(url)
+        self._max_batch: dict[str, int] = {}
+
+    @abc.abstractmethod
+    async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
+        """One request, one response (for non-decoupled models)."""
+
+    @abc.abstractmethod
+    def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+        """All responses of one request to a decoupled model, as they arrive."""
+
+    @abc.abstractmethod
+    async def models(self) -> list[ModelStatus]:
+        """The repository index: every model the server knows and its state."""
+
+    @abc.abstractmethod
+    async def server_ready(self) -> bool:
+        """Triton's own readiness (``/v2/health/ready``)."""
+
+    @abc.abstractmethod
+    async def _max_batch_size(self, model: str) -> int: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    async def batched(self, model: str, inputs: Tensors) -> Tensors:
+        """Add the batch dimension if the model batches (its config says max_batch_size > 0).
+
+        The contracts give dims without the batch dimension; whether one is needed is a
+        property of the deployed config, so it is looked up once per model and cached.
+        """
+        if model not in self._max_batch:
+            self._max_batch[model] = await self._max_batch_size(model)
+        if self._max_batch[model] > 0:
+            return {name: array[np.newaxis, ...] for name, array in inputs.items()}
+        return inputs
+
+
+class GrpcTransport(Transport):
+    """gRPC over ``tritonclient.grpc.aio``; streams use the bidirectional stream API."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._client = grpc_aio.InferenceServerClient(self.url)
+
+    async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
+        try:
+            result = await self._client.infer(
+                model,
+                _infer_inputs(grpcclient.InferInput, await self.batched(model, inputs)),
+                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
+            )
+        except Exception as exc:
+            raise translate(exc) from exc
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+        try:
+            request = {
+                "model_name": model,
+                "inputs": _infer_inputs(grpcclient.InferInput, await self.batched(model, inputs)),
+                # Ask for the flags-only final response, so the end of the request is
+                # seen at once instead of when the server closes the stream.
+                "parameters": {"triton_enable_empty_final_response": True},
+            }
+        except Exception as exc:
+            raise translate(exc) from exc
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield request
+
+        call = self._client.stream_infer(requests())
+        finished = False
+        try:
+            async for result, error in call:
+                if error is not None:
+                    raise error_from_status(None, error.message())
+                response = result.get_response()
+                tensors = {
+                    out.name: result.as_numpy(out.name)
+                    for out in response.outputs
+                    if result.as_numpy(out.name) is not None
+                }
+                final = _FINAL in response.parameters and response.parameters[_FINAL].bool_param
+                if tensors:
+                    yield tensors
+                if final:
+                    finished = True
+                    return
+            finished = True
+        except Exception as exc:
+            raise translate(exc) from exc
+        finally:
+            if not finished:
+                call.cancel()
+
+    async def models(self) -> list[ModelStatus]:
+        try:
+            index = await self._client.get_model_repository_index(as_json=True)
+        except Exception as exc:
+            raise translate(exc) from exc
+        return [_status(row) for row in index.get("models", [])]
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready())
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    async def _max_batch_size(self, model: str) -> int:
+        try:
+            config = await self._client.get_model_config(model, as_json=True)
+        except Exception as exc:
+            raise translate(exc) from exc
+        return int(config.get("config", {}).get("max_batch_size", 0))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class HttpTransport(Transport):
+    """HTTP over ``tritonclient.http.aio``; streams use ``/v2/models/<m>/generate_stream``.
+
+    tritonclient has no SSE support, so streaming reads the event stream with aiohttp.
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self._client = http_aio.InferenceServerClient(self.url, conn_timeout=3600.0)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _sse_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # No connection cap: the load generator holds one connection per stream.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+    async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
+        try:
+            result = await self._client.infer(
+                model,
+                _infer_inputs(httpclient.InferInput, await self.batched(model, inputs)),
+                outputs=[httpclient.InferRequestedOutput(name) for name in outputs],
+            )
+        except Exception as exc:
+            raise translate(exc) from exc
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+        body = {name: _json_value(array) for name, array in inputs.items()}
+        url = f"http://{self.url}/v2/models/{model}/generate_stream"
+        try:
+            async with self._sse_session().post(url, json=body) as response:
+                if response.status != 200:
+                    text = await response.text()
+                    try:
+                        message = json.loads(text).get("error", text)
+                    except json.JSONDecodeError:
+                        message = text
+                    raise error_from_status(str(response.status), message)
+                buffer = bytearray()
+                async for piece in response.content.iter_any():
+                    buffer.extend(piece)
+                    for event in sse_events(buffer):
+                        if "error" in event:
+                            raise error_from_status(None, str(event["error"]))
+                        yield {
+                            key: _from_json(value)
+                            for key, value in event.items()
+                            if key not in ("model_name", "model_version", "id")
+                        }
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    async def models(self) -> list[ModelStatus]:
+        try:
+            index = await self._client.get_model_repository_index()
+        except Exception as exc:
+            raise translate(exc) from exc
+        return [_status(row) for row in index]
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready())
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    async def _max_batch_size(self, model: str) -> int:
+        try:
+            config = await self._client.get_model_config(model)
+        except Exception as exc:
+            raise translate(exc) from exc
+        return int(config.get("max_batch_size", 0))
+
+    async def close(self) -> None:
+        await self._client.close()
+        if self._session is not None:
+            await self._session.close()
+
+
+def _status(row: dict[str, Any]) -> ModelStatus:
+    return ModelStatus(
+        name=str(row.get("name", "")),
+        version=str(row.get("version", "")),
+        state=str(row.get("state", "")),
+        reason=str(row.get("reason", "")),
+    )
+
+
+def make_transport(url: str, protocol: Protocol) -> Transport:
+    """The transport for a protocol; the only place that chooses between them."""
+    return GrpcTransport(url) if protocol is Protocol.GRPC else HttpTransport(url)
+
+
+async def with_deadline(awaitable: Any, timeout: float | None) -> Any:
+    """Await with an optional client-side timeout, raising :class:`client.errors.Timeout`."""
+    if timeout is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError as exc:
+        raise translate(exc) from exc
