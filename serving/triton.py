@@ -175,6 +175,21 @@ def execute_batch(
     return responses
 
 
+def run_rows(
+    fn: Callable[[list[Any]], dict[str, np.ndarray]], items: Sequence[Sequence[Any]]
+) -> list[dict[str, np.ndarray]]:
+    """Run ``fn`` once over the rows of every request and split its outputs back.
+
+    For :func:`execute_batch`'s ``run`` when a request may hold several rows (shape
+    [n, ...]): ``fn`` maps all rows to output arrays with one row each, in order.
+    """
+    counts = [len(item) for item in items]
+    outputs = fn([row for item in items for row in item])
+    bounds = np.cumsum(counts)[:-1]
+    parts = {name: np.split(array, bounds) for name, array in outputs.items()}
+    return [{name: split[i] for name, split in parts.items()} for i in range(len(items))]
+
+
 class DownstreamError(RuntimeError):
     """A model called through BLS answered with an error."""
 

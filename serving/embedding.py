@@ -1,0 +1,268 @@
+"""Sentence embeddings with all-MiniLM-L6-v2: mean pooled, L2-normalised, 384 floats.
+
+The ``embedding`` model is a thin adapter over :class:`Embedder`. Two runtimes compute
+the same function:
+
+- ``onnx`` (the CPU default): the PyTorch model, with pooling and normalisation folded
+  into the graph, exported once per machine into :func:`serving.assets.cache_dir` and run
+  by ONNX Runtime. It is about 1.5x faster than PyTorch on this CPU and stays within
+  cosine 1e-6 of it (a unit test checks the 0.99 floor the project promises).
+- ``torch``: the reference, and the runtime of the GPU profile.
+
+Texts longer than the model's 256-token window are truncated, as sentence-transformers
+does; :class:`Embeddings` says which ones were, so the model can tell the client.
+"""
+
+from __future__ import annotations
+
+import enum
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.assets import cache_dir, minilm_dir
+from serving.errors import ConfigError, ValidationError
+from serving.text import require_text
+
+log = logging.getLogger(__name__)
+
+DIM = 384
+#: Bump when the exported graph changes, so stale cached exports are not reused.
+EXPORT_VERSION = 1
+ONNX_OPSET = 17
+
+#: (input_ids, attention_mask) int64 [batch, seq] -> normalised embeddings float32 [batch, 384]
+Encoder = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class Runtime(str, enum.Enum):
+    ONNX = "onnx"
+    TORCH = "torch"
+
+    @classmethod
+    def parse(cls, text: str) -> Runtime:
+        """The runtime a config parameter names, or a ConfigError listing the choices."""
+        try:
+            return cls(text)
+        except ValueError:
+            choices = ", ".join(r.value for r in cls)
+            raise ConfigError(f"runtime must be one of {choices}, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # float32 [n, DIM], unit length
+    truncated: np.ndarray  # bool [n]: the text was cut to the model's window
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """The rows of one request (a request may carry several texts, shape [n, 1])."""
+
+    texts: list[str]
+
+    def validate(self) -> EmbeddingRequest:
+        if not self.texts:
+            raise ValidationError("input 'text' has no rows; send at least one string")
+        return self
+
+    @classmethod
+    def from_array(cls, array: np.ndarray) -> EmbeddingRequest:
+        """Decode a TYPE_STRING tensor; a bad row names its index so the client can fix it."""
+        texts = []
+        for i, value in enumerate(np.asarray(array, dtype=object).reshape(-1)):
+            field = "text" if array.size == 1 else f"text[{i}]"
+            texts.append(require_text(value, field))
+        return cls(texts).validate()
+
+
+def max_tokens(model_dir: Path) -> int:
+    """The model's window, from sentence-transformers' own config (256 for MiniLM)."""
+    config = json.loads((model_dir / "sentence_bert_config.json").read_text())
+    return int(config["max_seq_length"])
+
+
+def pooled_module(model_dir: Path):  # -> torch.nn.Module; torch is imported lazily
+    """The torch module both runtimes compute: encoder + mean pooling + L2 norm.
+
+    Pooling lives inside the module so the ONNX export returns [batch, 384] instead of
+    every token's hidden state, which is 20-100x less data out of the runtime.
+    """
+    import torch
+    from transformers import AutoModel
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = AutoModel.from_pretrained(model_dir).eval()
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    return MeanPooled().eval()
+
+
+def torch_encoder(model_dir: Path, device: str = "cpu") -> Encoder:
+    """The PyTorch reference runtime (threads are set by the caller, once per process)."""
+    import torch
+
+    module = pooled_module(model_dir).to(device)
+
+    def encode(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = module(
+                torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device)
+            )
+        return out.float().cpu().numpy()
+
+    return encode
+
+
+def onnx_path(model_dir: Path) -> Path:
+    """Where the export of ``model_dir`` lives: keyed by model folder, torch and version."""
+    import torch
+
+    key = f"{model_dir.resolve()}:{torch.__version__}:{ONNX_OPSET}:{EXPORT_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "onnx" / f"minilm-mean-pooled-{digest}.onnx"
+
+
+def export_onnx(model_dir: Path) -> Path:
+    """Export the pooled model to ONNX once; safe when several instances start together.
+
+    An exclusive file lock serialises exporters, the file is written beside its final
+    name and renamed into place, so a reader never sees a partial file and the second
+    instance reuses the first one's export instead of redoing it.
+    """
+    import torch
+
+    target = onnx_path(model_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target
+        log.info("exporting %s to ONNX at %s", model_dir.name, target)
+        module = pooled_module(model_dir)
+        ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
+        mask = (ids != 0).to(torch.int64)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about shape-dependent Python branches in transformers; the
+            # unit tests check the export against PyTorch at several batch shapes.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (ids, mask),
+                str(tmp),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["embedding"],
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "seq"},
+                    "attention_mask": {0: "batch", 1: "seq"},
+                    "embedding": {0: "batch"},
+                },
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        os.replace(tmp, target)
+    return target
+
+
+def onnx_encoder(path: Path, threads: int) -> Encoder:
+    """An ONNX Runtime session bounded to ``threads`` and not spinning when idle."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Every model's stub shares the same cores: idle spinning would steal them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def encode(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return session.run(["embedding"], feed)[0]
+
+    return encode
+
+
+class Embedder:
+    """Tokenise, group rows of similar length, encode, and restore the input order.
+
+    Rows in a dynamic batch have very different lengths; padding them all to the longest
+    wastes most of the compute. Rows are sorted by length and encoded in chunks whose
+    padded size stays under ``chunk_tokens``, which also bounds memory for long texts.
+    """
+
+    def __init__(
+        self, model_dir: Path, encoder: Encoder, chunk_tokens: int = 4096, max_rows: int = 64
+    ) -> None:
+        from tokenizers import Tokenizer
+
+        self.window = max_tokens(model_dir)
+        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length=self.window)
+        self.encoder = encoder
+        self.chunk_tokens = chunk_tokens
+        self.max_rows = max_rows
+
+    def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Row indices grouped by similar length, each group's padded size bounded."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        groups: list[list[int]] = []
+        for i in order:
+            group = groups[-1] if groups else None
+            # Sorted ascending, so the new row is the longest of its group.
+            if (
+                group is None
+                or len(group) >= self.max_rows
+                or (len(group) + 1) * lengths[i] > self.chunk_tokens
+            ):
+                groups.append([i])
+            else:
+                group.append(i)
+        return groups
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        encodings = self.tokenizer.encode_batch(list(texts))
+        lengths = [len(e.ids) for e in encodings]
+        vectors = np.empty((len(texts), DIM), dtype=np.float32)
+        for group in self.chunks(lengths):
+            width = max(lengths[i] for i in group)
+            ids = np.zeros((len(group), width), dtype=np.int64)
+            mask = np.zeros((len(group), width), dtype=np.int64)
+            for row, i in enumerate(group):
+                ids[row, : lengths[i]] = encodings[i].ids
+                mask[row, : lengths[i]] = 1
+            vectors[group] = self.encoder(ids, mask)
+        truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
+        return Embeddings(vectors, truncated)
+
+
+def load_embedder(
+    runtime: Runtime, threads: int, device: str = "cpu", model_dir: Path | None = None
+) -> Embedder:
+    """Build the embedder a model instance serves with (exporting to ONNX if needed)."""
+    model_dir = model_dir or minilm_dir()
+    if runtime is Runtime.ONNX:
+        if device != "cpu":
+            raise ConfigError("the onnx runtime is CPU only here; use runtime 'torch' on GPU")
+        encoder = onnx_encoder(export_onnx(model_dir), threads)
+    else:
+        encoder = torch_encoder(model_dir, device)
+    return Embedder(model_dir, encoder)
