@@ -34,9 +34,10 @@ def _children(ppid: int, proc: Path) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        # Field 4 (after the parenthesised command, which may hold spaces) is the parent pid.
+        # After the parenthesised command (which may hold spaces) come the state and the
+        # parent pid. A killed stub stays a zombie until Triton reaps it: it is dead.
         fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and fields[1] == str(ppid):
+        if len(fields) > 1 and fields[1] == str(ppid) and fields[0] not in ("Z", "X"):
             pids.append(int(entry.name))
     return pids
 

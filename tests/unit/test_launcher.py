@@ -100,10 +100,10 @@ class TestRepository:
             load_repository(tmp_path)
 
 
-def _fake_proc(root: Path, pid: int, ppid: int, argv: list[str], comm: str = "stub") -> None:
+def _fake_proc(root: Path, pid: int, ppid: int, argv: list[str], state: str = "S") -> None:
     d = root / str(pid)
     d.mkdir(parents=True)
-    (d / "stat").write_text(f"{pid} ({comm} with space) S {ppid} 1 1 0\n")
+    (d / "stat").write_text(f"{pid} (stub with ) space) {state} {ppid} 1 1 0\n")
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
 
 
@@ -137,6 +137,7 @@ class TestStubs:
         _fake_proc(tmp_path, 202, 100, _stub_argv("embedding", "embedding_0_1", "r2"))
         _fake_proc(tmp_path, 203, 999, _stub_argv("other", "other_0", "r3"))
         _fake_proc(tmp_path, 204, 100, ["/bin/sleep", "1"])
+        _fake_proc(tmp_path, 205, 100, _stub_argv("embedding", "embedding_0_2", "r5"), state="Z")
         (tmp_path / "self").mkdir()
         stubs = sorted(find_stubs(100, tmp_path), key=lambda s: s.pid)
         assert [(s.pid, s.model, s.shm_region) for s in stubs] == [

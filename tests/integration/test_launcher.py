@@ -1,0 +1,208 @@
+"""The launcher against the real tritonserver: CLI errors, shutdown, supervision, binding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.http as httpclient
+
+from serving.launcher import LaunchOptions, TritonLauncher, free_port
+from serving.stubs import SHM_DIR, find_stubs
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_REPO = ROOT / "tests" / "fixtures" / "launcher_repo"
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serving", "--model-repository", str(TINY_REPO), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def _ports() -> list[str]:
+    return [f"--{name}-port={free_port()}" for name in ("http", "grpc", "metrics", "health")]
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _echo(url: str, model: str, value: float) -> float:
+    client = httpclient.InferenceServerClient(url)
+    inp = httpclient.InferInput("x", [1, 1], "FP32")
+    inp.set_data_from_numpy(np.array([[value]], dtype=np.float32))
+    return float(client.infer(model, [inp]).as_numpy("y")[0, 0])
+
+
+class TestCliErrors:
+    def test_port_in_use(self) -> None:
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            ports = [p for p in _ports() if not p.startswith("--grpc")]
+            result = _cli(*ports, f"--grpc-port={port}", "--models=echo")
+        assert result.returncode == 1
+        assert f"error: port {port} (--grpc-port) is already in use on 127.0.0.1" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+
+    def test_model_that_fails_to_load_is_quoted(self, tmp_path: Path) -> None:
+        result = _cli(*_ports(), "--models=broken", f"--log-file={tmp_path / 'log'}")
+        assert result.returncode == 1
+        assert "model 'broken' failed to load" in result.stderr
+        assert "weights file /nonexistent/model.bin is missing" in result.stderr
+        assert "Traceback" not in result.stderr
+        # Nothing is left running: the server started for this attempt was stopped.
+        assert not [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if str(tmp_path) in " ".join(p.info["cmdline"] or [])
+        ]
+
+    def test_unknown_model(self) -> None:
+        result = _cli(*_ports(), "--models=echo,nope")
+        assert result.returncode == 1
+        assert "unknown model(s) nope; the repository has broken, echo, echo_twice" in result.stderr
+
+
+def test_cli_serves_prints_endpoints_and_stops_on_sigterm(tmp_path: Path) -> None:
+    ports = _ports()
+    http_port = ports[0].split("=")[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model-repository",
+            str(TINY_REPO),
+            *ports,
+            "--models=echo_twice",
+            f"--log-file={tmp_path / 'log'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    banner = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        banner.append(line)
+        if line.startswith("Ctrl-C") or not line:
+            break
+    text = "".join(banner)
+    assert f"HTTP     http://127.0.0.1:{http_port}" in text
+    assert "serving 2 models (cpu profile): echo, echo_twice" in text
+    assert _echo(f"127.0.0.1:{http_port}", "echo_twice", 2.5) == 2.5
+    server = [c for c in psutil.Process(proc.pid).children() if c.name() == "tritonserver"]
+    assert len(server) == 1
+    family = [server[0], *server[0].children(recursive=True)]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    _gone, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == []
+
+
+@pytest.fixture
+def tiny_server(tmp_path: Path) -> Iterator[TritonLauncher]:
+    # The supervisor thread is made idle so the test can observe the broken state and
+    # then drive one supervision pass itself.
+    options = LaunchOptions.on_free_ports(
+        repository=TINY_REPO,
+        models=["echo_twice"],
+        log_path=tmp_path / "log",
+        supervise_interval=3600,
+    )
+    launcher = TritonLauncher(options)
+    launcher.start()
+    try:
+        yield launcher
+    finally:
+        launcher.stop()
+
+
+def test_dead_stub_breaks_model_until_supervisor_reloads(tiny_server: TritonLauncher) -> None:
+    url = tiny_server.http_url
+    assert _get(tiny_server.health_url)[0] == 200
+    stubs = [s for s in find_stubs(tiny_server.pid) if s.model == "echo"]
+    assert len(stubs) == 2  # instance_group count 2
+    victim = stubs[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while victim in find_stubs(tiny_server.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    # What Triton 2.51 does on its own: plain readiness stays 200, the deep check does not.
+    assert urllib.request.urlopen(f"http://{url}/v2/health/ready").status == 200
+    status, report = _get(tiny_server.health_url)
+    assert status == 503
+    assert report["models"]["echo"] == "STUB_DEAD"
+
+    assert tiny_server.supervisor.check() == ["echo"]
+    assert not (SHM_DIR / victim.shm_region).exists()
+    status, report = _get(tiny_server.health_url)
+    assert status == 200, report
+    assert report["models"] == {"echo": "READY", "echo_twice": "READY"}
+    for value in (1.0, 2.0, 3.0, 4.0):  # both instances answer again, through the ensemble
+        assert _echo(url, "echo_twice", value) == value
+
+
+def test_session_server_revives_a_killed_stub_by_itself(server: TritonLauncher) -> None:
+    """The real repository: kill the embedding stub, the supervisor thread brings it back."""
+    victim = next(s for s in find_stubs(server.pid) if s.model == "embedding")
+    os.kill(victim.pid, signal.SIGKILL)
+    client = httpclient.InferenceServerClient(server.http_url)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if "embedding" in server.supervisor.reloads and _get(server.health_url)[0] == 200:
+            break
+        time.sleep(0.5)
+    assert "embedding" in server.supervisor.reloads
+    assert _get(server.health_url)[0] == 200
+    inp = httpclient.InferInput("text", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[b"the stub is back"]], dtype=np.object_))
+    vector = client.infer("embedding", [inp]).as_numpy("embedding")
+    assert vector.shape == (1, 384)
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
+
+
+def test_everything_listens_on_loopback_only(server: TritonLauncher) -> None:
+    family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    pids = {p.pid for p in family} | {os.getpid()}
+    listening = [
+        c
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
+    ports = {c.laddr.port for c in listening}
+    expected = {
+        server.options.http_port,
+        server.options.grpc_port,
+        server.options.metrics_port,
+        server.options.health_port,
+    }
+    assert expected <= ports
+    assert {c.laddr.ip for c in listening if c.laddr.port in expected} == {"127.0.0.1"}
+    assert {c.laddr.ip for c in listening if c.pid == server.pid} <= {"127.0.0.1"}
