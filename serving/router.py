@@ -1,0 +1,392 @@
+"""The ``router`` model's work: classify a prompt, pick a tier, stream the tier's answer.
+
+Why the router streams ``preprocessing`` -> ``llm_<tier>`` itself instead of calling the
+tier's ``llm_<tier>_text`` ensemble:
+
+- text: the router keeps one incremental detokenizer per request, so spaces and
+  multi-byte characters split across tokens come out right by construction (a stateless
+  postprocessing step sees one token at a time and has to guess);
+- cancellation: Triton 2.51's BLS response iterator cannot cancel, so the router stops a
+  tier the tensorrt_llm way, with a ``stop`` request carrying the same request id, which
+  needs the tier's own request, not an ensemble's;
+- counts and fallbacks: the router sees the token ids (``num_input_tokens``,
+  ``num_output_tokens``) and knows exactly whether a tier failed before its first token;
+- one hop fewer per token than the ensemble (no postprocessing model per response).
+
+Preprocessing runs once per request, whatever tier serves it: every tier shares the
+tokenizer (SmolLM2 on CPU; the Llama 3.1 tokenizer for 8B, 70B and 405B on H100).
+
+Each request is served on a worker thread so a decoupled ``execute`` returns at once and
+many streams proceed together; every request ends with the final flag, whatever happens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from serving.errors import UnavailableError, ValidationError
+from serving.routing import Decision, RoutingPolicy
+from serving.text import decode_utf8
+from serving.triton import (
+    DownstreamError,
+    LabelledMetric,
+    bls_infer,
+    bls_stream,
+    error_response,
+    final_flag,
+    get_input,
+    get_scalar,
+    response_of,
+    string_array,
+)
+
+log = logging.getLogger("serving.router")
+
+#: Tensor names of the contracts in DESIGN.md (checked against the configs by unit tests).
+CLASSIFIER_INPUT, CLASSIFIER_OUTPUTS = "text", ("intent", "confidence")
+PRE_INPUTS = ("text_input",)
+PRE_OUTPUTS = ("input_ids", "input_lengths")
+TIER_OUTPUTS = ("output_ids", "sequence_length")
+OUTPUTS = ("text_output", "intent", "model", "confidence", "num_input_tokens", "num_output_tokens")
+
+#: Classifier latency buckets, microseconds (Triton's own latency metrics are in us).
+CLASSIFIER_BUCKETS_US = (1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2.5e5, 1e6)
+
+
+class Detokenizer(Protocol):
+    """Turns a growing stream of token ids into text, never splitting a character."""
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Text made final by these new ids (may be empty while a character is incomplete)."""
+        ...
+
+    def flush(self) -> str:
+        """Whatever text is still held back, at the end of the stream."""
+        ...
+
+
+@dataclass
+class RouterRequest:
+    """One client request to ``router``, decoded from its tensors."""
+
+    text: str
+    max_tokens: int
+    temperature: float | None = None
+    stream: bool = False
+    intent: str | None = None
+    model: str | None = None
+
+    def validate(self, policy: RoutingPolicy) -> None:
+        """Reject what no tier could serve, with a message that says what to fix."""
+        if not self.text.strip():
+            raise ValidationError("'text_input' is empty or whitespace only; send a prompt")
+        if self.max_tokens < 1:
+            raise ValidationError(f"'max_tokens' must be at least 1, got {self.max_tokens}")
+        if self.temperature is not None and not (
+            math.isfinite(self.temperature) and self.temperature >= 0
+        ):
+            raise ValidationError(f"'temperature' must be >= 0, got {self.temperature}")
+        if self.intent is not None:
+            policy.check_intent(self.intent)
+        if self.model is not None:
+            policy.check_tier(self.model)
+
+
+def _optional(request: Any, name: str, dtype: type) -> Any:
+    if get_input(request, name, dtype, required=False) is None:
+        return None
+    return get_scalar(request, name, dtype)
+
+
+def _override(request: Any, name: str) -> str | None:
+    """A string override; empty means unset (the convention of the config parameters)."""
+    value = _optional(request, name, np.object_)
+    if value is None:
+        return None
+    text = decode_utf8(value, name).strip()
+    return text or None
+
+
+def parse_request(request: Any, default_max_tokens: int) -> RouterRequest:
+    """Decode a Triton request into a :class:`RouterRequest` (dtype and UTF-8 checked)."""
+    max_tokens = _optional(request, "max_tokens", np.int32)
+    temperature = _optional(request, "temperature", np.float32)
+    stream = _optional(request, "stream", np.bool_)
+    return RouterRequest(
+        text=decode_utf8(get_scalar(request, "text_input", np.object_), "text_input"),
+        max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
+        temperature=None if temperature is None else float(temperature),
+        stream=bool(stream) if stream is not None else False,
+        intent=_override(request, "intent"),
+        model=_override(request, "model"),
+    )
+
+
+class RouterMetrics:
+    """The router's custom metrics, exported on Triton's metrics port."""
+
+    def __init__(self) -> None:
+        self.requests = LabelledMetric(
+            "router_requests_total",
+            "Requests the router served, by intent, the tier that served them and why "
+            "that tier (table, low_confidence, intent_override, model_override)",
+            "counter",
+        )
+        self.fallbacks = LabelledMetric(
+            "router_fallbacks_total",
+            "Times a tier was unavailable or failed before its first token and the router "
+            "moved on, by the failed tier and the next one tried",
+            "counter",
+        )
+        self.classifier_latency = LabelledMetric(
+            "router_classifier_latency_us",
+            "Latency of the intent_classifier call made by the router, in microseconds",
+            "histogram",
+            buckets=CLASSIFIER_BUCKETS_US,
+        )
+
+
+@dataclass(frozen=True)
+class RouterModels:
+    """Downstream model names, from the router's config parameters."""
+
+    classifier: str
+    preprocessing: str
+
+
+class _Served:
+    """What the client sees from one request: the decision and the counts so far."""
+
+    def __init__(
+        self, decision: Decision, tier: str, num_input_tokens: int, shape: tuple[int, ...]
+    ) -> None:
+        self.decision = decision
+        self.tier = tier
+        self.num_input_tokens = num_input_tokens
+        self.num_output_tokens = 0
+        self.shape = shape
+
+    def outputs(self, text: str) -> dict[str, np.ndarray]:
+        shape = self.shape
+        return {
+            "text_output": string_array([text], shape),
+            "intent": string_array([self.decision.intent], shape),
+            "model": string_array([self.tier], shape),
+            "confidence": np.full(shape, self.decision.confidence, dtype=np.float32),
+            "num_input_tokens": np.full(shape, self.num_input_tokens, dtype=np.int32),
+            "num_output_tokens": np.full(shape, self.num_output_tokens, dtype=np.int32),
+        }
+
+
+def _ids(out: dict[str, np.ndarray]) -> list[int]:
+    """The new token ids of one tier response (one sequence, one beam)."""
+    ids = out["output_ids"].reshape(-1)
+    if "sequence_length" in out:
+        n = int(out["sequence_length"].reshape(-1)[0])
+        if 0 <= n < ids.size:
+            ids = ids[:n]
+    return [int(i) for i in ids]
+
+
+class Router:
+    """Serves ``router`` requests; the model.py adapter only constructs it and submits."""
+
+    def __init__(
+        self,
+        name: str,
+        policy: RoutingPolicy,
+        models: RouterModels,
+        detokenizer: Callable[[], Detokenizer],
+        default_max_tokens: int,
+        workers: int,
+        batched: bool,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.models = models
+        self._detokenizer = detokenizer
+        self.default_max_tokens = default_max_tokens
+        self.metrics = metrics
+        # Inputs and outputs carry a batch dimension when the models are batched.
+        self._shape = (1, 1) if batched else (1,)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+
+    def submit(self, requests: Sequence[Any]) -> None:
+        """Queue each request on a worker; a decoupled ``execute`` returns at once."""
+        for request in requests:
+            self._pool.submit(self.serve, request)
+
+    def close(self) -> None:
+        """Let in-flight streams finish (each still gets its final flag), then stop."""
+        self._pool.shutdown(wait=True)
+
+    # -- one request ---------------------------------------------------------------
+
+    def serve(self, request: Any) -> None:
+        """Serve one request to completion; never raises, always sends the final flag."""
+        sender = request.get_response_sender()
+        try:
+            if request.is_cancelled():
+                sender.send(flags=final_flag())
+                return
+            parsed = parse_request(request, self.default_max_tokens)
+            parsed.validate(self.policy)
+            self._route_and_stream(request, sender, parsed)
+        except Exception as exc:  # isolated per request, reported to its client
+            sender.send(error_response(exc, self.name), flags=final_flag())
+
+    def classify(self, text: str) -> tuple[str, float]:
+        """Ask the intent classifier; its latency goes to the metrics."""
+        start = time.perf_counter()
+        out = bls_infer(
+            self.models.classifier,
+            {CLASSIFIER_INPUT: string_array([text], self._shape)},
+            CLASSIFIER_OUTPUTS,
+        )
+        if self.metrics is not None:
+            elapsed_us = (time.perf_counter() - start) * 1e6
+            self.metrics.classifier_latency.labels(model=self.models.classifier).observe(elapsed_us)
+        intent = decode_utf8(out["intent"].reshape(-1)[0], "intent")
+        return intent, float(out["confidence"].reshape(-1)[0])
+
+    def decide(self, parsed: RouterRequest) -> Decision:
+        if parsed.intent is not None:
+            return self.policy.decide(
+                parsed.intent, 1.0, intent_forced=True, forced_tier=parsed.model
+            )
+        intent, confidence = self.classify(parsed.text)
+        return self.policy.decide(intent, confidence, forced_tier=parsed.model)
+
+    def preprocess(self, text: str) -> np.ndarray:
+        """Token ids of the prompt (chat template applied by ``preprocessing``)."""
+        try:
+            out = bls_infer(
+                self.models.preprocessing,
+                {PRE_INPUTS[0]: string_array([text], self._shape)},
+                PRE_OUTPUTS,
+            )
+        except DownstreamError as exc:
+            if exc.invalid_arg:
+                raise ValidationError(str(exc)) from exc
+            raise
+        n = int(out["input_lengths"].reshape(-1)[0])
+        return out["input_ids"].reshape(-1)[:n].astype(np.int32)
+
+    def _tier_inputs(self, ids: np.ndarray, parsed: RouterRequest) -> dict[str, np.ndarray]:
+        batch = self._shape[:-1]  # () unbatched, (1,) batched
+        inputs = {
+            "input_ids": ids.reshape(*batch, -1),
+            "input_lengths": np.full(self._shape, ids.size, dtype=np.int32),
+            "request_output_len": np.full(self._shape, parsed.max_tokens, dtype=np.int32),
+            "streaming": np.full(self._shape, True, dtype=np.bool_),
+        }
+        if parsed.temperature is not None:
+            inputs["temperature"] = np.full(self._shape, parsed.temperature, dtype=np.float32)
+        return inputs
+
+    def _open(
+        self, decision: Decision, inputs: dict[str, np.ndarray], request_id: str
+    ) -> tuple[str, str, list[dict[str, np.ndarray]], Iterator[dict[str, np.ndarray]]]:
+        """Open the first candidate tier that produces a first response.
+
+        Returns the tier, the request id it was given, its first response(s) and the
+        rest of its stream.
+
+        A tier that is not loaded, or fails before its first token, is skipped for the
+        next candidate (counted in the fallback metric). A rejection of the input itself
+        (INVALID_ARG, e.g. a prompt over the context limit) is not the tier's fault and
+        goes straight back to the client.
+        """
+        errors = []
+        for i, tier in enumerate(decision.candidates):
+            tier_request_id = f"{request_id}-{i}"
+            stream = bls_stream(tier, inputs, TIER_OUTPUTS, request_id=tier_request_id)
+            try:
+                first = [next(stream)]
+            except StopIteration:
+                first = []
+            except DownstreamError as exc:
+                if exc.invalid_arg:
+                    raise ValidationError(str(exc)) from exc
+                errors.append(f"{tier}: {exc}")
+                self._count_fallback(decision, i)
+                continue
+            except Exception as exc:  # e.g. the model is not loaded: exec itself raises
+                errors.append(f"{tier}: {exc}")
+                self._count_fallback(decision, i)
+                continue
+            return tier, tier_request_id, first, stream
+        raise UnavailableError(
+            f"no tier could serve this request (tried {', '.join(decision.candidates)}): "
+            + "; ".join(errors)
+        )
+
+    def _count_fallback(self, decision: Decision, i: int) -> None:
+        failed = decision.candidates[i]
+        nxt = decision.candidates[i + 1] if i + 1 < len(decision.candidates) else "none"
+        log.warning("%s: tier %s failed before its first token; next: %s", self.name, failed, nxt)
+        if self.metrics is not None:
+            self.metrics.fallbacks.labels(from_tier=failed, to_tier=nxt).increment(1)
+
+    def _stop(self, tier: str, request_id: str, like: dict[str, np.ndarray]) -> None:
+        """Ask ``tier`` to stop generating for ``request_id`` (tensorrt_llm's ``stop``)."""
+        inputs = {
+            "input_ids": np.zeros_like(like["input_ids"][..., :1]),
+            "input_lengths": np.ones_like(like["input_lengths"]),
+            "request_output_len": np.ones_like(like["request_output_len"]),
+            "stop": np.full(self._shape, True, dtype=np.bool_),
+            "streaming": like["streaming"],
+        }
+        try:
+            for _ in bls_stream(tier, inputs, TIER_OUTPUTS, request_id=request_id):
+                pass
+        except Exception as exc:  # best effort: the stream still ends at max_tokens
+            log.warning("%s: could not stop %s request %s: %s", self.name, tier, request_id, exc)
+
+    def _route_and_stream(self, request: Any, sender: Any, parsed: RouterRequest) -> None:
+        decision = self.decide(parsed)
+        ids = self.preprocess(parsed.text)
+        inputs = self._tier_inputs(ids, parsed)
+        request_id = f"{self.name}-{uuid.uuid4().hex}"
+        tier, tier_request_id, first, stream = self._open(decision, inputs, request_id)
+        served = _Served(decision, tier, int(ids.size), self._shape)
+        if self.metrics is not None:
+            self.metrics.requests.labels(
+                intent=decision.intent, tier=tier, reason=decision.reason.value
+            ).increment(1)
+
+        detok = self._detokenizer()
+        pieces: list[str] = []
+        try:
+            for out in itertools.chain(first, stream):
+                if request.is_cancelled():
+                    self._stop(tier, tier_request_id, inputs)
+                    sender.send(flags=final_flag())
+                    return
+                new_ids = _ids(out)
+                served.num_output_tokens += len(new_ids)
+                text = detok.push(new_ids)
+                if parsed.stream:
+                    if text:
+                        sender.send(response_of(served.outputs(text)))
+                else:
+                    pieces.append(text)
+        finally:
+            stream.close()  # drains what the tier still sends (2.51 cannot cancel BLS)
+        tail = detok.flush()
+        if parsed.stream:
+            sender.send(response_of(served.outputs(tail)), flags=final_flag())
+        else:
+            pieces.append(tail)
+            sender.send(response_of(served.outputs("".join(pieces))), flags=final_flag())

@@ -1,0 +1,404 @@
+"""The router's request handling against scripted BLS models (no Triton)."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from serving.router import Router, RouterMetrics, RouterModels
+from serving.routing import RoutingPolicy
+from tests.conftest import (
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+    FakeRequest,
+    InferenceResponse,
+    Tensor,
+    TritonError,
+)
+
+FINAL = TRITONSERVER_RESPONSE_COMPLETE_FINAL
+POLICY = RoutingPolicy(
+    table={
+        "completion": "llm_medium",
+        "summarization": "llm_small",
+        "question_answering": "llm_large",
+    },
+    tiers=("llm_small", "llm_medium", "llm_large"),
+    confidence_threshold=0.5,
+    low_confidence_tier="llm_medium",
+    fallbacks={"llm_large": "llm_medium", "llm_medium": "llm_small", "llm_small": "llm_medium"},
+)
+#: The tier "generates" these UTF-8 bytes one byte per token: 'é' and the emoji are
+#: split across tokens, so a router that decoded token by token would garble them.
+ANSWER = "Café ☕ is open."
+TOKENS = list(ANSWER.encode("utf-8"))
+
+
+class ByteDetokenizer:
+    """Token id = one UTF-8 byte: the hardest case for streaming text."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def push(self, ids: Sequence[int]) -> str:
+        return self._decoder.decode(bytes(ids))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def response(**outputs: Any) -> InferenceResponse:
+    return InferenceResponse([Tensor(k, np.asarray(v)) for k, v in outputs.items()])
+
+
+def error(message: str, code: int = TritonError.INTERNAL) -> InferenceResponse:
+    return InferenceResponse(error=TritonError(message, code))
+
+
+def token_stream(tokens: Sequence[int]) -> list[InferenceResponse]:
+    return [
+        response(
+            output_ids=np.array([[[t]]], dtype=np.int32),
+            sequence_length=np.array([[1]], dtype=np.int32),
+        )
+        for t in tokens
+    ]
+
+
+class Downstream:
+    """Scripted classifier, preprocessing and tiers; records what each was sent."""
+
+    def __init__(self, bls: dict, intent: str = "summarization", confidence: float = 0.9) -> None:
+        self.calls: dict[str, list[dict[str, np.ndarray]]] = {}
+        self.intent, self.confidence = intent, confidence
+        bls["intent_classifier"] = self._record("intent_classifier", self.classify)
+        bls["preprocessing"] = self._record("preprocessing", self.preprocess)
+        for tier in POLICY.tiers:
+            bls[tier] = self._record(tier, self.generate)
+        self.bls = bls
+
+    def _record(self, name: str, handler: Any) -> Any:
+        def run(inputs: dict[str, np.ndarray]) -> Any:
+            self.calls.setdefault(name, []).append(inputs)
+            return handler(inputs)
+
+        return run
+
+    def classify(self, inputs: dict[str, np.ndarray]) -> InferenceResponse:
+        return response(
+            intent=np.array([[self.intent.encode()]], dtype=np.object_),
+            confidence=np.array([[self.confidence]], dtype=np.float32),
+        )
+
+    @staticmethod
+    def preprocess(inputs: dict[str, np.ndarray]) -> InferenceResponse:
+        n = len(inputs["text_input"].reshape(-1)[0].split())
+        return response(
+            input_ids=np.arange(1, n + 1, dtype=np.int32).reshape(1, n),
+            input_lengths=np.array([[n]], dtype=np.int32),
+        )
+
+    @staticmethod
+    def generate(inputs: dict[str, np.ndarray]) -> list[InferenceResponse]:
+        if "stop" in inputs:
+            return [InferenceResponse()]
+        return token_stream(TOKENS[: int(inputs["request_output_len"].reshape(-1)[0])])
+
+    def tiers_called(self) -> list[str]:
+        return [t for t in POLICY.tiers if t in self.calls]
+
+
+def make_router(metrics: RouterMetrics | None = None) -> Router:
+    return Router(
+        name="router",
+        policy=POLICY,
+        models=RouterModels(classifier="intent_classifier", preprocessing="preprocessing"),
+        detokenizer=ByteDetokenizer,
+        default_max_tokens=64,
+        workers=2,
+        batched=True,
+        metrics=metrics,
+    )
+
+
+def router_request(text: str | bytes = "Summarize this text for me please", **extra: Any) -> Any:
+    raw = text if isinstance(text, bytes) else text.encode()
+    inputs: dict[str, Any] = {"text_input": np.array([[raw]], dtype=np.object_)}
+    kinds = {"max_tokens": np.int32, "temperature": np.float32, "stream": np.bool_}
+    for name, value in extra.items():
+        if name in ("intent", "model"):
+            inputs[name] = np.array([[value.encode()]], dtype=np.object_)
+        else:
+            inputs[name] = np.array([[value]], dtype=kinds[name])
+    return FakeRequest(inputs)
+
+
+def value(resp: InferenceResponse, name: str) -> Any:
+    tensor = next(t for t in resp.output_tensors() if t.name() == name)
+    item = tensor.as_numpy().reshape(-1)[0]
+    return item.decode() if isinstance(item, bytes) else item.item()
+
+
+def error_of(request: FakeRequest) -> TritonError:
+    (resp, flags), *_ = request.sender.sent
+    assert flags & FINAL and len(request.sender.sent) == 1
+    assert resp.has_error()
+    return resp.error()
+
+
+def test_streams_text_right_across_split_characters(bls: dict) -> None:
+    down = Downstream(bls, intent="summarization")
+    request = router_request(stream=True)
+    make_router().serve(request)
+
+    chunks = request.sender.responses()
+    assert "".join(value(r, "text_output") for r in chunks) == ANSWER
+    assert len(chunks) > 3  # really streamed, not one blob
+    assert request.sender.closed and request.sender.sent[-1][1] & FINAL
+    for r in chunks:  # every response carries the decision
+        assert value(r, "intent") == "summarization"
+        assert value(r, "model") == "llm_small"
+        assert value(r, "confidence") == pytest.approx(0.9)
+        assert value(r, "num_input_tokens") == 6
+    assert value(chunks[-1], "num_output_tokens") == len(TOKENS)
+    assert down.tiers_called() == ["llm_small"]
+    sent = down.calls["llm_small"][0]
+    assert sent["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert sent["request_output_len"].tolist() == [[64]]
+    assert sent["streaming"].tolist() == [[True]]
+
+
+def test_non_streaming_returns_one_response_with_the_whole_text(bls: dict) -> None:
+    Downstream(bls, intent="question_answering")
+    request = router_request("What is the capital of France?", max_tokens=5, temperature=0.0)
+    make_router().serve(request)
+
+    assert len(request.sender.sent) == 1
+    resp, flags = request.sender.sent[0]
+    assert flags & FINAL
+    assert value(resp, "text_output") == ANSWER.encode()[:5].decode()
+    assert value(resp, "model") == "llm_large"
+    assert value(resp, "num_output_tokens") == 5
+
+
+def test_temperature_reaches_the_tier(bls: dict) -> None:
+    down = Downstream(bls, intent="completion")
+    make_router().serve(router_request("Write a story", temperature=0.7))
+    assert down.calls["llm_medium"][0]["temperature"].tolist() == [[pytest.approx(0.7)]]
+
+
+def test_low_confidence_goes_to_the_fallback_tier(bls: dict) -> None:
+    down = Downstream(bls, intent="question_answering", confidence=0.4)
+    request = router_request("hmm?")
+    make_router().serve(request)
+    assert value(request.sender.responses()[0], "model") == "llm_medium"
+    assert down.tiers_called() == ["llm_medium"]
+
+
+def test_intent_override_skips_classification(bls: dict) -> None:
+    down = Downstream(bls)
+    request = router_request("Tell me about whales", intent="question_answering")
+    make_router().serve(request)
+    resp = request.sender.responses()[0]
+    assert "intent_classifier" not in down.calls
+    assert (value(resp, "intent"), value(resp, "model")) == ("question_answering", "llm_large")
+    assert value(resp, "confidence") == 1.0
+
+
+def test_model_override_forces_the_tier(bls: dict) -> None:
+    down = Downstream(bls, intent="summarization")
+    request = router_request(model="llm_large")
+    make_router().serve(request)
+    resp = request.sender.responses()[0]
+    assert (value(resp, "intent"), value(resp, "model")) == ("summarization", "llm_large")
+    assert down.tiers_called() == ["llm_large"]
+
+
+def test_unloaded_tier_falls_back_and_is_counted(bls: dict) -> None:
+    down = Downstream(bls, intent="question_answering")
+    del bls["llm_large"]  # not loaded: Triton answers NOT_FOUND
+    metrics = RouterMetrics()
+    request = router_request("What is the capital of France?", stream=True)
+    make_router(metrics).serve(request)
+
+    chunks = request.sender.responses()
+    assert "".join(value(r, "text_output") for r in chunks) == ANSWER
+    assert {value(r, "model") for r in chunks} == {"llm_medium"}
+    assert down.tiers_called() == ["llm_medium"]
+    assert metrics.fallbacks.labels(from_tier="llm_large", to_tier="llm_medium").value == 1
+    served = metrics.requests.labels(intent="question_answering", tier="llm_medium", reason="table")
+    assert served.value == 1
+
+
+def test_tier_failing_before_first_token_falls_back(bls: dict) -> None:
+    Downstream(bls, intent="completion")
+    bls["llm_medium"] = lambda inputs: [error("engine crashed")]
+    request = router_request("Write a poem")
+    make_router().serve(request)
+    assert value(request.sender.responses()[0], "model") == "llm_small"
+
+
+def test_exec_raising_falls_back(bls: dict) -> None:
+    Downstream(bls, intent="completion")
+
+    def not_ready(inputs: dict) -> Any:
+        raise RuntimeError("Model 'llm_medium' is not ready")
+
+    bls["llm_medium"] = not_ready
+    request = router_request("Write a poem")
+    make_router().serve(request)
+    assert value(request.sender.responses()[0], "model") == "llm_small"
+
+
+def test_forced_tier_that_is_down_is_unavailable_not_substituted(bls: dict) -> None:
+    down = Downstream(bls)
+    del bls["llm_large"]
+    request = router_request(model="llm_large")
+    make_router().serve(request)
+    err = error_of(request)
+    assert err.code() == TritonError.UNAVAILABLE
+    assert "llm_large" in err.message()
+    assert down.tiers_called() == []
+
+
+def test_every_tier_down_is_unavailable(bls: dict) -> None:
+    Downstream(bls, intent="question_answering")
+    for tier in POLICY.tiers:
+        del bls[tier]
+    request = router_request("What is the capital of France?")
+    make_router().serve(request)
+    err = error_of(request)
+    assert err.code() == TritonError.UNAVAILABLE
+    assert "tried llm_large, llm_medium, llm_small" in err.message()
+
+
+def test_tier_rejecting_the_input_is_invalid_arg_without_fallback(bls: dict) -> None:
+    down = Downstream(bls, intent="summarization")
+    too_long = "prompt is 9000 tokens, over the 8192-token context"
+    bls["llm_small"] = lambda inputs: [error(too_long, TritonError.INVALID_ARG)]
+    request = router_request()
+    make_router().serve(request)
+    err = error_of(request)
+    assert err.code() == TritonError.INVALID_ARG and too_long in err.message()
+    assert "llm_medium" not in down.calls
+
+
+def test_error_after_first_token_ends_the_stream_with_an_error(bls: dict) -> None:
+    down = Downstream(bls, intent="summarization")
+    bls["llm_small"] = lambda inputs: [*token_stream(b"Hi"), error("out of memory")]
+    request = router_request(stream=True)
+    make_router().serve(request)
+    resp, flags = request.sender.sent[-1]
+    assert flags & FINAL and resp.has_error()
+    assert value(request.sender.responses()[0], "text_output") == "H"
+    assert "llm_medium" not in down.calls  # no fallback once text was sent
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (lambda: router_request(""), "empty"),
+        (lambda: router_request("  \n\t "), "empty"),
+        (lambda: router_request(b"caf\xc3"), "UTF-8"),
+        (lambda: router_request(intent="chitchat"), "unknown intent override 'chitchat'"),
+        (lambda: router_request(model="gpt-5"), "unknown model override 'gpt-5'"),
+        (lambda: router_request(max_tokens=-3), "'max_tokens' must be at least 1, got -3"),
+        (lambda: router_request(max_tokens=0), "at least 1"),
+        (lambda: router_request(temperature=-1.0), "'temperature' must be >= 0"),
+        (
+            lambda: FakeRequest(
+                {
+                    "text_input": np.array([[b"hi"]], dtype=np.object_),
+                    "max_tokens": np.array([[5.0]], dtype=np.float32),
+                }
+            ),
+            "input 'max_tokens' must be INT32, got FP32",
+        ),
+    ],
+)
+def test_bad_input_is_invalid_arg_before_any_model_runs(
+    bls: dict, request_: Any, message: str
+) -> None:
+    down = Downstream(bls)
+    request = request_()
+    make_router().serve(request)
+    err = error_of(request)
+    assert err.code() == TritonError.INVALID_ARG
+    assert message in err.message()
+    assert down.calls == {}
+
+
+def test_preprocessing_rejection_is_invalid_arg(bls: dict) -> None:
+    Downstream(bls)
+    bls["preprocessing"] = lambda inputs: error("prompt too long", TritonError.INVALID_ARG)
+    request = router_request()
+    make_router().serve(request)
+    assert error_of(request).code() == TritonError.INVALID_ARG
+
+
+class CancelAfter(FakeRequest):
+    """A client that cancels after ``checks`` calls to ``is_cancelled``."""
+
+    def __init__(self, inputs: dict[str, Any], checks: int) -> None:
+        super().__init__(inputs)
+        self.checks = checks
+
+    def is_cancelled(self) -> bool:
+        self.checks -= 1
+        return self.checks < 0
+
+
+def test_cancelled_stream_stops_the_tier(bls: dict) -> None:
+    down = Downstream(bls, intent="summarization")
+    base = router_request(stream=True)
+    request = CancelAfter({t.name(): t.as_numpy() for t in base.inputs()}, checks=4)
+    make_router().serve(request)
+
+    assert request.sender.closed
+    text = "".join(value(r, "text_output") for r in request.sender.responses())
+    assert len(text) < len(ANSWER)
+    first, stop = down.calls["llm_small"]
+    assert stop["stop"].tolist() == [[True]]
+    assert stop["input_ids"].shape == (1, 1)
+    assert first.keys() - {"stop"} == stop.keys() - {"stop"}
+
+
+def test_request_cancelled_while_queued_runs_nothing(bls: dict) -> None:
+    down = Downstream(bls)
+    request = router_request()
+    request.cancelled = True
+    make_router().serve(request)
+    assert request.sender.sent == [(None, FINAL)]
+    assert down.calls == {}
+
+
+def test_metrics_count_requests_and_classifier_latency(bls: dict) -> None:
+    Downstream(bls, intent="summarization")
+    metrics = RouterMetrics()
+    router = make_router(metrics)
+    router.serve(router_request())
+    router.serve(router_request(model="llm_medium"))
+    router.serve(router_request(intent="completion"))
+
+    def count(**labels: str) -> float:
+        return metrics.requests.labels(**labels).value
+
+    assert count(intent="summarization", tier="llm_small", reason="table") == 1
+    assert count(intent="summarization", tier="llm_medium", reason="model_override") == 1
+    assert count(intent="completion", tier="llm_medium", reason="intent_override") == 1
+    # two classifications observed (the intent override skipped one), in microseconds
+    assert metrics.classifier_latency.labels(model="intent_classifier").value > 0
+
+
+def test_submit_serves_concurrent_requests_on_workers(bls: dict) -> None:
+    Downstream(bls, intent="summarization")
+    router = make_router()
+    requests = [router_request(stream=True) for _ in range(5)]
+    router.submit(requests)
+    router.close()
+    for request in requests:
+        assert request.sender.closed
+        assert "".join(value(r, "text_output") for r in request.sender.responses()) == ANSWER
