@@ -179,7 +179,7 @@ class TritonLauncher:
         except ConfigError as exc:
             raise LaunchError(str(exc)) from None
         if o.profile != DEFAULT_PROFILE:
-            self._preflight(waves)
+            self._preflight()
         for flag, port in (
             ("--http-port", o.http_port),
             ("--grpc-port", o.grpc_port),
@@ -213,7 +213,7 @@ class TritonLauncher:
             self.stop()
             raise
 
-    def _preflight(self, waves: list[list[str]]) -> None:
+    def _preflight(self) -> None:
         """Refuse to serve TensorRT-LLM engines built by another TensorRT-LLM version."""
         from build_engines.manifest import check_engines_for_serving
 

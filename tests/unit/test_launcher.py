@@ -210,3 +210,11 @@ class TestPortsAndOptions:
         with pytest.raises(LaunchError, match="unknown model"):
             launcher.start()
         assert launcher.process is None
+
+    def test_h100_profile_refuses_engines_it_cannot_serve(self) -> None:
+        # No TensorRT-LLM (or engines) on this machine: the launcher says so before starting.
+        launcher = TritonLauncher(LaunchOptions.on_free_ports(profile="h100"))
+        with pytest.raises(LaunchError, match="refusing to serve the h100 profile") as info:
+            launcher.start()
+        assert "llm_small" in str(info.value)
+        assert launcher.process is None
