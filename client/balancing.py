@@ -22,7 +22,7 @@ import enum
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -118,6 +118,7 @@ class AsyncReplicaPool(BaseAsyncClient):
         health_urls: per replica, the launcher's ``http://host:port/health/ready`` (or
             None to probe with Triton's own ``server_ready``).
         probe_interval: seconds between health probes.
+        client_factory: builds the client for one url (tests pass fakes).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class AsyncReplicaPool(BaseAsyncClient):
         timeout: float | None = None,
         probe_interval: float = 1.0,
         rng: random.Random | None = None,
+        client_factory: Callable[[str], AsyncClient] | None = None,
     ) -> None:
         super().__init__(timeout)
         if not urls:
@@ -138,7 +140,8 @@ class AsyncReplicaPool(BaseAsyncClient):
         if len(health) != len(urls):
             raise ValueError(f"got {len(urls)} replica urls but {len(health)} health urls")
         self.replicas = [Replica(url=u, health_url=h) for u, h in zip(urls, health, strict=True)]
-        self._clients = {r: AsyncClient(r.url, protocol) for r in self.replicas}
+        factory = client_factory or (lambda url: AsyncClient(url, protocol))
+        self._clients = {r: factory(r.url) for r in self.replicas}
         self.strategy = Strategy(strategy)
         self._picker = make_picker(self.strategy, rng)
         self._probe_interval = probe_interval

@@ -378,7 +378,7 @@ async def _bench(client: BaseAsyncClient, args: argparse.Namespace) -> None:
             r.url: {"sent": r.sent, "healthy": r.healthy} for r in client.replicas
         }
     config = {
-        "command": shlex.join([sys.executable, "-m", "client", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "client", *args.argv]),
         "target": target.value,
         "model": args.model or target.value,
         "protocol": args.protocol,
@@ -416,7 +416,9 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         asyncio.run(_main(args))
     except (ClientError, WorkloadError, ValueError) as exc:

@@ -1,0 +1,168 @@
+"""Balancing strategies as plain code, and the pool's ejection and probing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+import pytest
+
+from client.balancing import (
+    AsyncReplicaPool,
+    LeastRequests,
+    PowerOfTwo,
+    Replica,
+    RoundRobin,
+    Strategy,
+    make_picker,
+)
+from client.errors import ServerUnavailable
+from tests.unit.client_fakes import FakeServer, text_chunks
+
+
+def _replicas(*in_flight: int) -> list[Replica]:
+    return [Replica(url=f"r{i}", in_flight=n) for i, n in enumerate(in_flight)]
+
+
+def test_round_robin_cycles_regardless_of_load() -> None:
+    replicas = _replicas(9, 0, 0)
+    picker = RoundRobin()
+    assert [picker.choose(replicas).url for _ in range(6)] == ["r0", "r1", "r2"] * 2
+
+
+def test_least_requests_picks_the_idlest_and_rotates_ties() -> None:
+    picker = LeastRequests()
+    assert picker.choose(_replicas(3, 1, 2)).url == "r1"
+    tied = _replicas(0, 0, 5)
+    assert {picker.choose(tied).url for _ in range(4)} == {"r0", "r1"}
+
+
+def test_power_of_two_never_picks_the_busiest_of_its_pair() -> None:
+    replicas = _replicas(0, 5, 10)
+    picker = PowerOfTwo(random.Random(0))
+    counts = Counter(picker.choose(replicas).url for _ in range(3000))
+    # r2 is the busiest of any pair it is in, so it is never chosen; r0 wins 2 of 3 pairs.
+    assert counts["r2"] == 0
+    assert counts["r0"] == pytest.approx(2000, rel=0.1)
+    assert PowerOfTwo().choose(_replicas(4)).url == "r0"
+
+
+def test_make_picker_from_names() -> None:
+    assert isinstance(make_picker("round_robin"), RoundRobin)
+    assert isinstance(make_picker(Strategy.LEAST_REQUESTS), LeastRequests)
+    assert isinstance(make_picker("power_of_two"), PowerOfTwo)
+    with pytest.raises(ValueError):
+        make_picker("random")
+
+
+def _pool(servers: dict[str, FakeServer], **kwargs: object) -> AsyncReplicaPool:
+    return AsyncReplicaPool(list(servers), client_factory=servers.__getitem__, **kwargs)
+
+
+def test_pool_balances_streams_and_counts_in_flight() -> None:
+    servers = {u: FakeServer(u, chunks=text_chunks(b"a", b"b"), delay=0.01) for u in ("a:1", "b:1")}
+    pool = _pool(servers, strategy="least_requests")
+
+    async def scenario() -> list[int]:
+        seen = []
+
+        async def one() -> None:
+            async for _ in pool.generate("hi", stream=True):
+                seen.append(sum(r.in_flight for r in pool.replicas))
+
+        await asyncio.gather(*(one() for _ in range(8)))
+        await pool.close()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert max(seen) <= 8 and all(r.in_flight == 0 for r in pool.replicas)
+    assert [r.sent for r in pool.replicas] == [4, 4]
+    assert servers["a:1"].in_flight_peak == 4
+
+
+def test_unreachable_replica_is_ejected_and_probed_back() -> None:
+    good = FakeServer("good:1", chunks=text_chunks(b"ok"))
+    bad = FakeServer("bad:1", chunks=text_chunks(b"ok"), error=ServerUnavailable("refused"))
+    bad.ready = False
+    pool = _pool({"good:1": good, "bad:1": bad}, strategy="round_robin", probe_interval=0.02)
+
+    async def scenario() -> None:
+        results = []
+        for _ in range(4):
+            try:
+                results.append((await pool.generate("hi")).text)
+            except ServerUnavailable:
+                results.append("error")
+        # One request hit the bad replica before it was ejected; the rest went to good.
+        assert results.count("error") == 1 and results.count("ok") == 3
+        assert [r.healthy for r in pool.replicas] == [True, False]
+        bad.error, bad.ready = None, True
+        await asyncio.sleep(0.1)  # the probe lets it back in
+        assert pool.replicas[1].healthy
+        texts = [(await pool.generate("hi")).text for _ in range(2)]
+        assert texts == ["ok", "ok"] and len(bad.requests) == 2
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_no_healthy_replica_is_a_clear_error() -> None:
+    servers = {"a:1": FakeServer("a:1"), "b:1": FakeServer("b:1")}
+    pool = _pool(servers)
+    for replica in pool.replicas:
+        replica.healthy = False
+
+    async def scenario() -> None:
+        with pytest.raises(ServerUnavailable, match="no healthy replica: a:1, b:1"):
+            await pool.generate("hi")
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_pool_rejects_mismatched_health_urls() -> None:
+    with pytest.raises(ValueError, match="2 replica urls but 1 health"):
+        AsyncReplicaPool(["a:1", "b:1"], health_urls=["http://a/health/ready"])
+
+
+def test_deep_readiness_url_ejects_and_readmits() -> None:
+    """A replica whose launcher health endpoint says 503 is ejected although it answers."""
+    from aiohttp import web
+
+    from serving.launcher import free_port
+
+    state = {"status": 503}
+
+    async def ready(_: web.Request) -> web.Response:
+        return web.Response(status=state["status"])
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/health/ready", ready)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        servers = {u: FakeServer(u, chunks=text_chunks(b"ok")) for u in ("a:1", "b:1")}
+        pool = _pool(
+            servers,
+            health_urls=[f"http://127.0.0.1:{port}/health/ready", None],
+            probe_interval=0.02,
+        )
+        try:
+            await pool.generate("hi")  # starts probing
+            await asyncio.sleep(0.15)
+            assert [r.healthy for r in pool.replicas] == [False, True]
+            before = len(servers["a:1"].requests)
+            for _ in range(4):
+                await pool.generate("hi")
+            assert len(servers["a:1"].requests) == before
+            state["status"] = 200
+            await asyncio.sleep(0.15)
+            assert [r.healthy for r in pool.replicas] == [True, True]
+        finally:
+            await pool.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
