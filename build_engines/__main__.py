@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command(args, console)
     except ConfigError as exc:
-        Console(stderr=True).print(f"error: {exc}", markup=False, highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", markup=False, highlight=False)
         return 2
     return 0
 

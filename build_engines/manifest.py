@@ -14,11 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
-
 from build_engines.spec import load_spec
 from serving.errors import ConfigError
+from serving.repository import load_repository
 
 MANIFEST_NAME = "manifest.json"
 PROFILE = "h100"
@@ -53,14 +51,6 @@ class Manifest:
             raise ConfigError(f"{path}: unreadable engine manifest: {exc}") from None
 
 
-def read_model_config(path: Path) -> model_config_pb2.ModelConfig:
-    """Parse a ``config.pbtxt`` the way Triton does (protobuf text format)."""
-    try:
-        return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{path}: not a valid Triton model config: {exc}") from None
-
-
 def installed_tensorrt_llm() -> str | None:
     """Version of the installed ``tensorrt_llm`` distribution, without importing it."""
     try:
@@ -87,14 +77,13 @@ def check_engines_for_serving(
         installed_version = installed_tensorrt_llm()
     root = repo_root or Path(repository).resolve().parent
     problems: list[str] = []
-    configs = sorted(Path(repository).glob(f"*/configs/{PROFILE}.pbtxt"))
-    for path in configs:
-        model = path.parent.parent.name
-        try:
-            config = read_model_config(path)
-        except ConfigError as exc:
-            problems.append(str(exc))
-            continue
+    missing_reported = False
+    try:
+        models = load_repository(Path(repository), PROFILE)
+    except ConfigError as exc:
+        return [str(exc)]
+    for model, entry in models.items():
+        config = entry.config
         if config.backend != "tensorrtllm":
             continue
         params = {k: v.string_value for k, v in config.parameters.items()}
@@ -102,13 +91,13 @@ def check_engines_for_serving(
         hint = _build_hint(spec_path)
         engine_dir = params.get("gpt_model_path", "")
         if not engine_dir:
-            problems.append(f"{model}: {path} has no gpt_model_path; regenerate it: {hint}")
+            problems.append(f"{model}: {entry.path} has no gpt_model_path; regenerate it: {hint}")
             continue
-        if installed_version is None:
+        if installed_version is None and not missing_reported:
+            missing_reported = True
             problems.append(
-                f"{model}: tensorrt_llm is not installed; serve the h100 profile "
-                f"in the NGC tritonserver trtllm container or pip install "
-                f"'.[trtllm]'"
+                "tensorrt_llm is not installed: serve the h100 profile in the NGC "
+                "tritonserver trtllm container, or pip install '.[trtllm]'"
             )
         try:
             manifest = Manifest.read(Path(engine_dir))
