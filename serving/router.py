@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from serving.errors import UnavailableError, ValidationError
+from serving.llm.tokenizer import TokenBytes, Utf8Aligner
 from serving.routing import Decision, RoutingPolicy
 from serving.text import decode_utf8
 from serving.triton import (
@@ -73,6 +74,26 @@ class Detokenizer(Protocol):
     def flush(self) -> str:
         """Whatever text is still held back, at the end of the stream."""
         ...
+
+
+class TokenText:
+    """The router's per-request detokenizer, built from the LLM helper's pieces.
+
+    ``Utf8Aligner`` holds back the tokens of a character whose bytes are not complete
+    yet, and ``TokenBytes`` maps ids to their exact bytes (no per-chunk ``decode`` that
+    drops leading spaces). The CPU tiers already align their chunks; a TensorRT-LLM tier
+    on H100 does not, so the router aligns again: it is free when chunks are aligned.
+    """
+
+    def __init__(self, token_bytes: TokenBytes) -> None:
+        self._bytes = token_bytes
+        self._aligner = Utf8Aligner(token_bytes)
+
+    def push(self, ids: Sequence[int]) -> str:
+        return self._bytes.text_of(self._aligner.push(ids))
+
+    def flush(self) -> str:
+        return self._bytes.text_of(self._aligner.flush())
 
 
 @dataclass

@@ -402,3 +402,36 @@ def test_submit_serves_concurrent_requests_on_workers(bls: dict) -> None:
     for request in requests:
         assert request.sender.closed
         assert "".join(value(r, "text_output") for r in request.sender.responses()) == ANSWER
+
+
+def test_token_text_keeps_spaces_and_split_characters() -> None:
+    """The detokenizer the model builds, on the real SmolLM2 tokenizer."""
+    from serving.assets import smollm2_gguf
+    from serving.llm.tokenizer import TokenBytes, load_tokenizer
+    from serving.router import TokenText
+
+    tokenizer = load_tokenizer(smollm2_gguf())
+    text = "Crème brûlée, 東京 and 🙂 emoji, with  two spaces."
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = TokenText(TokenBytes(tokenizer))
+    chunks = [detok.push([i]) for i in ids] + [detok.flush()]
+    assert "".join(chunks) == text
+    assert all("\ufffd" not in c for c in chunks)
+
+
+def test_model_py_initializes_from_its_config_and_serves(bls: dict) -> None:
+    from tests.conftest import load_model_module, model_args
+
+    module = load_model_module("router")
+    model = module.TritonPythonModel()
+    model.initialize(model_args("router"))
+    try:
+        assert model.router.policy.table["summarization"] == "llm_small"
+        assert model.router.models.classifier == "intent_classifier"
+        Downstream(bls, intent="summarization")
+        request = router_request()
+        assert model.execute([request]) is None
+    finally:
+        model.finalize()
+    assert request.sender.closed
+    assert value(request.sender.responses()[0], "model") == "llm_small"

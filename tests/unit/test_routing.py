@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ TABLE = {
     "summarization": "llm_small",
     "question_answering": "llm_large",
 }
+ROOT = Path(__file__).resolve().parents[2]
 FALLBACKS = {"llm_large": "llm_medium", "llm_medium": "llm_small", "llm_small": "llm_medium"}
 
 
@@ -79,12 +81,6 @@ def test_fallback_chain_follows_the_map_once_per_tier() -> None:
     assert make_policy(fallbacks={}).chain("llm_large") == ("llm_large",)
 
 
-def test_default_table_keeps_cheap_tasks_off_the_biggest_tier() -> None:
-    """Summarization is the cheap task: it must not land on (or fall back to) the largest."""
-    policy = make_policy()
-    assert "llm_large" not in policy.decide("summarization", 1.0).candidates
-
-
 @pytest.mark.parametrize("bad", ["chitchat", "", "Summarization"])
 def test_unknown_intent_override_is_rejected_with_the_choices(bad: str) -> None:
     with pytest.raises(ValidationError, match="use one of"):
@@ -140,3 +136,35 @@ def test_missing_or_malformed_parameters_are_config_errors() -> None:
                 low_confidence_tier="llm_small",
             )
         )
+
+
+def committed_policy(profile: str) -> RoutingPolicy:
+    """The policy the router's committed config for ``profile`` declares."""
+    from serving.repository import config_path, parse_config
+
+    path = config_path(ROOT / "model_repository" / "router", profile)
+    config = parse_config(path)
+    raw = {k: v.string_value for k, v in config.parameters.items()}
+    return RoutingPolicy.from_params(params(**raw))
+
+
+def test_committed_policy_covers_exactly_the_classifier_labels() -> None:
+    from serving.intent import LABELS
+
+    assert set(committed_policy("cpu").intents) == set(LABELS)
+
+
+def test_both_profiles_route_the_same_way() -> None:
+    assert committed_policy("cpu") == committed_policy("h100")
+
+
+def test_committed_policy_keeps_cheap_tasks_off_the_biggest_tier() -> None:
+    """Summarization (long input, short grounded output) must never reach the largest
+    tier, not even through the low-confidence tier or a fallback chain."""
+    policy = committed_policy("cpu")
+    biggest = policy.tiers[-1]
+    assert policy.decide("summarization", 1.0).candidates[0] != biggest
+    assert biggest not in policy.decide("summarization", 1.0).candidates
+    assert biggest not in policy.decide("summarization", 0.0).candidates
+    assert biggest not in policy.chain(policy.low_confidence_tier)
+    assert len(set(policy.table.values())) == len(policy.table), "one size per task type"
