@@ -134,6 +134,8 @@ def llm_call(spec: EngineSpec) -> Call:
             },
         ),
         "enable_chunked_prefill": spec.triton.enable_chunked_context,
+        # Triton's preprocessing/postprocessing models tokenize; the engine needs no tokenizer.
+        "skip_tokenizer_init": True,
     }
     quant: dict[str, Any] = {}
     if spec.quantization in _QUANT_ALGO:
@@ -155,8 +157,15 @@ def llm_call(spec: EngineSpec) -> Call:
 
 
 def plan_tiers(topology: Topology, spec: EngineSpec | None = None) -> Plan:
-    """Plan every shipped tier (with ``spec`` replacing its own tier) on ``topology``."""
-    specs = [s for s in tier_specs() if spec is None or s.tier != spec.tier]
+    """Plan every shipped tier (with ``spec`` replacing its own tier) on ``topology``.
+
+    A spec for a model that is not a shipped tier (a smoke test, an experiment) is planned
+    alone: it is not part of the node's serving layout.
+    """
+    shipped = tier_specs()
+    if spec is not None and spec.tier not in {s.tier for s in shipped}:
+        return plan(topology, [Target.from_spec(spec)])
+    specs = [s for s in shipped if spec is None or s.tier != spec.tier]
     if spec is not None:
         specs.append(spec)
     return plan(topology, [Target.from_spec(s) for s in specs])
