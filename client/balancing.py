@@ -209,9 +209,11 @@ class AsyncReplicaPool(BaseAsyncClient):
 
     async def stream_tensors(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
         replica = self.pick()
+        stream = self._clients[replica].stream_tensors(model, inputs)
         with self._lease(replica):
-            async for tensors in self._clients[replica].stream_tensors(model, inputs):
-                yield tensors
+            async with contextlib.aclosing(stream):
+                async for tensors in stream:
+                    yield tensors
 
     async def models(self) -> list[ModelStatus]:
         """The models of the first healthy replica (replicas serve the same repository)."""

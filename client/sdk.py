@@ -14,8 +14,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import codecs
+import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
@@ -155,41 +156,40 @@ def llm_inputs(
     return inputs
 
 
-async def _chunks(responses: AsyncIterator[Tensors]) -> AsyncIterator[Chunk]:
+async def _chunks(responses: AsyncGenerator[Tensors, None]) -> AsyncGenerator[Chunk, None]:
     decoder = TextDecoder()
-    async for tensors in responses:
-        raw = tensors.get("text_output")
-        piece = raw.reshape(-1)[0] if raw is not None and raw.size else b""
-        yield Chunk(
-            text=decoder.feed(piece),
-            intent=_scalar(tensors, "intent"),
-            model=_scalar(tensors, "model"),
-            confidence=_scalar(tensors, "confidence"),
-            num_input_tokens=_scalar(tensors, "num_input_tokens"),
-            num_output_tokens=_scalar(tensors, "num_output_tokens"),
-        )
+    # aclosing: leaving early closes the transport stream now, which cancels the request.
+    async with contextlib.aclosing(responses):
+        async for tensors in responses:
+            raw = tensors.get("text_output")
+            piece = raw.reshape(-1)[0] if raw is not None and raw.size else b""
+            yield Chunk(
+                text=decoder.feed(piece),
+                intent=_scalar(tensors, "intent"),
+                model=_scalar(tensors, "model"),
+                confidence=_scalar(tensors, "confidence"),
+                num_input_tokens=_scalar(tensors, "num_input_tokens"),
+                num_output_tokens=_scalar(tensors, "num_output_tokens"),
+            )
     tail = decoder.flush()
     if tail:
         yield Chunk(text=tail)
 
 
-async def _deadline_stream(stream: AsyncIterator[T], timeout: float | None) -> AsyncIterator[T]:
+async def _deadline_stream(
+    stream: AsyncGenerator[T, None], timeout: float | None
+) -> AsyncGenerator[T, None]:
     """Apply one overall deadline to a whole stream, closing (cancelling) it on expiry."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    iterator = aiter(stream)
-    try:
+    async with contextlib.aclosing(stream):
         while True:
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
             try:
-                item = await with_deadline(anext(iterator), remaining)
+                item = await with_deadline(anext(stream), remaining)
             except StopAsyncIteration:
                 return
             yield item
-    finally:
-        closer = getattr(iterator, "aclose", None)
-        if closer is not None:
-            await closer()
 
 
 async def _collect(chunks: AsyncIterator[Chunk]) -> Generation:
@@ -210,7 +210,7 @@ class BaseAsyncClient(abc.ABC):
         """Send one request to a non-decoupled model."""
 
     @abc.abstractmethod
-    def stream_tensors(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+    def stream_tensors(self, model: str, inputs: Tensors) -> AsyncGenerator[Tensors, None]:
         """Send one request to a decoupled model and yield its responses."""
 
     @abc.abstractmethod
@@ -395,8 +395,11 @@ class AsyncClient(BaseAsyncClient):
     async def infer_tensors(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
         return await self.transport.infer(model, inputs, outputs)
 
-    def stream_tensors(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
-        return self.transport.stream(model, inputs)
+    async def stream_tensors(self, model: str, inputs: Tensors) -> AsyncGenerator[Tensors, None]:
+        # The transport is created here, inside the running loop (gRPC channels bind to it).
+        async with contextlib.aclosing(self.transport.stream(model, inputs)) as stream:
+            async for tensors in stream:
+                yield tensors
 
     async def models(self) -> list[ModelStatus]:
         return await with_deadline(self.transport.models(), self.timeout)
