@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 
 from rich.console import Console
@@ -49,6 +50,14 @@ def _topology_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _enum_arg(parser: argparse.ArgumentParser, flag: str, default: Enum, text: str) -> None:
+    """An option whose choices are the values of ``default``'s enum."""
+    choices = [m.value for m in type(default)]
+    parser.add_argument(
+        flag, choices=choices, default=default.value, help=f"{text} (default: %(default)s)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m build_engines",
@@ -77,24 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="plan one model of this architecture instead of the specs (e.g. dense-32b)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=[d.value for d in DType],
-        default=DType.BFLOAT16.value,
-        help="with --model: activation dtype",
-    )
-    p.add_argument(
-        "--quantization",
-        choices=[q.value for q in Quantization],
-        default=Quantization.NONE.value,
-        help="with --model: weight quantization",
-    )
-    p.add_argument(
-        "--kv-cache-dtype",
-        choices=[k.value for k in KvCacheDType],
-        default=KvCacheDType.AUTO.value,
-        help="with --model: KV cache precision",
-    )
+    _enum_arg(p, "--dtype", DType.BFLOAT16, "with --model: activation dtype")
+    _enum_arg(p, "--quantization", Quantization.NONE, "with --model: weight quantization")
+    _enum_arg(p, "--kv-cache-dtype", KvCacheDType.AUTO, "with --model: KV cache precision")
     p.add_argument(
         "--concurrency",
         type=int,

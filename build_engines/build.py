@@ -276,6 +276,11 @@ def _record_versions(flow: BuildFlow) -> None:
 
 def _build_engine(flow: BuildFlow, call: Call) -> None:
     flow.engine_dir.mkdir(parents=True, exist_ok=True)
+    # A rebuild must not leave an old manifest vouching for new (or half-written) files,
+    # nor stale rank files from a build with more ranks.
+    for stale in ("manifest.json", "config.json", "rank*.engine"):
+        for path in flow.engine_dir.glob(stale):
+            path.unlink()
     llm = call.run()
     try:
         llm.save(str(flow.engine_dir))

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 from build_engines.spec import load_spec
@@ -64,7 +65,9 @@ def _build_hint(spec_path: str) -> str:
 
 
 def check_engines_for_serving(
-    repository: Path, installed_version: str | None = ..., repo_root: Path | None = None
+    repository: Path,
+    installed_version: str | EllipsisType | None = ...,
+    repo_root: Path | None = None,
 ) -> list[str]:
     """Problems that stop the h100 profile of ``repository`` from serving; empty = fine.
 

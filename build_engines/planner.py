@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from build_engines.architectures import Architecture
-from build_engines.spec import EngineSpec
+from build_engines.spec import EngineSpec, Quantization
 from build_engines.topology import Topology
 
 GIB = 1024**3
@@ -46,7 +46,7 @@ class Target:
     def from_spec(cls, spec: EngineSpec) -> Target:
         precision = (
             spec.dtype.value
-            if spec.quantization.value == "none"
+            if spec.quantization is Quantization.NONE
             else (f"{spec.quantization.value} weights, {spec.dtype.value} activations")
         )
         return cls(

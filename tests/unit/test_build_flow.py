@@ -292,3 +292,14 @@ def test_serving_check_ignores_cpu_only_models(tmp_path: Path) -> None:
     (tmp_path / "embedding").mkdir()
     (tmp_path / "embedding" / "config.pbtxt").write_text('name: "embedding"\nbackend: "python"\n')
     assert check_engines_for_serving(tmp_path, None) == []
+
+
+def test_rebuild_clears_stale_engine_files(tmp_path: Path, fake_trtllm: FakeTrtllm) -> None:
+    engine_dir = tmp_path / "engines" / "llm_small"
+    engine_dir.mkdir(parents=True)
+    (engine_dir / "rank3.engine").write_bytes(b"old tp4 rank")
+    (engine_dir / "manifest.json").write_text("{}")
+    code, _, _ = _build(tmp_path, "llm_small")
+    assert code == 0
+    assert Manifest.read(engine_dir).files == ["config.json", "rank0.engine"]
+    assert not (engine_dir / "rank3.engine").exists()
