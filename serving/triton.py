@@ -106,6 +106,13 @@ def get_scalar(request: Any, name: str, dtype: np.dtype | type, default: Any = N
     return value.item() if hasattr(value, "item") else value
 
 
+def get_optional_scalar(request: Any, name: str, dtype: np.dtype | type) -> Any:
+    """Read an optional one-element input that has no default: ``None`` when absent."""
+    if pb_utils.get_input_tensor_by_name(request, name) is None:
+        return None
+    return get_scalar(request, name, dtype)
+
+
 def error_of(exc: BaseException, model: str) -> Any:
     """The TritonError a client sees: the message for bad input, a short note otherwise.
 

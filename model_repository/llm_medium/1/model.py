@@ -1,0 +1,1 @@
+../../llm_small/1/model.py

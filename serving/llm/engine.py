@@ -1,0 +1,310 @@
+"""The CPU generation engine: iteration-level (in-flight) batching over :class:`LlamaRunner`.
+
+One background thread owns the model and loops: admit waiting requests into free slots
+(prefill, first token), drop cancelled ones, run one decode step for every active
+sequence, hand each sequence its new token, retire finished ones. A request therefore
+joins the running batch at the next step and leaves it as soon as it is done; nobody
+waits for a whole batch to drain. The engine has no Triton import: callers pass a
+``sink`` that receives :class:`StepOutput` events and an optional ``is_cancelled`` probe.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from serving.errors import ConfigError, ValidationError
+from serving.llm.runner import LlamaRunner
+from serving.llm.sampling import Sampler, SamplingParams, pick_tokens
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(str, enum.Enum):
+    END_ID = "end_id"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Capacity of one engine: concurrent sequences, context, output and KV-token budget."""
+
+    max_active: int = 16
+    max_context: int = 2048
+    max_new_tokens: int = 1024
+    max_tokens: int = 16384
+
+    def validate(self) -> None:
+        for name in ("max_active", "max_context", "max_new_tokens", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"engine limit {name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens < self.max_context:
+            raise ConfigError(
+                f"max_tokens ({self.max_tokens}) must be >= max_context ({self.max_context}) "
+                "or a full-context request could never be admitted"
+            )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate, in the ``tensorrt_llm`` model's terms."""
+
+    input_ids: list[int]
+    max_new_tokens: int
+    end_id: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def validate(self, limits: EngineLimits, vocab: int) -> None:
+        """Raise :class:`ValidationError` with what to change when the request cannot run."""
+        if not self.input_ids:
+            raise ValidationError("'input_ids' is empty: send at least one prompt token")
+        bad = next((t for t in self.input_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValidationError(f"'input_ids' holds {bad}, outside the vocabulary [0, {vocab})")
+        if len(self.input_ids) >= limits.max_context:
+            raise ValidationError(
+                f"prompt has {len(self.input_ids)} tokens; the context holds "
+                f"{limits.max_context}: shorten the prompt"
+            )
+        if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
+            raise ValidationError(
+                f"'request_output_len' must be between 1 and {limits.max_new_tokens}, "
+                f"got {self.max_new_tokens}"
+            )
+        total = len(self.input_ids) + self.max_new_tokens
+        if total > limits.max_context:
+            raise ValidationError(
+                f"prompt ({len(self.input_ids)} tokens) + 'request_output_len' "
+                f"({self.max_new_tokens}) = {total} exceeds the context of "
+                f"{limits.max_context}: ask for at most "
+                f"{limits.max_context - len(self.input_ids)} new tokens"
+            )
+        self.sampling.validate()
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.input_ids) + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one sequence got from one engine step: new tokens, and whether it is done."""
+
+    tokens: list[int]
+    finished: bool = False
+    reason: FinishReason | None = None
+    error: str | None = None
+
+
+Sink = Callable[[StepOutput], None]
+
+
+@dataclass
+class _Sequence:
+    id: int
+    request: GenerationRequest
+    sink: Sink
+    is_cancelled: Callable[[], bool] | None
+    sampler: Sampler
+    slot: int = -1
+    length: int = 0  # tokens in the KV cache
+    last_token: int = -1
+    generated: int = 0
+    cancel: bool = False
+
+
+class Engine:
+    """In-flight batching engine; thread-safe ``submit`` / ``cancel``, one decode thread."""
+
+    def __init__(
+        self, runner: LlamaRunner, limits: EngineLimits, default_end_id: int | None
+    ) -> None:
+        limits.validate()
+        if limits.max_active > runner.max_active or limits.max_context > runner.max_context:
+            raise ConfigError("engine limits exceed the runner's cache")
+        self.runner = runner
+        self.limits = limits
+        self.default_end_id = default_end_id
+        self._ids = itertools.count()
+        self._waiting: deque[_Sequence] = deque()
+        self._active: list[_Sequence] = []
+        self._by_id: dict[int, _Sequence] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API -------------------------------------------------------------------
+    def submit(
+        self,
+        request: GenerationRequest,
+        sink: Sink,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> int:
+        """Queue ``request``; events go to ``sink`` from the engine thread. Returns its id."""
+        request.validate(self.limits, self.runner.shape.vocab)
+        seq = _Sequence(next(self._ids), request, sink, is_cancelled, Sampler(request.sampling))
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("engine is closed")
+            self._waiting.append(seq)
+            self._by_id[seq.id] = seq
+            self._cond.notify()
+        return seq.id
+
+    def cancel(self, seq_id: int) -> None:
+        """Ask the engine to drop a sequence; its slot is freed at the next step."""
+        with self._cond:
+            seq = self._by_id.get(seq_id)
+            if seq is not None:
+                seq.cancel = True
+                self._cond.notify()
+
+    def stream(self, request: GenerationRequest) -> Iterator[StepOutput]:
+        """Blocking iterator over a request's events; closing it early cancels the request."""
+        events: queue.Queue[StepOutput] = queue.Queue()
+        seq_id = self.submit(request, events.put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event.finished:
+                    return
+        finally:
+            self.cancel(seq_id)
+
+    def generate(self, request: GenerationRequest) -> list[int]:
+        """All new tokens of one request (raises if the engine reports an error)."""
+        tokens: list[int] = []
+        for event in self.stream(request):
+            if event.error:
+                raise RuntimeError(event.error)
+            tokens.extend(event.tokens)
+        return tokens
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- engine thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._stop:
+                    pending = list(self._waiting) + self._active
+                    self._waiting.clear()
+                    break
+            try:
+                self._step()
+            except Exception as exc:  # keep serving: fail the sequences in flight only
+                log.exception("engine step failed")
+                for seq in list(self._active):
+                    self._finish(seq, StepOutput([], True, FinishReason.ERROR, str(exc)))
+        for seq in pending:
+            self._emit(seq, StepOutput([], True, FinishReason.CANCELLED, "engine shut down"))
+
+    def _cancelled(self, seq: _Sequence) -> bool:
+        if seq.cancel:
+            return True
+        if seq.is_cancelled is None:
+            return False
+        try:
+            return bool(seq.is_cancelled())
+        except Exception:  # the probe itself failing means the client is gone
+            log.exception("cancellation probe failed; dropping the sequence")
+            return True
+
+    def _step(self) -> None:
+        for seq in [s for s in self._active if self._cancelled(s)]:
+            self._finish(seq, StepOutput([], True, FinishReason.CANCELLED))
+        self._admit()
+        if not self._active:
+            return
+        logits = self.runner.decode(
+            [s.last_token for s in self._active], [s.length for s in self._active]
+        )
+        tokens = pick_tokens(logits, [s.sampler for s in self._active])
+        stepped = list(self._active)
+        for seq in stepped:  # every cache grew by one before any slot moves
+            seq.length += 1
+        for seq, token in zip(stepped, tokens, strict=True):
+            self._accept(seq, token)
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots while the KV-token budget allows."""
+        while True:
+            with self._cond:
+                if not self._waiting or len(self._active) >= self.limits.max_active:
+                    return
+                seq = self._waiting[0]
+                if self._cancelled(seq):
+                    self._waiting.popleft()
+                    self._drop_id(seq)
+                    self._emit(seq, StepOutput([], True, FinishReason.CANCELLED))
+                    continue
+                reserved = sum(s.request.reserved_tokens for s in self._active)
+                if self._active and reserved + seq.request.reserved_tokens > self.limits.max_tokens:
+                    return
+                self._waiting.popleft()
+            seq.slot = len(self._active)
+            self._active.append(seq)
+            try:
+                logits = self.runner.prefill(seq.slot, seq.request.input_ids)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._finish(seq, StepOutput([], True, FinishReason.ERROR, str(exc)))
+                continue
+            seq.length = len(seq.request.input_ids)
+            self._accept(seq, pick_tokens(logits.unsqueeze(0), [seq.sampler])[0])
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
+        """Record a sampled token: emit it, or finish at end_id / the length limit."""
+        end_id = seq.request.end_id if seq.request.end_id is not None else self.default_end_id
+        if token == end_id:
+            self._finish(seq, StepOutput([], True, FinishReason.END_ID))
+            return
+        seq.generated += 1
+        seq.last_token = token
+        if seq.generated >= seq.request.max_new_tokens:
+            self._finish(seq, StepOutput([token], True, FinishReason.LENGTH))
+        elif not self._emit(seq, StepOutput([token])):
+            self._finish(seq, StepOutput([], True, FinishReason.CANCELLED))
+
+    def _emit(self, seq: _Sequence, event: StepOutput) -> bool:
+        try:
+            seq.sink(event)
+            return True
+        except Exception:  # the sink failing (client gone) must not stop the engine
+            log.exception("sending generated tokens failed; dropping the sequence")
+            return False
+
+    def _drop_id(self, seq: _Sequence) -> None:
+        with self._cond:
+            self._by_id.pop(seq.id, None)
+
+    def _finish(self, seq: _Sequence, event: StepOutput) -> None:
+        """Retire ``seq``: free its slot (moving the last sequence into it) and notify."""
+        index = self._active.index(seq)
+        last = self._active.pop()
+        if last is not seq:
+            self.runner.move_slot(last.slot, index, last.length)
+            last.slot = index
+            self._active[index] = last
+        self._drop_id(seq)
+        self._emit(seq, event)
