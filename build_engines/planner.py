@@ -134,6 +134,18 @@ class Plan:
             used.add(self.aux_gpu)
         return sorted(used)
 
+    def gpu_usage(self) -> dict[int, list[tuple[str, float]]]:
+        """Per GPU: what runs there and the GiB planned for it (who shares which GPU)."""
+        usage: dict[int, list[tuple[str, float]]] = {g.index: [] for g in self.topology.gpus}
+        for tplan in self.targets:
+            for n, replica in enumerate(tplan.replicas, 1):
+                need = tplan.target.need_gib_per_gpu(len(replica.gpus), self.options.overhead_gib)
+                for gpu in replica.gpus:
+                    usage[gpu].append((f"{tplan.target.name} replica {n}", need))
+        if self.aux_gpu is not None:
+            usage[self.aux_gpu].append(("embedding + intent_head", self.options.aux_gib))
+        return usage
+
 
 def plan(topology: Topology, targets: list[Target], options: PlanOptions | None = None) -> Plan:
     """Choose TP, replicas and GPUs for every target on ``topology``."""

@@ -215,6 +215,16 @@ def plan_report(plan: Plan) -> str:
                     f"so a lower bound)"
                 )
     lines.append("")
+    lines.append("GPU memory (planned / usable):")
+    for index, items in plan.gpu_usage().items():
+        gpu = plan.topology.gpu(index)
+        planned = sum(gib for _, gib in items)
+        what = " + ".join(name for name, _ in items) or "idle"
+        lines.append(
+            f"  GPU{index} {gpu.name}: {planned:5.1f} / "
+            f"{gpu.memory_gib * plan.options.headroom:5.1f} GiB  {what}"
+        )
+    lines.append("")
     lines += [f"Note: {n}" for n in plan.notes[1:]]
     placed = [t for t in plan.targets if t.replicas]
     if placed:
