@@ -38,6 +38,8 @@ from build_engines.spec import (
 from build_engines.topology import Topology, load_topology
 from serving.errors import ConfigError
 
+log = logging.getLogger("build_engines")
+
 
 def _topology_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m build_engines",
         description="TensorRT-LLM engine builds, the H100 profile and a GPU topology planner.",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show tracebacks of unexpected errors"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -173,6 +178,8 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> None:
     topology = _topology(args)
     for name in ("concurrency", "context", "headroom", "overhead_gib"):
         _positive(name.replace("_", "-"), getattr(args, name))
+    if args.gpu_hour_price is not None:
+        _positive("gpu-hour-price", args.gpu_hour_price)
     if args.headroom > 1:
         raise ConfigError(f"--headroom is a fraction in (0, 1], got {args.headroom}")
     if args.model:
@@ -264,11 +271,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(soft_wrap=True)
     command = {"plan": cmd_plan, "build": cmd_build, "configure": cmd_configure}[args.command]
+    errors = Console(stderr=True, soft_wrap=True)
     try:
         command(args, console)
     except ConfigError as exc:
-        Console(stderr=True, soft_wrap=True).print(f"error: {exc}", markup=False, highlight=False)
+        errors.print(f"error: {exc}", markup=False, highlight=False)
         return 2
+    except Exception as exc:  # a TensorRT-LLM or I/O failure deep in a build
+        if args.verbose:
+            log.exception("%s failed", args.command)
+        errors.print(
+            f"error: {args.command} failed: {type(exc).__name__}: {exc} (rerun with "
+            f"--verbose for the traceback)",
+            markup=False,
+            highlight=False,
+        )
+        return 1
     return 0
 
 

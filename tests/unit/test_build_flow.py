@@ -303,3 +303,21 @@ def test_rebuild_clears_stale_engine_files(tmp_path: Path, fake_trtllm: FakeTrtl
     assert code == 0
     assert Manifest.read(engine_dir).files == ["config.json", "rank0.engine"]
     assert not (engine_dir / "rank3.engine").exists()
+
+
+def test_a_failing_engine_build_is_one_line_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeTrtllm()
+    fake.install(monkeypatch)
+
+    def out_of_memory(self: object, engine_dir: str) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(sys.modules["tensorrt_llm._tensorrt_engine"].LLM, "save", out_of_memory)
+    code, engine_dir, _ = _build(tmp_path, "llm_small")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "build failed: RuntimeError: CUDA out of memory" in err and "Traceback" not in err
+    assert fake.shutdowns == 1  # the LLM is shut down even when save() fails
+    assert not (engine_dir / "manifest.json").exists()
