@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="runtime memory per GPU besides weights and KV cache",
     )
+    p.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        help="at most this many replicas per model (spare GPUs stay idle for other work)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     b = sub.add_parser(
@@ -178,8 +184,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> None:
     topology = _topology(args)
     for name in ("concurrency", "context", "headroom", "overhead_gib"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    if args.gpu_hour_price is not None:
-        _positive("gpu-hour-price", args.gpu_hour_price)
+    for name in ("gpu_hour_price", "max_replicas"):
+        if getattr(args, name) is not None:
+            _positive(name.replace("_", "-"), getattr(args, name))
     if args.headroom > 1:
         raise ConfigError(f"--headroom is a fraction in (0, 1], got {args.headroom}")
     if args.model:
@@ -201,7 +208,10 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> None:
         specs = [load_spec(p) for p in args.spec] if args.spec else tier_specs()
         targets = [Target.from_spec(s) for s in specs]
     options = PlanOptions(
-        headroom=args.headroom, overhead_gib=args.overhead_gib, gpu_hour_price=args.gpu_hour_price
+        headroom=args.headroom,
+        overhead_gib=args.overhead_gib,
+        gpu_hour_price=args.gpu_hour_price,
+        max_replicas=args.max_replicas,
     )
     result = plan(topology, targets, options)
     if args.json:

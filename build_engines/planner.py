@@ -190,15 +190,10 @@ def _describe_groups(topology: Topology, groups: list[list[int]]) -> str:
         if len(group) == 1:
             parts.append(f"GPU{group[0]} (no NVLink)")
         else:
-            lanes = min(topology.nvlinks(a, b) for a in group for b in group if a != b) or max(
-                topology.nvlinks(a, b) for a in group for b in group if a != b
-            )
+            links = [topology.nvlinks(a, b) for a in group for b in group if a != b]
+            lanes = min(n for n in links if n)  # the weakest NVLink inside the group
             parts.append("GPU" + "+GPU".join(map(str, group)) + f" (NV{lanes})")
     return "NVLink groups: " + ", ".join(parts)
-
-
-def _usable(topology: Topology, gpus: list[int], options: PlanOptions) -> float:
-    return min(topology.gpu(g).memory_gib for g in gpus) * options.headroom
 
 
 def _find_gpus(

@@ -200,3 +200,16 @@ def test_cli_errors_are_one_line(
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_max_replicas_leaves_gpus_idle(capsys: pytest.CaptureFixture[str]) -> None:
+    small = Target("llama8b", architecture("llama-3.1-8b"), 2.0, 2.0, 16, 4096, "bf16")
+    result = plan(load_topology(SXM), [small], PlanOptions(max_replicas=3))
+    assert result.for_target("llama8b").gpu_device_ids == "0;1;2"
+    assert result.aux_gpu == 3
+    assert result.idle == [4, 5, 6, 7]
+    assert (
+        main(["plan", "--topology", str(SXM), "--model", "llama-3.1-8b", "--max-replicas", "2"])
+        == 0
+    )
+    assert "llama-3.1-8b: 2x TP1 on GPU0, GPU1" in capsys.readouterr().out
