@@ -49,8 +49,11 @@ class Attr:
         return self.path.rsplit(".", 2)[-2] + "." + self.path.rsplit(".", 1)[-1]
 
     def resolve(self) -> Any:
-        owner, name = self.path.rsplit(".", 1)
-        return getattr(_resolve(owner), name)
+        return _resolve(self.path)
+
+    def imports(self) -> dict[str, set[str]]:
+        module, name = self.path.rsplit(".", 2)[:2]
+        return {module: {name}}
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,16 @@ class Call:
 
     def run(self) -> Any:
         return _resolve(self.target)(**{k: _make(v) for k, v in self.kwargs.items()})
+
+    def imports(self) -> dict[str, set[str]]:
+        """``module -> names`` a script needs to make this call (for --dry-run)."""
+        module, name = self.target.rsplit(".", 1)
+        found = {module: {name}}
+        for value in self.kwargs.values():
+            if isinstance(value, (Call, Attr)):
+                for mod, names in value.imports().items():
+                    found.setdefault(mod, set()).update(names)
+        return found
 
 
 def _render(value: Any, indent: int) -> str:
@@ -216,13 +229,11 @@ def make_flow(
         spec, Path(engine_dir), Path(repository), gpu_device_ids, gpu_name, topology_source
     )
     call = llm_call(spec)
-    script = (
-        f"from tensorrt_llm import BuildConfig\n"
-        f"from tensorrt_llm._tensorrt_engine import LLM\n"
-        f"from tensorrt_llm.llmapi import CalibConfig, KvCacheConfig, QuantAlgo, "
-        f"QuantConfig\n\nllm = {call.render()}\nllm.save({str(engine_dir)!r})\n"
-        f"llm.shutdown()"
+    imports = "\n".join(
+        f"from {module} import {', '.join(sorted(names))}"
+        for module, names in sorted(call.imports().items())
     )
+    script = f"{imports}\n\nllm = {call.render()}\nllm.save({str(engine_dir)!r})\nllm.shutdown()"
     steps = [
         Step(
             "Check TensorRT-LLM / TensorRT versions",

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from build_engines.__main__ import main
-from build_engines.build import TRTLLM_VERSION, llm_call
+from build_engines.build import TRTLLM_VERSION, llm_call, make_flow
 from build_engines.manifest import Manifest, check_engines_for_serving
 from build_engines.spec import SPEC_DIR, load_spec
 from serving.repository import parse_config
@@ -321,3 +321,24 @@ def test_a_failing_engine_build_is_one_line_and_exit_1(
     assert "build failed: RuntimeError: CUDA out of memory" in err and "Traceback" not in err
     assert fake.shutdowns == 1  # the LLM is shut down even when save() fails
     assert not (engine_dir / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("tier", ["llm_small", "llm_medium", "llm_large"])
+def test_dry_run_script_runs_and_makes_the_same_calls_as_the_build(
+    tier: str, tmp_path: Path, fake_trtllm: FakeTrtllm
+) -> None:
+    """The printed script is not prose: executed, it calls TensorRT-LLM exactly as the build."""
+    spec = load_spec(SPEC_DIR / f"{tier}.yaml")
+    engine_dir = tmp_path / "from-script"
+    engine_dir.mkdir()
+    flow = make_flow(spec, engine_dir, tmp_path / "repo", "0", "NVIDIA H100", "test")
+    exec(compile(flow.steps[1].shows, "<dry-run script>", "exec"), {})
+    from_script = fake_trtllm.llm_kwargs
+    llm_call(spec).run()
+    from_build = fake_trtllm.llm_kwargs
+    assert from_script.keys() == from_build.keys()
+    for key, value in from_build.items():
+        expected = value.kwargs if hasattr(value, "kwargs") else value
+        got = from_script[key].kwargs if hasattr(from_script[key], "kwargs") else from_script[key]
+        assert got == expected, key
+    assert fake_trtllm.saved == [str(engine_dir)]
