@@ -248,7 +248,13 @@ def _place_first(
             continue
         gpus = _find_gpus(topology, groups, free, world, target, options)
         if gpus is None:
-            tried.append(f"TP{tp} ({need:.1f} GiB per GPU) finds no {world} free GPUs that fit")
+            big = [g.index for g in topology.gpus if g.memory_gib * options.headroom >= need]
+            why = (
+                f"only GPUs {big} can hold it"
+                if len(big) < world
+                else f"GPUs {sorted(set(big) - set(free))} are taken by larger models"
+            )
+            tried.append(f"TP{tp} needs {world} GPUs with {need:.1f} GiB each: {why}")
             continue
         tplan.tp = tp
         _take(topology, free, tplan, gpus)

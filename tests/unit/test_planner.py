@@ -137,6 +137,15 @@ def test_too_big_is_not_placed_with_advice() -> None:
     assert tplan.replicas == []
     assert tplan.reasons[0].startswith("NOT PLACED")
     assert "quantize, or add GPUs" in tplan.reasons[0]
+    assert "only GPUs [0, 1] can hold it" in tplan.reasons[0]
+
+
+def test_a_tier_squeezed_out_by_larger_ones_says_so() -> None:
+    result = plan(load_topology(MIXED), [Target.from_spec(s) for s in tier_specs()])
+    assert result.for_target("llm_medium").gpu_device_ids == "0,1"
+    small = result.for_target("llm_small")
+    assert small.replicas == []
+    assert "GPUs [0, 1] are taken by larger models" in small.reasons[0]
 
 
 def test_roofline_and_cost_estimates() -> None:
