@@ -29,6 +29,7 @@ from client.transport import (
     Protocol,
     Tensors,
     Transport,
+    before,
     make_transport,
     with_deadline,
 )
@@ -184,9 +185,10 @@ async def _deadline_stream(
     deadline = None if timeout is None else loop.time() + timeout
     async with contextlib.aclosing(stream):
         while True:
-            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
             try:
-                item = await with_deadline(anext(stream), remaining)
+                item = await (
+                    anext(stream) if deadline is None else before(anext(stream), deadline)
+                )
             except StopAsyncIteration:
                 return
             yield item

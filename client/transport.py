@@ -113,7 +113,7 @@ class Transport(abc.ABC):
 
     def __init__(self, url: str) -> None:
         self.url = _strip_scheme(url)
-        self._max_batch: dict[str, int] = {}
+        self._max_batch: dict[str, asyncio.Future[int]] = {}
 
     @abc.abstractmethod
     async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
@@ -142,11 +142,19 @@ class Transport(abc.ABC):
         """Add the batch dimension if the model batches (its config says max_batch_size > 0).
 
         The contracts give dims without the batch dimension; whether one is needed is a
-        property of the deployed config, so it is looked up once per model and cached.
+        property of the deployed config, so it is looked up once per model and cached
+        (one lookup even when many requests start at once; a failed lookup is retried).
         """
-        if model not in self._max_batch:
-            self._max_batch[model] = await self._max_batch_size(model)
-        if self._max_batch[model] > 0:
+        lookup = self._max_batch.get(model)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._max_batch_size(model))
+            self._max_batch[model] = lookup
+        try:
+            max_batch = await asyncio.shield(lookup)
+        except Exception:
+            self._max_batch.pop(model, None)
+            raise
+        if max_batch > 0:
             return {name: array[np.newaxis, ...] for name, array in inputs.items()}
         return inputs
 
@@ -191,11 +199,7 @@ class GrpcTransport(Transport):
                 if error is not None:
                     raise error_from_status(None, error.message())
                 response = result.get_response()
-                tensors = {
-                    out.name: result.as_numpy(out.name)
-                    for out in response.outputs
-                    if result.as_numpy(out.name) is not None
-                }
+                tensors = {out.name: result.as_numpy(out.name) for out in response.outputs}
                 final = _FINAL in response.parameters and response.parameters[_FINAL].bool_param
                 if tensors:
                     yield tensors
@@ -331,7 +335,24 @@ async def with_deadline(awaitable: Any, timeout: float | None) -> Any:
     """Await with an optional client-side timeout, raising :class:`client.errors.Timeout`."""
     if timeout is None:
         return await awaitable
+    deadline = asyncio.get_running_loop().time() + timeout
+    return await before(awaitable, deadline)
+
+
+_timeout_at = getattr(asyncio, "timeout_at", None)  # Python 3.11+
+
+
+async def before(awaitable: Any, deadline: float) -> Any:
+    """Await until the loop-time ``deadline``, raising :class:`client.errors.Timeout`.
+
+    Streams call this once per response, so it uses ``asyncio.timeout_at`` (a timer
+    handle) where available instead of ``wait_for`` (a new task per response).
+    """
     try:
-        return await asyncio.wait_for(awaitable, timeout)
+        if _timeout_at is not None:
+            async with _timeout_at(deadline):
+                return await awaitable
+        remaining = max(deadline - asyncio.get_running_loop().time(), 0.0)
+        return await asyncio.wait_for(awaitable, remaining)
     except TimeoutError as exc:
         raise translate(exc) from exc
