@@ -165,6 +165,14 @@ class TritonLauncher:
             cmd.append(f"--model-config-name={o.profile}")
         return cmd + list(o.extra_args)
 
+    def _env(self, install: TritonInstall) -> dict[str, str]:
+        env = server_env(install)
+        if self.options.profile != DEFAULT_PROFILE:
+            # Tiers with several instances (gpu_device_ids "6;7") need the tensorrtllm
+            # backend's orchestrator mode, as the trtllm image and the Kubernetes manifest set.
+            env.setdefault("TRTLLM_ORCHESTRATOR", "1")
+        return env
+
     def start(self, on_progress: Callable[[str], None] | None = None) -> None:
         """Start the server, load the models in dependency order, start supervision.
 
@@ -197,7 +205,7 @@ class TritonLauncher:
             self._command(install),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            env=server_env(install),
+            env=self._env(install),
             start_new_session=True,
         )
         try:
