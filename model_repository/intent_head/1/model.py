@@ -1,0 +1,59 @@
+"""Triton adapter for ``intent_head``: MiniLM embedding -> intent, confidence, probabilities.
+
+The head (weights, softmax, labels) is :class:`serving.intent.IntentHead`; this file only
+moves tensors. The ``intent_classifier`` ensemble feeds it from ``embedding``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.intent import IntentHead, check_embeddings
+from serving.triton import (
+    ModelSetup,
+    execute_batch,
+    get_input,
+    model_exception,
+    run_rows,
+    string_array,
+    tensor,
+)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        try:
+            setup = ModelSetup(args)
+            weights = setup.params.get("weights", str, default="")
+            self.head = IntentHead.load(Path(weights) if weights else None)
+        except Exception as exc:
+            raise model_exception(exc) from exc
+        self.name = setup.name
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return execute_batch(
+            requests,
+            self._parse,
+            lambda items: run_rows(self._classify, items),
+            self._outputs,
+            self.name,
+        )
+
+    @staticmethod
+    def _parse(request: Any) -> np.ndarray:
+        return check_embeddings(get_input(request, "embedding", np.float32))
+
+    def _classify(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
+        prediction = self.head.predict(np.stack(rows))
+        return {
+            "intent": string_array(prediction.intents, (-1, 1)),
+            "confidence": prediction.confidence.reshape(-1, 1),
+            "probabilities": prediction.probabilities,
+        }
+
+    @staticmethod
+    def _outputs(result: dict[str, np.ndarray]) -> list[Any]:
+        return [tensor(name, array) for name, array in result.items()]

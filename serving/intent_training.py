@@ -1,0 +1,152 @@
+"""Training data and training for the intent head (used by ``scripts/train_intent_head.py``).
+
+Everything here is deterministic so the committed weights can be reproduced bit for bit:
+the held-out split uses a seeded numpy generator, own examples are paired with contexts
+in a fixed round-robin order, and training is full-batch gradient descent in float64
+from zeros, with no random state at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.intent import CATEGORY_TO_INTENT, LABELS, IntentHead, prompt_text, softmax
+
+#: In ``intent_extra.jsonl``: "pair this instruction with a context from the training data".
+TRAINING_CONTEXT = "@training-context"
+#: How many training contexts each such own instruction is paired with.
+CONTEXTS_PER_OWN_INSTRUCTION = 2
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int  # index into LABELS
+    source: str  # "dolly" or "own"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: list[Example]
+    held_out: list[Example]  # Dolly prompts only, never seen in training
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def held_out_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A stratified split: ``fraction`` of each class, chosen by a seeded generator."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    for label in range(len(LABELS)):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        mask[idx[: round(len(idx) * fraction)]] = True
+    return mask
+
+
+def build_dataset(
+    dolly: Sequence[dict], own: Sequence[dict], fraction: float = 0.25, seed: int = 0
+) -> Dataset:
+    """Map Dolly categories to intents, split, and add own examples to the training side.
+
+    Own instructions marked ``@training-context`` are paired with contexts of Dolly
+    records that are not held out (including the categories left out of the three
+    intents), so no held-out text leaks into training.
+    """
+    kept = [r for r in dolly if r["category"] in CATEGORY_TO_INTENT]
+    labels = np.array([LABELS.index(CATEGORY_TO_INTENT[r["category"]]) for r in kept])
+    held = held_out_mask(labels, fraction, seed)
+    examples = [
+        Example(prompt_text(r["instruction"], r.get("context", "")), int(y), "dolly")
+        for r, y in zip(kept, labels, strict=True)
+    ]
+    pool = [r["context"] for r, h in zip(kept, held, strict=True) if not h and r["context"].strip()]
+    pool += [
+        r["context"]
+        for r in dolly
+        if r["category"] not in CATEGORY_TO_INTENT and r["context"].strip()
+    ]
+    own_examples, k = [], 0
+    for r in own:
+        label = LABELS.index(CATEGORY_TO_INTENT[r["category"]])
+        if r["context"] == TRAINING_CONTEXT:
+            for _ in range(CONTEXTS_PER_OWN_INSTRUCTION):
+                own_examples.append(
+                    Example(prompt_text(r["instruction"], pool[k % len(pool)]), label, "own")
+                )
+                k += 1
+        else:
+            own_examples.append(Example(prompt_text(r["instruction"], r["context"]), label, "own"))
+    train = [e for e, h in zip(examples, held, strict=True) if not h] + own_examples
+    return Dataset(train, [e for e, h in zip(examples, held, strict=True) if h])
+
+
+def class_weights(labels: np.ndarray, n_classes: int = len(LABELS)) -> np.ndarray:
+    """Inverse-frequency weights (mean 1 per example) so rare intents count as much."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    if (counts == 0).any():
+        raise ValueError(f"every class needs training examples, got counts {counts.tolist()}")
+    return len(labels) / (n_classes * counts)
+
+
+def train_logistic(
+    x: np.ndarray,
+    labels: np.ndarray,
+    l2: float = 1e-4,
+    steps: int = 1000,
+    learning_rate: float = 4.0,
+) -> IntentHead:
+    """Class-weighted softmax regression by full-batch gradient descent, deterministic."""
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(labels)
+    n_classes = len(LABELS)
+    sample_w = class_weights(labels, n_classes)[labels]
+    sample_w /= sample_w.sum()
+    onehot = np.eye(n_classes)[labels]
+    w = np.zeros((x.shape[1], n_classes))
+    b = np.zeros(n_classes)
+    for _ in range(steps):
+        grad = (softmax(x @ w + b) - onehot) * sample_w[:, None]
+        w -= learning_rate * (x.T @ grad + l2 * w)
+        b -= learning_rate * grad.sum(axis=0)
+    return IntentHead(w.astype(np.float32), b.astype(np.float32))
+
+
+def confusion_matrix(truth: Sequence[int], predicted: Sequence[int]) -> np.ndarray:
+    """Rows are the true intent, columns the predicted one, in LABELS order."""
+    matrix = np.zeros((len(LABELS), len(LABELS)), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(truth), np.asarray(predicted)), 1)
+    return matrix
+
+
+def same_weights(a: IntentHead, b: IntentHead) -> bool:
+    """Bit-for-bit equality (np.savez stamps the time into the zip, so files differ)."""
+    return all(
+        x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+        for x, y in ((a.weights, b.weights), (a.bias, b.bias))
+    )
+
+
+def report_markdown(truth: Sequence[int], predicted: Sequence[int]) -> str:
+    """Held-out accuracy, per-class recall and the confusion matrix as markdown."""
+    matrix = confusion_matrix(truth, predicted)
+    accuracy = float(np.trace(matrix) / matrix.sum())
+    lines = [
+        f"Held-out accuracy: **{accuracy:.3f}** ({int(np.trace(matrix))}/{int(matrix.sum())})",
+        "",
+        "| true \\ predicted | " + " | ".join(LABELS) + " | recall |",
+        "|---|" + "---|" * (len(LABELS) + 1),
+    ]
+    for i, label in enumerate(LABELS):
+        recall = matrix[i, i] / max(matrix[i].sum(), 1)
+        cells = " | ".join(str(v) for v in matrix[i])
+        lines.append(f"| {label} | {cells} | {recall:.3f} |")
+    return "\n".join(lines)
