@@ -45,7 +45,7 @@ from serving.triton import (
     bls_stream,
     error_response,
     final_flag,
-    get_input,
+    get_optional_scalar,
     get_scalar,
     response_of,
     string_array,
@@ -55,10 +55,30 @@ log = logging.getLogger("serving.router")
 
 #: Tensor names of the contracts in DESIGN.md (checked against the configs by unit tests).
 CLASSIFIER_INPUT, CLASSIFIER_OUTPUTS = "text", ("intent", "confidence")
-PRE_INPUTS = ("text_input",)
-PRE_OUTPUTS = ("input_ids", "input_lengths")
+#: preprocessing output -> tier input, exactly as the llm_<tier>_text ensembles map them,
+#: so routed and direct requests get the same defaults and checks (preprocessing owns them).
+PRE_TO_TIER = {
+    "input_ids": "input_ids",
+    "input_lengths": "input_lengths",
+    "request_output_len": "request_output_len",
+    "end_id": "end_id",
+    "pad_id": "pad_id",
+    "sampling_temperature": "temperature",
+}
 TIER_OUTPUTS = ("output_ids", "sequence_length")
 OUTPUTS = ("text_output", "intent", "model", "confidence", "num_input_tokens", "num_output_tokens")
+
+#: Triton 2.51 drops the code of a BLS response's error (everything arrives as INTERNAL),
+#: so a rejected input is told from a failing model by the message: the project's models
+#: report unexpected errors through ``error_of`` ("internal error (...)"), and Triton
+#: words a model it cannot run with the other phrases.
+_MODEL_FAULTS = (
+    "internal error (",
+    "is not ready",
+    "is not healthy",
+    "not found",
+    "unknown model",
+)
 
 #: Classifier latency buckets, microseconds (Triton's own latency metrics are in us).
 CLASSIFIER_BUCKETS_US = (1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2.5e5, 1e6)
@@ -101,7 +121,7 @@ class RouterRequest:
     """One client request to ``router``, decoded from its tensors."""
 
     text: str
-    max_tokens: int
+    max_tokens: int | None = None
     temperature: float | None = None
     stream: bool = False
     intent: str | None = None
@@ -111,7 +131,7 @@ class RouterRequest:
         """Reject what no tier could serve, with a message that says what to fix."""
         if not self.text.strip():
             raise ValidationError("'text_input' is empty or whitespace only; send a prompt")
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValidationError(f"'max_tokens' must be at least 1, got {self.max_tokens}")
         if self.temperature is not None and not (
             math.isfinite(self.temperature) and self.temperature >= 0
@@ -123,29 +143,23 @@ class RouterRequest:
             policy.check_tier(self.model)
 
 
-def _optional(request: Any, name: str, dtype: type) -> Any:
-    if get_input(request, name, dtype, required=False) is None:
-        return None
-    return get_scalar(request, name, dtype)
-
-
 def _override(request: Any, name: str) -> str | None:
     """A string override; empty means unset (the convention of the config parameters)."""
-    value = _optional(request, name, np.object_)
+    value = get_optional_scalar(request, name, np.object_)
     if value is None:
         return None
     text = decode_utf8(value, name).strip()
     return text or None
 
 
-def parse_request(request: Any, default_max_tokens: int) -> RouterRequest:
+def parse_request(request: Any) -> RouterRequest:
     """Decode a Triton request into a :class:`RouterRequest` (dtype and UTF-8 checked)."""
-    max_tokens = _optional(request, "max_tokens", np.int32)
-    temperature = _optional(request, "temperature", np.float32)
-    stream = _optional(request, "stream", np.bool_)
+    max_tokens = get_optional_scalar(request, "max_tokens", np.int32)
+    temperature = get_optional_scalar(request, "temperature", np.float32)
+    stream = get_optional_scalar(request, "stream", np.bool_)
     return RouterRequest(
         text=decode_utf8(get_scalar(request, "text_input", np.object_), "text_input"),
-        max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
+        max_tokens=None if max_tokens is None else int(max_tokens),
         temperature=None if temperature is None else float(temperature),
         stream=bool(stream) if stream is not None else False,
         intent=_override(request, "intent"),
@@ -228,7 +242,6 @@ class Router:
         policy: RoutingPolicy,
         models: RouterModels,
         detokenizer: Callable[[], Detokenizer],
-        default_max_tokens: int,
         workers: int,
         batched: bool,
         metrics: RouterMetrics | None = None,
@@ -237,7 +250,6 @@ class Router:
         self.policy = policy
         self.models = models
         self._detokenizer = detokenizer
-        self.default_max_tokens = default_max_tokens
         self.metrics = metrics
         # Inputs and outputs carry a batch dimension when the models are batched.
         self._shape = (1, 1) if batched else (1,)
@@ -261,7 +273,7 @@ class Router:
             if request.is_cancelled():
                 sender.send(flags=final_flag())
                 return
-            parsed = parse_request(request, self.default_max_tokens)
+            parsed = parse_request(request)
             parsed.validate(self.policy)
             self._route_and_stream(request, sender, parsed)
         except Exception as exc:  # isolated per request, reported to its client
@@ -289,32 +301,24 @@ class Router:
         intent, confidence = self.classify(parsed.text)
         return self.policy.decide(intent, confidence, forced_tier=parsed.model)
 
-    def preprocess(self, text: str) -> np.ndarray:
-        """Token ids of the prompt (chat template applied by ``preprocessing``)."""
-        try:
-            out = bls_infer(
-                self.models.preprocessing,
-                {PRE_INPUTS[0]: string_array([text], self._shape)},
-                PRE_OUTPUTS,
-            )
-        except DownstreamError as exc:
-            if exc.invalid_arg:
-                raise ValidationError(str(exc)) from exc
-            raise
-        n = int(out["input_lengths"].reshape(-1)[0])
-        return out["input_ids"].reshape(-1)[:n].astype(np.int32)
+    def preprocess(self, parsed: RouterRequest) -> dict[str, np.ndarray]:
+        """The tier's inputs: token ids (chat template applied) and resolved options.
 
-    def _tier_inputs(self, ids: np.ndarray, parsed: RouterRequest) -> dict[str, np.ndarray]:
-        batch = self._shape[:-1]  # () unbatched, (1,) batched
-        inputs = {
-            "input_ids": ids.reshape(*batch, -1),
-            "input_lengths": np.full(self._shape, ids.size, dtype=np.int32),
-            "request_output_len": np.full(self._shape, parsed.max_tokens, dtype=np.int32),
-            "streaming": np.full(self._shape, True, dtype=np.bool_),
-        }
+        ``preprocessing`` applies the default ``max_tokens`` and checks it against the
+        context, the same for routed and direct requests.
+        """
+        inputs = {"text_input": string_array([parsed.text], self._shape)}
+        if parsed.max_tokens is not None:
+            inputs["max_tokens"] = np.full(self._shape, parsed.max_tokens, dtype=np.int32)
         if parsed.temperature is not None:
             inputs["temperature"] = np.full(self._shape, parsed.temperature, dtype=np.float32)
-        return inputs
+        try:
+            out = bls_infer(self.models.preprocessing, inputs, tuple(PRE_TO_TIER))
+        except DownstreamError as exc:
+            raise _blame(exc) from exc
+        tier_inputs = {PRE_TO_TIER[name]: array for name, array in out.items()}
+        tier_inputs["streaming"] = np.full(self._shape, True, dtype=np.bool_)
+        return tier_inputs
 
     def _open(
         self, decision: Decision, inputs: dict[str, np.ndarray], request_id: str
@@ -338,12 +342,12 @@ class Router:
             except StopIteration:
                 first = []
             except DownstreamError as exc:
-                if exc.invalid_arg:
+                if isinstance(_blame(exc), ValidationError):
                     raise ValidationError(str(exc)) from exc
-                errors.append(f"{tier}: {exc}")
+                errors.append(str(exc))
                 self._count_fallback(decision, i)
                 continue
-            except Exception as exc:  # e.g. the model is not loaded: exec itself raises
+            except Exception as exc:  # exec itself raised: the tier could not run
                 errors.append(f"{tier}: {exc}")
                 self._count_fallback(decision, i)
                 continue
@@ -377,11 +381,11 @@ class Router:
 
     def _route_and_stream(self, request: Any, sender: Any, parsed: RouterRequest) -> None:
         decision = self.decide(parsed)
-        ids = self.preprocess(parsed.text)
-        inputs = self._tier_inputs(ids, parsed)
+        inputs = self.preprocess(parsed)
+        num_input_tokens = int(inputs["input_lengths"].reshape(-1)[0])
         request_id = f"{self.name}-{uuid.uuid4().hex}"
         tier, tier_request_id, first, stream = self._open(decision, inputs, request_id)
-        served = _Served(decision, tier, int(ids.size), self._shape)
+        served = _Served(decision, tier, num_input_tokens, self._shape)
         if self.metrics is not None:
             self.metrics.requests.labels(
                 intent=decision.intent, tier=tier, reason=decision.reason.value
@@ -411,3 +415,11 @@ class Router:
         else:
             pieces.append(tail)
             sender.send(response_of(served.outputs("".join(pieces))), flags=final_flag())
+
+
+def _blame(exc: DownstreamError) -> Exception:
+    """The error to give the client for a downstream failure (see ``_MODEL_FAULTS``)."""
+    message = str(exc)
+    if exc.invalid_arg or not any(phrase in message for phrase in _MODEL_FAULTS):
+        return ValidationError(message)
+    return UnavailableError(message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,10 +96,18 @@ class Downstream:
 
     @staticmethod
     def preprocess(inputs: dict[str, np.ndarray]) -> InferenceResponse:
+        """One token per word; the defaults and outputs of the real ``preprocessing``."""
         n = len(inputs["text_input"].reshape(-1)[0].split())
+        max_tokens = inputs.get("max_tokens", np.array([[64]], dtype=np.int32))
+        temperature = inputs.get("temperature", np.array([[0.0]], dtype=np.float32))
         return response(
             input_ids=np.arange(1, n + 1, dtype=np.int32).reshape(1, n),
             input_lengths=np.array([[n]], dtype=np.int32),
+            request_output_len=max_tokens,
+            end_id=np.array([[2]], dtype=np.int32),
+            pad_id=np.array([[2]], dtype=np.int32),
+            sampling_temperature=temperature,
+            streaming=np.array([[False]]),
         )
 
     @staticmethod
@@ -117,7 +126,6 @@ def make_router(metrics: RouterMetrics | None = None) -> Router:
         policy=POLICY,
         models=RouterModels(classifier="intent_classifier", preprocessing="preprocessing"),
         detokenizer=ByteDetokenizer,
-        default_max_tokens=64,
         workers=2,
         batched=True,
         metrics=metrics,
@@ -167,8 +175,10 @@ def test_streams_text_right_across_split_characters(bls: dict) -> None:
     assert down.tiers_called() == ["llm_small"]
     sent = down.calls["llm_small"][0]
     assert sent["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6]]
-    assert sent["request_output_len"].tolist() == [[64]]
-    assert sent["streaming"].tolist() == [[True]]
+    assert sent["request_output_len"].tolist() == [[64]]  # preprocessing's default
+    assert sent["streaming"].tolist() == [[True]]  # the router always streams the tier
+    assert sent["end_id"].tolist() == [[2]] and sent["temperature"].tolist() == [[0.0]]
+    assert "max_tokens" not in down.calls["preprocessing"][0]
 
 
 def test_non_streaming_returns_one_response_with_the_whole_text(bls: dict) -> None:
@@ -233,9 +243,17 @@ def test_unloaded_tier_falls_back_and_is_counted(bls: dict) -> None:
     assert served.value == 1
 
 
-def test_tier_failing_before_first_token_falls_back(bls: dict) -> None:
+@pytest.mark.parametrize(
+    "message",
+    [
+        "llm_medium: internal error (RuntimeError); see the server log",
+        "Failed for execute the inference request. Model 'llm_medium' is not ready.",
+        "Stub process 'llm_medium_0_0' is not healthy.",
+    ],
+)
+def test_tier_failing_before_first_token_falls_back(bls: dict, message: str) -> None:
     Downstream(bls, intent="completion")
-    bls["llm_medium"] = lambda inputs: [error("engine crashed")]
+    bls["llm_medium"] = lambda inputs: [error(message)]
     request = router_request("Write a poem")
     make_router().serve(request)
     assert value(request.sender.responses()[0], "model") == "llm_small"
@@ -260,7 +278,7 @@ def test_forced_tier_that_is_down_is_unavailable_not_substituted(bls: dict) -> N
     make_router().serve(request)
     err = error_of(request)
     assert err.code() == TritonError.UNAVAILABLE
-    assert "llm_large" in err.message()
+    assert "(tried llm_large): llm_large: Request for unknown model" in err.message()
     assert down.tiers_called() == []
 
 
@@ -275,10 +293,13 @@ def test_every_tier_down_is_unavailable(bls: dict) -> None:
     assert "tried llm_large, llm_medium, llm_small" in err.message()
 
 
-def test_tier_rejecting_the_input_is_invalid_arg_without_fallback(bls: dict) -> None:
+@pytest.mark.parametrize("code", [TritonError.INVALID_ARG, TritonError.INTERNAL])
+def test_tier_rejecting_the_input_is_invalid_arg_without_fallback(bls: dict, code: int) -> None:
+    """Triton 2.51's BLS hands every downstream error over as INTERNAL: the router still
+    tells a rejected input (the tier's own message) from a failing tier."""
     down = Downstream(bls, intent="summarization")
     too_long = "prompt is 9000 tokens, over the 8192-token context"
-    bls["llm_small"] = lambda inputs: [error(too_long, TritonError.INVALID_ARG)]
+    bls["llm_small"] = lambda inputs: [error(too_long, code)]
     request = router_request()
     make_router().serve(request)
     err = error_of(request)
@@ -333,10 +354,20 @@ def test_bad_input_is_invalid_arg_before_any_model_runs(
 
 def test_preprocessing_rejection_is_invalid_arg(bls: dict) -> None:
     Downstream(bls)
-    bls["preprocessing"] = lambda inputs: error("prompt too long", TritonError.INVALID_ARG)
+    too_long = "prompt (3000 tokens) + 'max_tokens' (128) exceeds the context of 2048 tokens"
+    bls["preprocessing"] = lambda inputs: error(too_long)  # code lost, as through 2.51 BLS
+    request = router_request(max_tokens=128)
+    make_router().serve(request)
+    err = error_of(request)
+    assert err.code() == TritonError.INVALID_ARG and too_long in err.message()
+
+
+def test_preprocessing_down_is_unavailable(bls: dict) -> None:
+    Downstream(bls)
+    del bls["preprocessing"]
     request = router_request()
     make_router().serve(request)
-    assert error_of(request).code() == TritonError.INVALID_ARG
+    assert error_of(request).code() == TritonError.UNAVAILABLE
 
 
 class CancelAfter(FakeRequest):
@@ -363,7 +394,8 @@ def test_cancelled_stream_stops_the_tier(bls: dict) -> None:
     first, stop = down.calls["llm_small"]
     assert stop["stop"].tolist() == [[True]]
     assert stop["input_ids"].shape == (1, 1)
-    assert first.keys() - {"stop"} == stop.keys() - {"stop"}
+    assert {"input_ids", "input_lengths", "request_output_len"} <= stop.keys()  # required
+    assert "stop" not in first
 
 
 def test_request_cancelled_while_queued_runs_nothing(bls: dict) -> None:
@@ -435,3 +467,30 @@ def test_model_py_initializes_from_its_config_and_serves(bls: dict) -> None:
         model.finalize()
     assert request.sender.closed
     assert value(request.sender.responses()[0], "model") == "llm_small"
+
+
+@pytest.mark.parametrize("profile", ["cpu", "h100"])
+def test_router_agrees_with_the_models_it_calls(profile: str) -> None:
+    """Names the router sends and reads exist, with its tokenizer, in both profiles."""
+    from serving.repository import config_path, parse_config
+    from serving.router import PRE_TO_TIER, TIER_OUTPUTS
+
+    repo = Path(__file__).resolve().parents[2] / "model_repository"
+
+    def config(model: str) -> Any:
+        return parse_config(config_path(repo / model, profile))
+
+    router = config("router")
+    param = {k: v.string_value for k, v in router.parameters.items()}
+    pre = config(param["preprocessing_model"])
+    assert {o.name for o in pre.output} >= set(PRE_TO_TIER)
+    assert pre.parameters["tokenizer_dir"].string_value == param["tokenizer_dir"]
+    classifier = config(param["intent_classifier_model"])
+    assert {i.name for i in classifier.input} == {"text"}
+    assert {"intent", "confidence"} <= {o.name for o in classifier.output}
+    for tier in param["tiers"].split(","):
+        tier_config = config(tier)
+        names = {i.name for i in tier_config.input}
+        assert names >= {*PRE_TO_TIER.values(), "streaming", "stop"}, tier
+        assert {o.name for o in tier_config.output} >= set(TIER_OUTPUTS)
+        assert tier_config.model_transaction_policy.decoupled

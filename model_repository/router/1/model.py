@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.assets import smollm2_gguf
 from serving.errors import ConfigError
-from serving.llm.tokenizer import TokenBytes, load_tokenizer
+from serving.llm.tokenizer import TokenBytes, tokenizer_for
 from serving.router import Router, RouterMetrics, RouterModels, TokenText
 from serving.routing import RoutingPolicy
 from serving.triton import ModelSetup, model_exception
@@ -25,12 +24,10 @@ class TritonPythonModel:
                 raise ConfigError(f"{setup.name}: the router streams, so it must be decoupled")
             params = setup.params
             workers = params.get("max_concurrent_requests", int, default=32)
-            default_max_tokens = params.get("default_max_tokens", int, default=128)
-            if workers < 1 or default_max_tokens < 1:
-                raise ConfigError(
-                    f"{setup.name}: max_concurrent_requests and default_max_tokens must be >= 1"
-                )
-            token_bytes = TokenBytes(load_tokenizer(smollm2_gguf()))
+            if workers < 1:
+                raise ConfigError(f"{setup.name}: max_concurrent_requests must be >= 1")
+            # The tiers' tokenizer, from the same parameter as preprocessing's.
+            token_bytes = TokenBytes(tokenizer_for(params.get("tokenizer_dir", str, None)))
             self.router = Router(
                 name=setup.name,
                 policy=RoutingPolicy.from_params(params),
@@ -39,7 +36,6 @@ class TritonPythonModel:
                     preprocessing=params.get("preprocessing_model", str),
                 ),
                 detokenizer=lambda: TokenText(token_bytes),
-                default_max_tokens=default_max_tokens,
                 workers=workers,
                 batched=setup.config.get("max_batch_size", 0) > 0,
                 metrics=RouterMetrics(),
