@@ -126,10 +126,12 @@ class LlamaRunner:
         freqs = torch.outer(torch.arange(max_context, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self._cos, self._sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        # torch.empty does not touch the pages: memory is committed only as slots fill.
+        # Zeros, not empty: a decode step attends over every slot up to the longest one
+        # and masks the rest, but a masked NaN in never-written memory still poisons the
+        # weighted sum (0 * NaN). Stale values from earlier sequences are finite and safe.
         cache_shape = (max_active, s.kv_heads, max_context, s.head_dim)
-        self.k_cache = [torch.empty(cache_shape, dtype=dtype) for _ in range(s.layers)]
-        self.v_cache = [torch.empty(cache_shape, dtype=dtype) for _ in range(s.layers)]
+        self.k_cache = [torch.zeros(cache_shape, dtype=dtype) for _ in range(s.layers)]
+        self.v_cache = [torch.zeros(cache_shape, dtype=dtype) for _ in range(s.layers)]
         self._positions = torch.arange(max_context)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -256,7 +256,7 @@ class Preprocessor:
             "request_output_len": np.array([[request.max_tokens]], dtype=np.int32),
             "end_id": np.array([[self.end_id]], dtype=np.int32),
             "pad_id": np.array([[self.pad_id]], dtype=np.int32),
-            "temperature": np.array([[request.temperature]], dtype=np.float32),
+            "sampling_temperature": np.array([[request.temperature]], dtype=np.float32),
             "streaming": np.array([[request.stream]], dtype=np.bool_),
         }
 

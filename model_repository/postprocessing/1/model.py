@@ -28,23 +28,17 @@ class TritonPythonModel:
         except Exception as exc:
             raise model_exception(exc) from exc
 
-    def _parse(self, request: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    def _detokenize(self, request: Any) -> np.ndarray:
         tokens = get_input(request, "tokens_batch", np.int32)
         lengths = get_input(request, "sequence_length", np.int32, required=False)
-        return tokens, lengths
-
-    def _run(self, items: list[tuple[np.ndarray, np.ndarray | None]]) -> list[np.ndarray]:
-        out = []
-        for tokens, lengths in items:
-            texts = detokenize_batch(self.token_bytes, tokens, lengths)
-            out.append(np.array(texts, dtype=np.object_).reshape(len(texts), 1))
-        return out
+        texts = detokenize_batch(self.token_bytes, tokens, lengths)
+        return np.array(texts, dtype=np.object_).reshape(len(texts), 1)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         return execute_batch(
             requests,
-            self._parse,
-            self._run,
+            self._detokenize,  # per request, so a bad one fails alone
+            lambda items: items,
             lambda text: [tensor("text_output", text)],
             self.name,
         )

@@ -55,10 +55,12 @@ class TritonPythonModel:
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        # Tokenizing is per request and can reject it (context), so it happens in the
+        # parse step: a bad request gets its own error and the rest of the batch runs.
         return execute_batch(
             requests,
-            self._parse,
-            lambda items: [self.preprocess(item) for item in items],
+            lambda request: self.preprocess(self._parse(request)),
+            lambda items: items,
             lambda outputs: [tensor(name, array) for name, array in outputs.items()],
             self.name,
         )

@@ -1,0 +1,235 @@
+"""The LLM model.py adapters under the fake pb_utils, with a scripted runner (no weights).
+
+The scripted runner makes the engine "generate" a fixed text, so these tests check what
+the adapters send (chunks, final flags, errors, cancellation, stop) quickly and exactly.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from serving.errors import ValidationError
+from serving.llm.engine import Engine, EngineLimits
+from serving.llm.runner import LlamaShape
+from serving.llm.service import Tier
+from serving.llm.tokenizer import TokenBytes
+from tests.conftest import FakeRequest, load_model_module, model_args, pb_utils
+
+ANSWER = "Paris — très belle! 你好 🙂"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from serving.assets import smollm2_gguf
+    from serving.llm.tokenizer import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf())
+
+
+class ScriptedRunner:
+    """Stands in for LlamaRunner: every sequence generates ``script`` then ``end_id``."""
+
+    def __init__(self, script: list[int], end_id: int, vocab: int) -> None:
+        self.shape = LlamaShape(1, 8, 1, 1, 8, vocab, 10000.0, 1e-5)
+        self.max_active, self.max_context = 4, 512
+        self.script = [*script, end_id]
+        self.prompt_len: dict[int, int] = {}
+
+    def _logits(self, index: int) -> torch.Tensor:
+        logits = torch.zeros(self.shape.vocab)
+        logits[self.script[min(index, len(self.script) - 1)]] = 1.0
+        return logits
+
+    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
+        self.prompt_len[slot] = len(token_ids)
+        return self._logits(0)
+
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        return torch.stack(
+            [self._logits(pos - self.prompt_len[slot] + 1) for slot, pos in enumerate(positions)]
+        )
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.prompt_len[dst] = self.prompt_len[src]
+
+
+@pytest.fixture
+def tier_model(tokenizer):
+    module = load_model_module("llm_small")
+    script = tokenizer.encode(ANSWER, add_special_tokens=False)
+    end_id = tokenizer.eos_token_id
+    limits = EngineLimits(max_active=4, max_context=512, max_new_tokens=64, max_tokens=2048)
+
+    def fake_build(config):
+        runner = ScriptedRunner(script, end_id, len(tokenizer))
+        return Tier(Engine(runner, limits, end_id), TokenBytes(tokenizer), end_id)
+
+    module.build_engine = fake_build
+    model = module.TritonPythonModel()
+    model.initialize(model_args("llm_small"))
+    yield model
+    model.finalize()
+
+
+def _wait_closed(request: FakeRequest, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not request.sender.closed:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no final flag after {timeout}s: {request.sender.sent}")
+        time.sleep(0.01)
+
+
+def _tier_inputs(**overrides: np.ndarray) -> dict[str, np.ndarray]:
+    inputs = {
+        "input_ids": np.array([[1, 2, 3]], dtype=np.int32),
+        "input_lengths": np.array([3], dtype=np.int32),
+        "request_output_len": np.array([[32]], dtype=np.int32),
+    }
+    inputs.update(overrides)
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
+def _texts(request: FakeRequest, tokenizer) -> list[bytes]:
+    token_bytes = TokenBytes(tokenizer)
+    out = []
+    for response in request.sender.responses():
+        assert not response.has_error(), response.error().message()
+        ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy()
+        length = pb_utils.get_output_tensor_by_name(response, "sequence_length").as_numpy()
+        assert ids.shape[:2] == (1, 1) and length.tolist() == [[ids.shape[2]]]
+        out.append(token_bytes.bytes_of(ids.reshape(-1).tolist()))
+    return out
+
+
+def test_streaming_sends_aligned_chunks_then_final(tier_model, tokenizer) -> None:
+    request = FakeRequest(_tier_inputs(streaming=np.array([[True]])))
+    assert tier_model.execute([request]) is None
+    _wait_closed(request)
+    chunks = _texts(request, tokenizer)
+    assert len(chunks) > 3
+    assert "".join(c.decode("utf-8") for c in chunks) == ANSWER
+    flags = [f for _, f in request.sender.sent]
+    assert flags[-1] == pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert all(f == 0 for f in flags[:-1])
+
+
+def test_non_streaming_sends_one_response(tier_model, tokenizer) -> None:
+    request = FakeRequest(_tier_inputs())
+    tier_model.execute([request])
+    _wait_closed(request)
+    assert [c.decode("utf-8") for c in _texts(request, tokenizer)] == [ANSWER]
+
+
+def test_request_output_len_cuts_the_answer(tier_model, tokenizer) -> None:
+    request = FakeRequest(_tier_inputs(request_output_len=np.array([[2]], dtype=np.int32)))
+    tier_model.execute([request])
+    _wait_closed(request)
+    ids = tokenizer.encode(ANSWER, add_special_tokens=False)[:2]
+    assert _texts(request, tokenizer) == [TokenBytes(tokenizer).bytes_of(ids)]
+
+
+BAD = [
+    ({"input_ids": np.zeros((1, 0), dtype=np.int32), "input_lengths": None}, "is empty"),
+    ({"input_ids": np.array([[1, 2, 3]], dtype=np.int64)}, "'input_ids' must be INT32"),
+    ({"input_ids": np.ones((1, 600), dtype=np.int32), "input_lengths": None}, "shorten"),
+    ({"request_output_len": np.array([[0]], dtype=np.int32)}, "between 1 and 64"),
+    ({"request_output_len": np.array([[-1]], dtype=np.int32)}, "between 1 and 64"),
+    ({"request_output_len": np.array([[10_000]], dtype=np.int32)}, "between 1 and 64"),
+    ({"request_output_len": np.array([[4.0]], dtype=np.float32)}, "must be INT32"),
+    ({"temperature": np.array([-0.1], dtype=np.float32)}, "'temperature' must be >= 0"),
+    ({"temperature": np.array([0.5], dtype=np.float64)}, "must be FP32"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD)
+def test_bad_input_is_invalid_arg_and_model_keeps_serving(
+    tier_model, tokenizer, overrides, message
+) -> None:
+    bad = FakeRequest(_tier_inputs(**overrides))
+    good = FakeRequest(_tier_inputs())
+    tier_model.execute([bad, good])
+    (response, flags), *_ = bad.sender.sent
+    assert flags == pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert response.error().code() == pb_utils.TritonError.INVALID_ARG
+    assert message in response.error().message()
+    _wait_closed(good)
+    assert [c.decode() for c in _texts(good, tokenizer)] == [ANSWER]
+
+
+def test_cancelled_request_gets_only_the_final_flag(tier_model) -> None:
+    request = FakeRequest(_tier_inputs(streaming=np.array([[True]])), cancelled=True)
+    tier_model.execute([request])
+    _wait_closed(request)
+    assert request.sender.sent == [(None, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)]
+
+
+def test_stop_request_ends_the_running_one(tier_model) -> None:
+    class Named(FakeRequest):
+        def request_id(self) -> str:
+            return "req-1"
+
+    tier = tier_model.tier
+    events = []
+    tier.submit("req-1", tier_model_request(), events.append, lambda: False)
+    stop = Named(_tier_inputs(stop=np.array([[True]])))
+    tier_model.execute([stop])
+    assert stop.sender.sent == [(None, pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)]
+    deadline = time.monotonic() + 30
+    while not (events and events[-1].finished) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events[-1].finished
+    with pytest.raises(ValidationError, match="request id"):
+        tier.stop("")
+
+
+def tier_model_request():
+    from serving.llm.engine import GenerationRequest
+
+    # end_id -1 never matches: without the stop, this would run all 64 tokens.
+    return GenerationRequest([1, 2, 3], 64, end_id=-1)
+
+
+def test_preprocessing_and_postprocessing_models(tokenizer) -> None:
+    pre = load_model_module("preprocessing").TritonPythonModel()
+    pre.initialize(model_args("preprocessing"))
+    post = load_model_module("postprocessing").TritonPythonModel()
+    post.initialize(model_args("postprocessing"))
+    good = FakeRequest({"text_input": np.array([["Bonjour 🙂".encode()]], dtype=np.object_)})
+    empty = FakeRequest({"text_input": np.array([[b" "]], dtype=np.object_)})
+    not_utf8 = FakeRequest({"text_input": np.array([[b"\xff\xfe"]], dtype=np.object_)})
+    zero = FakeRequest(
+        {
+            "text_input": np.array([[b"hi"]], dtype=np.object_),
+            "max_tokens": np.array([[0]], dtype=np.int32),
+        }
+    )
+    ok, err_empty, err_utf8, err_zero = pre.execute([good, empty, not_utf8, zero])
+    for response, text in [(err_empty, "empty"), (err_utf8, "UTF-8"), (err_zero, "max_tokens")]:
+        assert response.error().code() == pb_utils.TritonError.INVALID_ARG
+        assert text in response.error().message()
+    outputs = {t.name(): t.as_numpy() for t in ok.output_tensors()}
+    assert outputs["request_output_len"].tolist() == [[128]]
+    assert outputs["streaming"].tolist() == [[False]]
+    assert outputs["sampling_temperature"].tolist() == [[0.0]]
+
+    ids = tokenizer.encode(ANSWER, add_special_tokens=False)
+    chunks = [ids[:3], ids[3:9], ids[9:]]
+    texts = []
+    for chunk in chunks:
+        (response,) = post.execute(
+            [
+                FakeRequest(
+                    {
+                        "tokens_batch": np.array([[chunk]], dtype=np.int32),
+                        "sequence_length": np.array([[len(chunk)]], dtype=np.int32),
+                    }
+                )
+            ]
+        )
+        (text,) = pb_utils.get_output_tensor_by_name(response, "text_output").as_numpy().reshape(-1)
+        texts.append(text)
+    assert b"".join(texts).decode("utf-8") == ANSWER
