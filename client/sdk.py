@@ -444,6 +444,9 @@ class _LoopThread:
                 self.run(closer())
 
     def stop(self) -> None:
+        # Finalise suspended async generators (gRPC request iterators) before the loop
+        # goes: an unfinalised one keeps its RPC open on the server.
+        self.run(self.loop.shutdown_asyncgens())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         self.loop.close()

@@ -193,7 +193,6 @@ class GrpcTransport(Transport):
             yield request
 
         call = self._client.stream_infer(requests())
-        finished = False
         try:
             async for result, error in call:
                 if error is not None:
@@ -204,14 +203,14 @@ class GrpcTransport(Transport):
                 if tensors:
                     yield tensors
                 if final:
-                    finished = True
                     return
-            finished = True
         except Exception as exc:
             raise translate(exc) from exc
         finally:
-            if not finished:
-                call.cancel()
+            # Before the final response this cancels the request on the server. After it,
+            # it still matters: it ends the RPC, which Triton otherwise keeps open (and
+            # counts as a live use of the model, delaying its unload and server shutdown).
+            call.cancel()
 
     async def models(self) -> list[ModelStatus]:
         try:
