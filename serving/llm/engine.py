@@ -125,9 +125,16 @@ class Engine:
     """In-flight batching engine; thread-safe ``submit`` / ``cancel``, one decode thread."""
 
     def __init__(
-        self, runner: LlamaRunner, limits: EngineLimits, default_end_id: int | None
+        self,
+        runner: LlamaRunner,
+        limits: EngineLimits,
+        default_end_id: int | None,
+        observer: Callable[[int, int], None] | None = None,
     ) -> None:
+        """``observer(active, waiting)`` is called from the engine thread when they change."""
         limits.validate()
+        self._observer = observer
+        self._observed = (-1, -1)
         if limits.max_active > runner.max_active or limits.max_context > runner.max_context:
             raise ConfigError("engine limits exceed the runner's cache")
         self.runner = runner
@@ -216,8 +223,18 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in list(self._active):
                     self._finish(seq, StepOutput([], True, FinishReason.ERROR, str(exc)))
+            self._observe()
         for seq in pending:
             self._emit(seq, StepOutput([], True, FinishReason.CANCELLED, "engine shut down"))
+
+    def _observe(self) -> None:
+        counts = (len(self._active), len(self._waiting))
+        if self._observer is not None and counts != self._observed:
+            self._observed = counts
+            try:
+                self._observer(*counts)
+            except Exception:  # metrics must never stop generation
+                log.exception("engine observer failed")
 
     def _cancelled(self, seq: _Sequence) -> bool:
         if seq.cancel:

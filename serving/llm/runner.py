@@ -94,7 +94,9 @@ class LlamaRunner:
         inner = hf_model.model
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach().to(dtype).contiguous()
-            self.lm_head = hf_model.lm_head.weight.detach().to(dtype).contiguous()
+            head = hf_model.lm_head.weight
+            tied = head.data_ptr() == inner.embed_tokens.weight.data_ptr()
+            self.lm_head = self.embed if tied else head.detach().to(dtype).contiguous()
             self.final_norm = inner.norm.weight.detach().to(dtype).contiguous()
             self.layers = [
                 _Layer(

