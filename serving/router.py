@@ -183,6 +183,11 @@ class RouterMetrics:
             "moved on, by the failed tier and the next one tried",
             "counter",
         )
+        self.cancellations = LabelledMetric(
+            "router_cancellations_total",
+            "Streams the client cancelled, by the tier the router then asked to stop",
+            "counter",
+        )
         self.classifier_latency = LabelledMetric(
             "router_classifier_latency_us",
             "Latency of the intent_classifier call made by the router, in microseconds",
@@ -254,6 +259,9 @@ class Router:
         # Inputs and outputs carry a batch dimension when the models are batched.
         self._shape = (1, 1) if batched else (1,)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        # Tokenizing runs beside classification (they do not depend on each other), on
+        # its own pool so a full request pool can never starve it.
+        self._side = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-pre")
 
     def submit(self, requests: Sequence[Any]) -> None:
         """Queue each request on a worker; a decoupled ``execute`` returns at once."""
@@ -263,6 +271,7 @@ class Router:
     def close(self) -> None:
         """Let in-flight streams finish (each still gets its final flag), then stop."""
         self._pool.shutdown(wait=True)
+        self._side.shutdown(wait=True)
 
     # -- one request ---------------------------------------------------------------
 
@@ -380,8 +389,9 @@ class Router:
             log.warning("%s: could not stop %s request %s: %s", self.name, tier, request_id, exc)
 
     def _route_and_stream(self, request: Any, sender: Any, parsed: RouterRequest) -> None:
+        pending = self._side.submit(self.preprocess, parsed)
         decision = self.decide(parsed)
-        inputs = self.preprocess(parsed)
+        inputs = pending.result()
         num_input_tokens = int(inputs["input_lengths"].reshape(-1)[0])
         request_id = f"{self.name}-{uuid.uuid4().hex}"
         tier, tier_request_id, first, stream = self._open(decision, inputs, request_id)
@@ -397,6 +407,8 @@ class Router:
             for out in itertools.chain(first, stream):
                 if request.is_cancelled():
                     self._stop(tier, tier_request_id, inputs)
+                    if self.metrics is not None:
+                        self.metrics.cancellations.labels(tier=tier).increment(1)
                     sender.send(flags=final_flag())
                     return
                 new_ids = _ids(out)
