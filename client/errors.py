@@ -73,7 +73,7 @@ _GRPC_CODES: dict[str, type[ClientError]] = {
 _MESSAGE_HINTS: tuple[tuple[str, type[ClientError]], ...] = (
     ("internal error", ServerError),
     ("not healthy", ServerError),
-    ("unknown model", ModelNotFound),
+    ("request for unknown model", ModelNotFound),
     ("is not found", ModelNotFound),
     ("is not ready", ModelNotFound),
     ("unexpected inference input", InvalidInput),
@@ -85,6 +85,8 @@ _MESSAGE_HINTS: tuple[tuple[str, type[ClientError]], ...] = (
     ("is empty", InvalidInput),
     ("missing", InvalidInput),
     ("not valid utf-8", InvalidInput),
+    ("unknown ", InvalidInput),
+    ("use one of", InvalidInput),
     ("cancelled", Cancelled),
 )
 

@@ -42,6 +42,12 @@ from client.transport import _from_json, _json_value, sse_events
         (None, "Stub process 'llm_small_0_0' is not healthy.", ServerError),
         (None, "'max_tokens' must be between 1 and 512", InvalidInput),
         (None, "something odd", ServerError),
+        (
+            None,
+            "unknown model override 'bogus'; use one of ['llm_small'] or leave 'model' unset",
+            InvalidInput,
+        ),
+        (None, "Request for unknown model: 'nope' is not found", ModelNotFound),
     ],
 )
 def test_status_and_message_pick_the_class(
