@@ -11,7 +11,11 @@ the router detokenizing itself instead of a ``postprocessing`` step per response
 Measured at concurrency 1 and 8 (N clients each sending routed/direct pairs in a closed
 loop): time to first token (first non-empty text) and total latency, p50/p90/p99, and the
 added latency routed - direct at p50 and p99. Goal: <= 15 ms added at p50, concurrency 1.
-Results go to ``benchmarks/results/routing.{json,md}``.
+
+Before starting the server it also sweeps the router's confidence threshold over the
+intent head's held-out Dolly prompts (in-process, the committed head and policy): how
+often each intent lands on the tier the policy means for it, and how often a cheap task
+lands on the biggest tier. Results go to ``benchmarks/results/routing.{json,md}``.
 
 Run under the shared benchmark lock::
 
@@ -40,6 +44,9 @@ from rich.progress import Progress
 
 from client.metrics import distribution
 from serving.launcher import LaunchOptions, TritonLauncher
+from serving.params import Params
+from serving.repository import parse_config
+from serving.routing import RoutingPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -55,6 +62,53 @@ class Timing:
     total: float
     tier: str
     text: str
+
+
+def committed_policy() -> RoutingPolicy:
+    config = parse_config(ROOT / "model_repository" / "router" / "config.pbtxt")
+    raw = {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
+    return RoutingPolicy.from_params(Params({"parameters": raw}, "router"))
+
+
+def policy_sweep(dolly: Path, thresholds: list[float]) -> dict[str, Any]:
+    """Route the intent head's held-out prompts in-process at several thresholds."""
+    from serving.embedding import Runtime, load_embedder
+    from serving.intent import LABELS, IntentHead
+    from serving.intent_training import build_dataset, read_jsonl
+
+    own = ROOT / "serving" / "data" / "intent_extra.jsonl"
+    held_out = build_dataset(read_jsonl(dolly), read_jsonl(own)).held_out
+    vectors = load_embedder(Runtime.ONNX, threads=1).embed([e.text for e in held_out]).vectors
+    prediction = IntentHead.load().predict(vectors)
+    policy = committed_policy()
+    biggest = policy.tiers[-1]
+    truth = [LABELS[e.label] for e in held_out]
+    rows = []
+    for threshold in thresholds:
+        swept = RoutingPolicy(
+            policy.table, policy.tiers, threshold, policy.low_confidence_tier, policy.fallbacks
+        )
+        tiers = [
+            swept.decide(intent, float(conf)).tier
+            for intent, conf in zip(prediction.intents, prediction.confidence, strict=True)
+        ]
+        row: dict[str, Any] = {
+            "threshold": threshold,
+            "right_tier": float(
+                np.mean([t == policy.table[y] for t, y in zip(tiers, truth, strict=True)]),
+            ),
+            "low_confidence": float(np.mean(prediction.confidence < threshold)),
+        }
+        for intent in LABELS:
+            landed = [t for t, y in zip(tiers, truth, strict=True) if y == intent]
+            row[f"{intent}_on_{biggest}"] = float(np.mean([t == biggest for t in landed]))
+        rows.append(row)
+    return {
+        "held_out": len(held_out),
+        "per_intent": {i: truth.count(i) for i in LABELS},
+        "committed_threshold": policy.confidence_threshold,
+        "rows": rows,
+    }
 
 
 def load_prompts(path: Path, count: int) -> list[str]:
@@ -209,7 +263,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {m['direct_ms']['p99']:.1f} | {m['added_p99_ms']:+.1f} "
                 f"| {m['paired_added_p50_ms']:+.1f} |"
             )
-    lines += [""]
+    lines.append("")
     for level in report["levels"]:
         lines.append(
             f"- concurrency {level['concurrency']}: {level['pairs']} pairs; tiers chosen "
@@ -227,6 +281,29 @@ def markdown(report: dict[str, Any]) -> str:
         "back to back), less sensitive to which prompts a percentile lands on. p99 over this "
         "few samples is close to the maximum: read it as a bound, not a tail estimate.",
     ]
+    sweep = report["policy_sweep"]
+    biggest = committed_policy().tiers[-1]
+    intents = list(sweep["per_intent"])
+    lines += [
+        "",
+        f"## Confidence threshold over the intent head's {sweep['held_out']} held-out "
+        f"prompts ({sweep['per_intent']})",
+        "",
+        "In-process, committed head and table; a prompt below the threshold goes to the "
+        'low-confidence tier. "Right tier": the tier the table means for the prompt\'s '
+        f"true intent. The committed threshold is {sweep['committed_threshold']}.",
+        "",
+        "| threshold | right tier | below threshold | "
+        + " | ".join(f"{i} on {biggest}" for i in intents)
+        + " |",
+        "|---" * (3 + len(intents)) + "|",
+    ]
+    for row in sweep["rows"]:
+        lines.append(
+            f"| {row['threshold']:.2f} | {row['right_tier']:.3f} | {row['low_confidence']:.2f} | "
+            + " | ".join(f"{row[f'{i}_on_{biggest}']:.2f}" for i in intents)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -252,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     if 1 not in args.concurrency:
         parser.error("--concurrency must include 1 (the goal is stated at concurrency 1)")
 
+    console.print("sweeping the confidence threshold over the held-out prompts")
+    sweep = policy_sweep(args.prompts, [0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     prompts = load_prompts(args.prompts, args.requests + args.warmup)
     log_path = Path(tempfile.mkdtemp(prefix="bench-routing-")) / "server.log"
     launcher = TritonLauncher(
@@ -282,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
         "levels": levels,
+        "policy_sweep": sweep,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "routing.json").write_text(json.dumps(report, indent=2) + "\n")
