@@ -144,3 +144,14 @@ def error_from_status(status: str | None, message: str) -> ClientError:
     ``status`` is None for errors reported inside a stream, which carry only a message.
     """
     return _class_of(status, message)(message)
+
+
+_KINDS = {
+    cls.kind: cls
+    for cls in (InvalidInput, ModelNotFound, ServerUnavailable, Timeout, Cancelled, ServerError)
+}
+
+
+def error_of_kind(kind: str, message: str) -> ClientError:
+    """Rebuild an error from its recorded ``kind`` (see :attr:`ClientError.kind`)."""
+    return _KINDS.get(kind, ClientError)(message)

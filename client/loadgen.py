@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
+from client.errors import error_of_kind
 from client.metrics import RequestRecord, measure
 from client.sdk import BaseAsyncClient, Chunk
 from client.workload import Job, WorkloadError, arrival_gaps
@@ -181,10 +182,16 @@ async def run(
     """Warm up (uncounted), then drive the load and return every request's record."""
     shape.validate()
     if shape.warmup:
-        warm = _Budget(shape.warmup, None)
-        await _closed_loop(
-            send, jobs, min(shape.warmup, shape.users or 4), warm, 0.0, lambda _: None
-        )
+        warm: list[RequestRecord] = []
+        concurrency = min(shape.warmup, shape.users or 4)
+        await _closed_loop(send, jobs, concurrency, _Budget(shape.warmup, None), 0.0, warm.append)
+        if all(not r.ok for r in warm):
+            # Nothing works (server down, model missing, bad options): say so now rather
+            # than time thousands of instant failures.
+            first = warm[0]
+            raise error_of_kind(
+                first.error or "", f"every warm-up request failed: {first.error_message}"
+            )
     result = RunResult()
 
     def done(record: RequestRecord) -> None:

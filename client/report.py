@@ -87,7 +87,8 @@ def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -
     ax.set_ylabel("fraction of samples ≤ x")
     ax.set_title(f"Latency CDF: {title}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     cdf = directory / "latency_cdf.png"
     fig.tight_layout()
     fig.savefig(cdf, dpi=110)
@@ -109,7 +110,8 @@ def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -
     ax.set_ylabel("TTFT (ms)")
     ax.set_title(f"TTFT over time: {title}")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     over_time = directory / "ttft_over_time.png"
     fig.tight_layout()
     fig.savefig(over_time, dpi=110)

@@ -193,24 +193,26 @@ class GrpcTransport(Transport):
             yield request
 
         call = self._client.stream_infer(requests())
+        finished = False
         try:
             async for result, error in call:
                 if error is not None:
                     raise error_from_status(None, error.message())
                 response = result.get_response()
                 tensors = {out.name: result.as_numpy(out.name) for out in response.outputs}
-                final = _FINAL in response.parameters and response.parameters[_FINAL].bool_param
+                finished = _FINAL in response.parameters and response.parameters[_FINAL].bool_param
                 if tensors:
                     yield tensors
-                if final:
+                if finished:
                     return
+            finished = True
         except Exception as exc:
             raise translate(exc) from exc
         finally:
-            # Before the final response this cancels the request on the server. After it,
-            # it still matters: it ends the RPC, which Triton otherwise keeps open (and
-            # counts as a live use of the model, delaying its unload and server shutdown).
-            call.cancel()
+            # Cancel only a request that has not finished: cancelling one the server has
+            # already completed and released is at best a no-op.
+            if not finished:
+                call.cancel()
 
     async def models(self) -> list[ModelStatus]:
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.errors import InvalidInput
+from client.errors import InvalidInput, ModelNotFound
 from client.loadgen import LoadShape, Target, request_stream, run
 from client.metrics import RequestRecord, distribution, measure, meets_sla, summarize
 from client.report import summary_table, write_json, write_plots
@@ -240,3 +240,11 @@ def test_report_writes_json_and_plots(tmp_path: Path) -> None:
     assert [p.name for p in paths] == ["latency_cdf.png", "ttft_over_time.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
     assert summary_table(summary, "t").row_count > 5
+
+
+def test_warmup_that_fails_entirely_stops_the_run() -> None:
+    server = FakeServer(error=ModelNotFound("Request for unknown model: 'x' is not found"))
+    shape = LoadShape(users=4, duration=30, warmup=2)
+    with pytest.raises(ModelNotFound, match="every warm-up request failed: Request for unknown"):
+        asyncio.run(run(_send_to(server), jobs(["hi"], None, 0), shape))
+    assert len(server.requests) == 2
