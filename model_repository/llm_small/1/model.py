@@ -35,7 +35,8 @@ class TritonPythonModel:
                 raise ValueError(f"{setup.name} must be decoupled (model_transaction_policy)")
             setup.set_torch_threads()
             self.name = setup.name
-            sequences = LabelledMetric(
+            # Kept on self: a MetricFamily that is garbage collected invalidates its metrics.
+            self.sequences = sequences = LabelledMetric(
                 "llm_engine_sequences",
                 "Sequences in the CPU engine by state: active (holding a slot) or waiting",
                 "gauge",
