@@ -87,12 +87,8 @@ def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -
     ax.set_ylabel("fraction of samples ≤ x")
     ax.set_title(f"Latency CDF: {title}")
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    cdf = directory / "latency_cdf.png"
-    fig.tight_layout()
-    fig.savefig(cdf, dpi=110)
-    plt.close(fig)
+    _legend(ax)
+    cdf = _save(fig, directory / "latency_cdf.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     timed = [r for r in ok if r.ttft is not None]
@@ -110,10 +106,19 @@ def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -
     ax.set_ylabel("TTFT (ms)")
     ax.set_title(f"TTFT over time: {title}")
     ax.grid(True, alpha=0.3)
+    _legend(ax)
+    return [cdf, _save(fig, directory / "ttft_over_time.png")]
+
+
+def _legend(ax: Any) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
-    over_time = directory / "ttft_over_time.png"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(over_time, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return [cdf, over_time]
+    return path

@@ -76,6 +76,14 @@ def _infer_inputs(cls: type, inputs: Tensors) -> list[Any]:
     return built
 
 
+async def _guard(awaitable: Any) -> Any:
+    """Await a tritonclient call, translating whatever it raises into a ClientError."""
+    try:
+        return await awaitable
+    except Exception as exc:
+        raise translate(exc) from exc
+
+
 def _json_value(array: np.ndarray) -> Any:
     """A tensor as the plain JSON value the generate endpoints take (scalars unwrapped)."""
     flat = array.reshape(-1)
@@ -111,13 +119,25 @@ def sse_events(buffer: bytearray) -> list[dict[str, Any]]:
 class Transport(abc.ABC):
     """What the SDK needs from a protocol. All methods raise :class:`ClientError` types."""
 
+    #: ``tritonclient.grpc`` or ``tritonclient.http``: their InferInput classes and
+    #: clients' ``infer`` / ``is_server_ready`` have the same interface.
+    _lib: Any
+
     def __init__(self, url: str) -> None:
         self.url = _strip_scheme(url)
         self._max_batch: dict[str, asyncio.Future[int]] = {}
+        self._client: Any = None
 
-    @abc.abstractmethod
     async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
         """One request, one response (for non-decoupled models)."""
+        batched = _infer_inputs(self._lib.InferInput, await self.batched(model, inputs))
+        wanted = [self._lib.InferRequestedOutput(name) for name in outputs]
+        result = await _guard(self._client.infer(model, batched, outputs=wanted))
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def server_ready(self) -> bool:
+        """Triton's own readiness (``/v2/health/ready``)."""
+        return bool(await _guard(self._client.is_server_ready()))
 
     @abc.abstractmethod
     def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
@@ -126,10 +146,6 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def models(self) -> list[ModelStatus]:
         """The repository index: every model the server knows and its state."""
-
-    @abc.abstractmethod
-    async def server_ready(self) -> bool:
-        """Triton's own readiness (``/v2/health/ready``)."""
 
     @abc.abstractmethod
     async def _max_batch_size(self, model: str) -> int: ...
@@ -162,26 +178,17 @@ class Transport(abc.ABC):
 class GrpcTransport(Transport):
     """gRPC over ``tritonclient.grpc.aio``; streams use the bidirectional stream API."""
 
+    _lib = grpcclient
+
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._client = grpc_aio.InferenceServerClient(self.url)
-
-    async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
-        try:
-            result = await self._client.infer(
-                model,
-                _infer_inputs(grpcclient.InferInput, await self.batched(model, inputs)),
-                outputs=[grpcclient.InferRequestedOutput(name) for name in outputs],
-            )
-        except Exception as exc:
-            raise translate(exc) from exc
-        return {name: result.as_numpy(name) for name in outputs}
 
     async def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
         try:
             request = {
                 "model_name": model,
-                "inputs": _infer_inputs(grpcclient.InferInput, await self.batched(model, inputs)),
+                "inputs": _infer_inputs(self._lib.InferInput, await self.batched(model, inputs)),
                 # Ask for the flags-only final response, so the end of the request is
                 # seen at once instead of when the server closes the stream.
                 "parameters": {"triton_enable_empty_final_response": True},
@@ -215,23 +222,11 @@ class GrpcTransport(Transport):
                 call.cancel()
 
     async def models(self) -> list[ModelStatus]:
-        try:
-            index = await self._client.get_model_repository_index(as_json=True)
-        except Exception as exc:
-            raise translate(exc) from exc
+        index = await _guard(self._client.get_model_repository_index(as_json=True))
         return [_status(row) for row in index.get("models", [])]
 
-    async def server_ready(self) -> bool:
-        try:
-            return bool(await self._client.is_server_ready())
-        except Exception as exc:
-            raise translate(exc) from exc
-
     async def _max_batch_size(self, model: str) -> int:
-        try:
-            config = await self._client.get_model_config(model, as_json=True)
-        except Exception as exc:
-            raise translate(exc) from exc
+        config = await _guard(self._client.get_model_config(model, as_json=True))
         return int(config.get("config", {}).get("max_batch_size", 0))
 
     async def close(self) -> None:
@@ -244,6 +239,8 @@ class HttpTransport(Transport):
     tritonclient has no SSE support, so streaming reads the event stream with aiohttp.
     """
 
+    _lib = httpclient
+
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self._client = http_aio.InferenceServerClient(self.url, conn_timeout=3600.0)
@@ -254,17 +251,6 @@ class HttpTransport(Transport):
             # No connection cap: the load generator holds one connection per stream.
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
-
-    async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
-        try:
-            result = await self._client.infer(
-                model,
-                _infer_inputs(httpclient.InferInput, await self.batched(model, inputs)),
-                outputs=[httpclient.InferRequestedOutput(name) for name in outputs],
-            )
-        except Exception as exc:
-            raise translate(exc) from exc
-        return {name: result.as_numpy(name) for name in outputs}
 
     async def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
         body = {name: _json_value(array) for name, array in inputs.items()}
@@ -293,23 +279,11 @@ class HttpTransport(Transport):
             raise translate(exc) from exc
 
     async def models(self) -> list[ModelStatus]:
-        try:
-            index = await self._client.get_model_repository_index()
-        except Exception as exc:
-            raise translate(exc) from exc
+        index = await _guard(self._client.get_model_repository_index())
         return [_status(row) for row in index]
 
-    async def server_ready(self) -> bool:
-        try:
-            return bool(await self._client.is_server_ready())
-        except Exception as exc:
-            raise translate(exc) from exc
-
     async def _max_batch_size(self, model: str) -> int:
-        try:
-            config = await self._client.get_model_config(model)
-        except Exception as exc:
-            raise translate(exc) from exc
+        config = await _guard(self._client.get_model_config(model))
         return int(config.get("max_batch_size", 0))
 
     async def close(self) -> None:
