@@ -70,14 +70,16 @@ OUTPUTS = ("text_output", "intent", "model", "confidence", "num_input_tokens", "
 
 #: Triton 2.51 drops the code of a BLS response's error (everything arrives as INTERNAL),
 #: so a rejected input is told from a failing model by the message: the project's models
-#: report unexpected errors through ``error_of`` ("internal error (...)"), and Triton
-#: words a model it cannot run with the other phrases.
+#: report unexpected errors through ``error_of`` ("internal error (...)"), Triton words a
+#: model it cannot run with the next phrases, and "unexpected inference" means the router
+#: and a downstream config disagree (a deployment fault, never the client's).
 _MODEL_FAULTS = (
     "internal error (",
     "is not ready",
     "is not healthy",
     "not found",
     "unknown model",
+    "unexpected inference",
 )
 
 #: Classifier latency buckets, microseconds (Triton's own latency metrics are in us).

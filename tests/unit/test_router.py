@@ -249,6 +249,7 @@ def test_unloaded_tier_falls_back_and_is_counted(bls: dict) -> None:
         "llm_medium: internal error (RuntimeError); see the server log",
         "Failed for execute the inference request. Model 'llm_medium' is not ready.",
         "Stub process 'llm_medium_0_0' is not healthy.",
+        "unexpected inference input 'stop' for model 'llm_medium'",
     ],
 )
 def test_tier_failing_before_first_token_falls_back(bls: dict, message: str) -> None:
@@ -386,7 +387,9 @@ def test_cancelled_stream_stops_the_tier(bls: dict) -> None:
     down = Downstream(bls, intent="summarization")
     base = router_request(stream=True)
     request = CancelAfter({t.name(): t.as_numpy() for t in base.inputs()}, checks=4)
-    make_router().serve(request)
+    metrics = RouterMetrics()
+    make_router(metrics).serve(request)
+    assert metrics.cancellations.labels(tier="llm_small").value == 1
 
     assert request.sender.closed
     text = "".join(value(r, "text_output") for r in request.sender.responses())
