@@ -288,7 +288,10 @@ class Router:
             parsed.validate(self.policy)
             self._route_and_stream(request, sender, parsed)
         except Exception as exc:  # isolated per request, reported to its client
-            sender.send(error_response(exc, self.name), flags=final_flag())
+            try:
+                sender.send(error_response(exc, self.name), flags=final_flag())
+            except Exception:  # the final flag already went out: only the log can tell
+                log.exception("%s: error after the response was complete", self.name)
 
     def classify(self, text: str) -> tuple[str, float]:
         """Ask the intent classifier; its latency goes to the metrics."""
