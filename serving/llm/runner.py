@@ -21,6 +21,9 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+#: How many cache positions ahead of the longest sequence are zeroed at once.
+_CLEAN_AHEAD = 64
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -128,12 +131,15 @@ class LlamaRunner:
         freqs = torch.outer(torch.arange(max_context, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self._cos, self._sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        # Zeros, not empty: a decode step attends over every slot up to the longest one
-        # and masks the rest, but a masked NaN in never-written memory still poisons the
-        # weighted sum (0 * NaN). Stale values from earlier sequences are finite and safe.
+        # Uninitialised, so memory is committed only as sequences grow, and cleaned lazily:
+        # a decode step attends over every slot up to the longest one and masks the
+        # rest, but a masked NaN in never-written memory still poisons the weighted sum
+        # (0 * NaN). ``_clean[b]`` is how far slot b holds finite values; decode zeroes
+        # ahead of it in chunks. Stale values from earlier sequences are finite and safe.
         cache_shape = (max_active, s.kv_heads, max_context, s.head_dim)
-        self.k_cache = [torch.zeros(cache_shape, dtype=dtype) for _ in range(s.layers)]
-        self.v_cache = [torch.zeros(cache_shape, dtype=dtype) for _ in range(s.layers)]
+        self.k_cache = [torch.empty(cache_shape, dtype=dtype) for _ in range(s.layers)]
+        self.v_cache = [torch.empty(cache_shape, dtype=dtype) for _ in range(s.layers)]
+        self._clean = [0] * max_active
         self._positions = torch.arange(max_context)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -172,6 +178,7 @@ class LlamaRunner:
             )
             x = x + F.linear(attn[0].transpose(0, 1).reshape(length, self._q), layer.out)
             x = self._mlp(x, layer)
+        self._clean[slot] = max(self._clean[slot], length)
         return F.linear(self._norm(x[-1:], self.final_norm), self.lm_head)[0].float()
 
     @torch.inference_mode()
@@ -185,6 +192,7 @@ class LlamaRunner:
         n = len(token_ids)
         pos = torch.tensor(positions)
         span = max(positions) + 1
+        self._clean_up_to(n, span)
         rows = torch.arange(n)
         mask = (self._positions[:span].unsqueeze(0) <= pos.unsqueeze(1)).view(n, 1, 1, span)
         cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)  # [n, 1, d]
@@ -203,8 +211,20 @@ class LlamaRunner:
             x = self._mlp(x, layer)
         return F.linear(self._norm(x, self.final_norm), self.lm_head).float()
 
+    def _clean_up_to(self, n: int, span: int) -> None:
+        """Make positions ``< span`` finite in slots ``0..n-1`` (zeroing 64 ahead at a time)."""
+        for slot in range(n):
+            start = self._clean[slot]
+            if start < span:
+                end = min(self.max_context, span + _CLEAN_AHEAD)
+                for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
+                    kc[slot, :, start:end] = 0
+                    vc[slot, :, start:end] = 0
+                self._clean[slot] = end
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache from ``src`` to ``dst`` (keeps active slots contiguous)."""
         for kc, vc in zip(self.k_cache, self.v_cache, strict=True):
             kc[dst, :, :length] = kc[src, :, :length]
             vc[dst, :, :length] = vc[src, :, :length]
+        self._clean[dst] = max(self._clean[dst], length)

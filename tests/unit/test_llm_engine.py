@@ -46,6 +46,10 @@ def template(tokenizer) -> ChatTemplate:
 def engine(hf_model, tokenizer):
     # float32: the exact path, so batch composition cannot change a greedy token.
     runner = LlamaRunner(hf_model, LIMITS.max_active, LIMITS.max_context, torch.float32)
+    # The cache is uninitialised memory: make it the worst case (recycled heap pages
+    # holding NaN), which a masked attention over unwritten positions must survive.
+    for cache in runner.k_cache + runner.v_cache:
+        cache.fill_(float("nan"))
     eng = Engine(runner, LIMITS, default_end_id=tokenizer.eos_token_id)
     yield eng
     eng.close()
