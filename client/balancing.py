@@ -9,9 +9,10 @@ any server:
 - ``power_of_two``: two random replicas, the one with fewer in flight. Nearly as good as
   least_requests with many clients, without every client herding onto the same replica.
 
-A replica is ejected when a call to it fails to connect or its health URL (the
-launcher's deep readiness endpoint, ``GET /health/ready``: 200 ready, 503 not) says it is
-not ready; a background probe puts it back once the health check passes again.
+A replica is ejected when a call to it fails to connect, when it fails several requests
+in a row on its side (model missing or mid-reload, dead stub), or when its health URL
+(the launcher's deep readiness endpoint, ``GET /health/ready``: 200 ready, 503 not) says
+it is not ready; a background probe puts it back once the health check passes again.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from client.errors import ServerUnavailable
+from client.errors import ModelNotFound, ServerError, ServerUnavailable
 from client.sdk import AsyncClient, BaseAsyncClient
 from client.transport import ModelStatus, Protocol, Tensors
 
@@ -51,6 +52,8 @@ class Replica:
     in_flight: int = 0
     healthy: bool = True
     sent: int = 0
+    failures: int = 0  # consecutive replica-side failures (reset by a success)
+    last_error: str = ""
 
 
 class Picker:
@@ -119,6 +122,8 @@ class AsyncReplicaPool(BaseAsyncClient):
             None to probe with Triton's own ``server_ready``).
         probe_interval: seconds between health probes.
         client_factory: builds the client for one url (tests pass fakes).
+        eject_after: consecutive ModelNotFound / ServerError answers that eject a replica
+            until a probe passes (refused connections eject at once).
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class AsyncReplicaPool(BaseAsyncClient):
         probe_interval: float = 1.0,
         rng: random.Random | None = None,
         client_factory: Callable[[str], AsyncClient] | None = None,
+        eject_after: int = 3,
     ) -> None:
         super().__init__(timeout)
         if not urls:
@@ -145,6 +151,7 @@ class AsyncReplicaPool(BaseAsyncClient):
         self.strategy = Strategy(strategy)
         self._picker = make_picker(self.strategy, rng)
         self._probe_interval = probe_interval
+        self.eject_after = eject_after
         self._probe_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -155,7 +162,8 @@ class AsyncReplicaPool(BaseAsyncClient):
         candidates = [r for r in self.replicas if r.healthy]
         if not candidates:
             raise ServerUnavailable(
-                "no healthy replica: " + ", ".join(r.url for r in self.replicas)
+                "no healthy replica: "
+                + "; ".join(f"{r.url} ({r.last_error or 'not ready'})" for r in self.replicas)
             )
         return self._picker.choose(candidates)
 
@@ -163,6 +171,7 @@ class AsyncReplicaPool(BaseAsyncClient):
         if replica.healthy:
             log.warning("ejecting replica %s: %s", replica.url, reason)
         replica.healthy = False
+        replica.last_error = reason
 
     async def check(self, replica: Replica) -> bool:
         """Probe one replica now and update its health."""
@@ -177,6 +186,7 @@ class AsyncReplicaPool(BaseAsyncClient):
                 ok = False
         if ok and not replica.healthy:
             log.info("replica %s is back", replica.url)
+            replica.failures = 0
         if not ok:
             self.eject(replica, "health check failed")
         replica.healthy = ok
@@ -199,6 +209,16 @@ class AsyncReplicaPool(BaseAsyncClient):
         except ServerUnavailable as exc:
             self.eject(replica, str(exc))
             raise
+        except (ModelNotFound, ServerError) as exc:
+            # Outlier detection: a replica that keeps failing fast (a model mid-reload, a
+            # dead stub) would otherwise attract every request under least_requests and
+            # power_of_two, since it never has any in flight.
+            replica.failures += 1
+            if replica.failures >= self.eject_after:
+                self.eject(replica, f"{replica.failures} failures in a row: {exc}")
+            raise
+        else:
+            replica.failures = 0
         finally:
             replica.in_flight -= 1
 

@@ -17,7 +17,7 @@ from client.balancing import (
     Strategy,
     make_picker,
 )
-from client.errors import ServerUnavailable
+from client.errors import ModelNotFound, ServerUnavailable
 from tests.unit.client_fakes import FakeServer, text_chunks
 
 
@@ -114,7 +114,9 @@ def test_no_healthy_replica_is_a_clear_error() -> None:
         replica.healthy = False
 
     async def scenario() -> None:
-        with pytest.raises(ServerUnavailable, match="no healthy replica: a:1, b:1"):
+        with pytest.raises(
+            ServerUnavailable, match=r"no healthy replica: a:1 \(not ready\); b:1 \(not ready\)"
+        ):
             await pool.generate("hi")
         await pool.close()
 
@@ -164,5 +166,45 @@ def test_deep_readiness_url_ejects_and_readmits() -> None:
         finally:
             await pool.close()
             await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+def test_fast_failing_replica_is_ejected_after_consecutive_errors() -> None:
+    """Without outlier ejection, power_of_two would send nearly everything to the replica
+    that fails instantly (it never has requests in flight)."""
+    good = FakeServer("good:1", chunks=text_chunks(b"ok"), delay=0.01)
+    bad = FakeServer("bad:1", error=ModelNotFound("Request for unknown model: 'm' is not found"))
+    pool = _pool({"good:1": good, "bad:1": bad}, strategy="power_of_two", probe_interval=60)
+
+    async def scenario() -> list[str]:
+        async def one() -> str:
+            try:
+                return (await pool.generate("hi")).text
+            except ModelNotFound:
+                return "error"
+
+        results = []
+        for _ in range(10):
+            results += await asyncio.gather(*(one() for _ in range(4)))
+        await pool.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert results.count("error") == 3  # the three that tripped the ejection
+    assert results.count("ok") == 37
+    assert not pool.replicas[1].healthy and "3 failures in a row" in pool.replicas[1].last_error
+
+
+def test_no_healthy_replica_names_the_last_errors() -> None:
+    bad = FakeServer("a:1", error=ServerUnavailable("refused"))
+    pool = _pool({"a:1": bad})
+
+    async def scenario() -> None:
+        with pytest.raises(ServerUnavailable):
+            await pool.generate("hi")
+        with pytest.raises(ServerUnavailable, match=r"no healthy replica: a:1 \(refused\)"):
+            await pool.generate("hi")
+        await pool.close()
 
     asyncio.run(scenario())
