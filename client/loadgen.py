@@ -158,8 +158,9 @@ async def _open_loop(
             started = time.perf_counter()
             done(await measure(send(job), started, origin))
 
+    if shape.rate is None:
+        raise WorkloadError("an open loop needs a rate")
     due = time.perf_counter()
-    assert shape.rate is not None  # validated: open loop has a rate
     for gap in arrival_gaps(shape.rate, shape.burstiness, shape.seed):
         due += gap
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
