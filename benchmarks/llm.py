@@ -1,0 +1,452 @@
+"""Served LLM tier vs the same model in-process, side by side in one run.
+
+(a) transformers ``generate`` in-process (float32, the DESIGN.md anchor) at batch 1 and
+    at a static batch of 16, same prompts, same number of output tokens;
+(b) the ``llm_small`` tier through a real tritonserver (started with ``serving.launcher``
+    with only that model) with 1 and with 16 concurrent gRPC streaming clients;
+(c) for reference, the engine behind the tier in-process (no server) at 1 and 16, in the
+    tier's dtype, to separate engine speed from serving overhead;
+(d) transformers' own in-flight batching (``model.init_continuous_batching()``) at 1 and
+    16, the engine ours has to beat.
+
+Every request generates exactly ``--tokens`` tokens (end-of-sequence is disabled:
+``min_new_tokens`` for ``generate``, ``end_id=-1`` for the tier), so the token counts
+match. Prompts are Dolly 15k instructions (CC BY-SA 3.0, Databricks) through SmolLM2's
+chat template. Reports aggregate output tokens/s, TTFT and inter-token latency
+p50/p90/p99, and the ratios. Results go to ``benchmarks/results/llm.{json,md}``.
+
+Run under the shared benchmark lock::
+
+    flock /tmp/bench.lock .venv/bin/python benchmarks/llm.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tritonclient.grpc as grpcclient
+from rich.console import Console
+from rich.progress import Progress
+
+from client.metrics import distribution
+from serving.assets import SMOLLM2_CHECKPOINT, smollm2_gguf
+from serving.launcher import LaunchOptions, TritonLauncher
+from serving.llm.engine import Engine, EngineLimits, GenerationRequest
+from serving.llm.runner import LlamaRunner, load_hf_model
+from serving.llm.tokenizer import ChatTemplate, load_tokenizer
+from serving.repository import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOLLY = ROOT / ".." / "shared" / "data" / "dolly_sample.jsonl"
+TIER = "llm_small"
+console = Console(stderr=True)
+
+
+@dataclass
+class Run:
+    """One request's token timestamps (seconds since its start)."""
+
+    start: float
+    times: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+def summarize(name: str, runs: list[Run], wall: float, concurrency: int) -> dict[str, Any]:
+    tokens = sum(r.tokens for r in runs)
+    ttft = [r.times[0] - r.start for r in runs if r.times]
+    itl = [b - a for r in runs for a, b in zip(r.times, r.times[1:], strict=False)]
+    return {
+        "name": name,
+        "concurrency": concurrency,
+        "requests": len(runs),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_ms": distribution(ttft),
+        "itl_ms": distribution(itl),
+    }
+
+
+def prompts(count: int) -> list[str]:
+    rows = [json.loads(line) for line in DOLLY.read_text().splitlines() if line.strip()]
+    return [r["instruction"] for r in rows if len(r["instruction"]) < 300][:count]
+
+
+class _StepClock:
+    """A logits processor that only timestamps each decoding step of ``generate``."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hf_generate(model: Any, tokenizer: Any, batch: list[list[int]], tokens: int) -> list[Run]:
+    """One static batch through ``generate`` (left padded), exactly ``tokens`` new tokens."""
+    from transformers import LogitsProcessorList
+
+    width = max(len(ids) for ids in batch)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
+    clock = _StepClock()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    # The processor runs before a step's token is picked; the token exists just after.
+    times = [*clock.times[1:], time.perf_counter()]
+    generated = out.shape[1] - width
+    return [Run(start, times, generated) for _ in batch]
+
+
+def cb_runs(manager: Any, batch: list[list[int]], tokens: int) -> list[Run]:
+    """transformers' own in-flight batching (``ContinuousBatchingManager``), timestamps
+    recorded by the manager per generated token."""
+    starts = {}
+    for ids in batch:
+        start = time.perf_counter()
+        request_id = manager.add_request(ids, max_new_tokens=tokens, record_timestamps=True)
+        starts[request_id] = start
+    runs = []
+    for request_id, start in starts.items():
+        out = manager.get_result(request_id=request_id, timeout=600)
+        if out is None or not out.is_finished():
+            raise RuntimeError(f"continuous batching request {request_id} did not finish")
+        runs.append(Run(start, list(out.timestamps or []), len(out.generated_tokens)))
+    return runs
+
+
+def engine_runs(engine: Engine, batch: list[list[int]], tokens: int) -> list[Run]:
+    runs = [Run(time.perf_counter()) for _ in batch]
+    done = threading.Semaphore(0)
+
+    def sink_for(run: Run):
+        def sink(event) -> None:
+            if event.tokens:
+                run.times.append(time.perf_counter())
+                run.tokens += len(event.tokens)
+            if event.finished:
+                done.release()
+
+        return sink
+
+    for ids, run in zip(batch, runs, strict=True):
+        run.start = time.perf_counter()
+        engine.submit(GenerationRequest(ids, tokens, end_id=-1), sink_for(run))
+    for _ in batch:
+        done.acquire()
+    return runs
+
+
+def served_runs(url: str, batch: list[list[int]], tokens: int) -> list[Run]:
+    """One gRPC streaming client per prompt, all at once; token times from the client."""
+    runs = [Run(0.0) for _ in batch]
+    errors: list[str] = []
+
+    def one(ids: list[int], run: Run) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        values = {
+            "input_ids": np.array([ids], dtype=np.int32),
+            "input_lengths": np.array([[len(ids)]], dtype=np.int32),
+            "request_output_len": np.array([[tokens]], dtype=np.int32),
+            "end_id": np.array([[-1]], dtype=np.int32),
+            "streaming": np.array([[True]], dtype=np.bool_),
+        }
+        inputs = []
+        for name, array in values.items():
+            kind = {"i": "INT32", "b": "BOOL"}[array.dtype.kind]
+            tensor = grpcclient.InferInput(name, list(array.shape), kind)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        try:
+            run.start = time.perf_counter()
+            client.async_stream_infer(TIER, inputs, enable_empty_final_response=True)
+            while True:
+                result, error = results.get(timeout=600)
+                now = time.perf_counter()
+                if error is not None:
+                    errors.append(str(error))
+                    return
+                out = result.as_numpy("output_ids")
+                if out is not None and out.size:
+                    run.times.append(now)
+                    run.tokens += int(out.size)
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    return
+        finally:
+            client.stop_stream()
+            client.close()
+
+    threads = [
+        threading.Thread(target=one, args=(ids, run)) for ids, run in zip(batch, runs, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"served requests failed: {errors[:3]}")
+    return runs
+
+
+def timed(name: str, concurrency: int, fn) -> dict[str, Any]:
+    start = time.perf_counter()
+    runs = fn()
+    wall = time.perf_counter() - start
+    result = summarize(name, runs, wall, concurrency)
+    console.log(f"{name}: {result['tokens_per_s']:.1f} tok/s")
+    return result
+
+
+def sequential(fn, batches: list[list[int]]) -> list[Run]:
+    """Batch-1 requests one after another (the single-stream case)."""
+    runs: list[Run] = []
+    for ids in batches:
+        runs += fn([ids])
+    return runs
+
+
+def in_process(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    batch: list[list[int]],
+    progress: Progress,
+    task: Any,
+    dtype_name: str,
+) -> list[dict[str, Any]]:
+    """(a) ``generate``, (d) transformers' continuous batching, (c) the tier's engine."""
+    results: list[dict[str, Any]] = []
+    singles = batch[: args.single_requests]
+    model = load_hf_model(smollm2_gguf())
+    hf_generate(model, tokenizer, [singles[0]], 4)  # warm-up
+    results.append(
+        timed(
+            "in-process generate, batch 1",
+            1,
+            lambda: sequential(lambda b: hf_generate(model, tokenizer, b, args.tokens), singles),
+        )
+    )
+    results.append(
+        timed(
+            f"in-process generate, static batch {args.batch}",
+            args.batch,
+            lambda: hf_generate(model, tokenizer, batch, args.tokens),
+        )
+    )
+
+    progress.update(task, description="in-process transformers continuous batching")
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=args.tokens,
+        do_sample=False,
+        eos_token_id=-1,  # never stops early: exactly --tokens, like the other runs
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        cb_runs(manager, [singles[0]], 4)  # warm-up
+        results.append(
+            timed(
+                "in-process transformers continuous batching, 1 stream",
+                1,
+                lambda: sequential(lambda b: cb_runs(manager, b, args.tokens), singles),
+            )
+        )
+        results.append(
+            timed(
+                f"in-process transformers continuous batching, {args.batch} streams",
+                args.batch,
+                lambda: cb_runs(manager, batch, args.tokens),
+            )
+        )
+    finally:
+        manager.stop()
+
+    progress.update(task, description="in-process engine")
+    limits = EngineLimits(max_active=args.batch, max_context=1024, max_new_tokens=args.tokens)
+    runner = LlamaRunner(model, args.batch, 1024, getattr(torch, dtype_name))
+    engine = Engine(runner, limits, default_end_id=tokenizer.eos_token_id)
+    engine_runs(engine, [singles[0]], 4)  # warm-up
+    results.append(
+        timed(
+            f"in-process engine ({dtype_name}), 1 stream",
+            1,
+            lambda: sequential(lambda b: engine_runs(engine, b, args.tokens), singles),
+        )
+    )
+    results.append(
+        timed(
+            f"in-process engine ({dtype_name}), {args.batch} streams",
+            args.batch,
+            lambda: engine_runs(engine, batch, args.tokens),
+        )
+    )
+    engine.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--batch", type=int, default=16, help="static batch / concurrent streams")
+    parser.add_argument(
+        "--single-requests", type=int, default=4, help="batch-1 requests run one after another"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in-process")
+    parser.add_argument("--out", type=Path, default=RESULTS / "llm", help="results path stem")
+    args = parser.parse_args(argv)
+    if args.tokens < 2 or args.batch < 1 or args.single_requests < 1:
+        parser.error("--tokens must be >= 2 and --batch/--single-requests >= 1")
+    if not DOLLY.is_file():
+        parser.error(f"{DOLLY} not found: ../shared/data must sit beside the checkout")
+
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(smollm2_gguf())
+    template = ChatTemplate(tokenizer)
+    batch = [template.encode(p) for p in prompts(args.batch)]
+    singles = batch[: args.single_requests]
+    results: list[dict[str, Any]] = []
+    # The tier's own dtype, so (c) runs the engine exactly as the server does.
+    tier_config = parse_config(ROOT / "model_repository" / TIER / "config.pbtxt")
+    dtype_name = tier_config.parameters["dtype"].string_value or "float32"
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("in-process transformers generate", total=None)
+        results += in_process(args, tokenizer, batch, progress, task, dtype_name)
+
+        progress.update(task, description="starting tritonserver with llm_small")
+        log_path = Path(tempfile.mkdtemp(prefix="bench-llm-")) / "server.log"
+        launcher = TritonLauncher(
+            LaunchOptions.on_free_ports(models=[TIER], log_path=log_path, ready_timeout=900)
+        )
+        launcher.start()
+        try:
+            progress.update(task, description="served tier")
+            served_runs(launcher.grpc_url, [singles[0]], 4)  # warm-up
+            results.append(
+                timed(
+                    f"served {TIER} ({dtype_name}), 1 stream",
+                    1,
+                    lambda: sequential(
+                        lambda b: served_runs(launcher.grpc_url, b, args.tokens), singles
+                    ),
+                )
+            )
+            results.append(
+                timed(
+                    f"served {TIER} ({dtype_name}), {args.batch} streams",
+                    args.batch,
+                    lambda: served_runs(launcher.grpc_url, batch, args.tokens),
+                )
+            )
+        finally:
+            launcher.stop()
+
+    by = {r["name"]: r["tokens_per_s"] for r in results}
+    gen1, gen_n, cb1, cb_n, eng1, eng_n, served1, served_n = (r["name"] for r in results)
+    ratios = {
+        "served 1 stream / in-process generate batch 1": by[served1] / by[gen1],
+        f"served {args.batch} streams / in-process generate static batch {args.batch}": (
+            by[served_n] / by[gen_n]
+        ),
+        "served 1 stream / transformers continuous batching 1 stream": by[served1] / by[cb1],
+        f"served {args.batch} / transformers continuous batching {args.batch}": (
+            by[served_n] / by[cb_n]
+        ),
+        "served 1 stream / in-process engine 1 stream": by[served1] / by[eng1],
+        f"served {args.batch} / in-process engine {args.batch}": by[served_n] / by[eng_n],
+        "served 1 stream / single-stream ceiling (68 tok/s)": by[served1] / 68.0,
+        f"served {args.batch} streams / aggregate ceiling (600 tok/s)": by[served_n] / 600.0,
+    }
+    command = "flock /tmp/bench.lock .venv/bin/python benchmarks/llm.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    report = {
+        "command": command.strip(),
+        "checkpoint": SMOLLM2_CHECKPOINT,
+        "tokens_per_request": args.tokens,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": args.threads,
+            "load_average_at_end": os.getloadavg(),
+        },
+        "data": "Databricks Dolly 15k sample (CC BY-SA 3.0), instructions as prompts",
+        "results": results,
+        "ratios": ratios,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    console.print(markdown(report))
+    return 0
+
+
+def _ms(stats: dict[str, Any], key: str) -> str:
+    value = stats.get(key)
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# LLM tier: served vs in-process",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Model: {report['checkpoint']}; {report['tokens_per_request']} new tokens per request "
+        "(end-of-sequence disabled); prompts: Dolly 15k instructions (CC BY-SA 3.0) through "
+        f"the chat template. Machine: {report['machine']['cpus']} CPUs, torch "
+        f"{report['machine']['torch']}, load average at the end "
+        f"{', '.join(f'{x:.2f}' for x in report['machine']['load_average_at_end'])} "
+        "(the machine is shared).",
+        "",
+        "| run | streams | tok/s | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | ITL p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        t, i = r["ttft_ms"], r["itl_ms"]
+        lines.append(
+            f"| {r['name']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
+            f"{_ms(t, 'p50')} | {_ms(t, 'p90')} | {_ms(t, 'p99')} | "
+            f"{_ms(i, 'p50')} | {_ms(i, 'p90')} | {_ms(i, 'p99')} |"
+        )
+    lines += ["", "Latencies in ms. Ratios:", ""]
+    lines += [f"- {name}: **{value:.2f}x**" for name, value in report["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
