@@ -3,14 +3,18 @@
 Starts ``--replicas`` tritonservers through :mod:`serving.launcher`, each serving the
 small tier's text ensemble (``llm_small_text``) from a copy of the model repository in
 which the engine is cut down to share the machine fairly (``torch_threads`` 1 and
-``--slots`` active sequences per replica). Then the same closed-loop load, Dolly prompts
+``--slots`` active sequences per replica). With ``--simulated`` the replicas serve the
+``ticker`` test model as a miniature batching engine (slots, a shared token rate, no
+compute), which isolates the balancing decision from the replicas' fight for 2 cores. Then the same closed-loop load, Dolly prompts
 with a mix of short and long output caps (the seed workload, where long answers pile up
 on one replica), is driven once per strategy through :class:`client.AsyncReplicaPool`,
 and p50/p99 TTFT and ITL are reported per strategy.
 
-Results: ``benchmarks/results/balancing.{json,md}``. Run under the shared lock::
+Results: ``benchmarks/results/balancing[.simulated].{json,md}``. Run under the lock::
 
     flock /tmp/bench.lock .venv/bin/python benchmarks/balancing.py
+    flock /tmp/bench.lock .venv/bin/python benchmarks/balancing.py --simulated --replicas 3 \\
+        --users 24 --duration 40 --output-tokens 16,16,16,256
 
 Prompts derived from the Databricks Dolly 15k sample (CC BY-SA 3.0).
 """
@@ -26,6 +30,7 @@ import shutil
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,33 +46,89 @@ from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "dolly_sample.jsonl"
 RESULTS = ROOT / "benchmarks" / "results" / "balancing"
+TICKER_REPO = ROOT / "tests" / "fixtures" / "ticker_repo"
 MODEL = "llm_small_text"
 ENGINE = "llm_small"
 console = Console(stderr=True)
 
 
 def _set_param(config: str, key: str, value: str) -> str:
-    pattern = rf'(parameters \{{ key: "{key}" value: \{{ string_value: ")[^"]*(")'
+    pattern = rf'(parameters \{{ key: "{key}",? value: \{{ string_value: ")[^"]*(")'
     updated, count = re.subn(pattern, rf"\g<1>{value}\g<2>", config)
     if count != 1:
-        raise SystemExit(
-            f"cannot set parameter {key} in {ENGINE}'s config; has its format changed?"
-        )
+        raise SystemExit(f"cannot set parameter {key}: has the config's format changed?")
     return updated
 
 
-def replica_repository(where: Path, slots: int) -> Path:
-    """A copy of the repository whose engine uses one thread and ``slots`` sequences."""
+def configured_copy(
+    source: Path, where: Path, params: dict[str, dict[str, str]], models: list[str] | None = None
+) -> Path:
+    """Copy a model repository (or only ``models`` of it), overriding config parameters."""
     repo = where / "repo"
-    shutil.copytree(DEFAULT_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    config = repo / ENGINE / "config.pbtxt"
-    text = _set_param(config.read_text(), "torch_threads", "1")
-    config.write_text(_set_param(text, "max_active_sequences", str(slots)))
+    repo.mkdir(parents=True)
+    for model_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        if models is None or model_dir.name in models:
+            shutil.copytree(
+                model_dir, repo / model_dir.name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+    for model, values in params.items():
+        config = repo / model / "config.pbtxt"
+        text = config.read_text()
+        for key, value in values.items():
+            text = _set_param(text, key, value)
+        config.write_text(text)
     return repo
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What the replicas serve and how the load is shaped, per mode."""
+
+    repository: Path
+    model: str
+    description: str
+
+
+def real_setup(where: Path, args: argparse.Namespace) -> Setup:
+    repo = configured_copy(
+        DEFAULT_REPOSITORY,
+        where,
+        {ENGINE: {"torch_threads": "1", "max_active_sequences": str(args.slots)}},
+    )
+    return Setup(
+        repo,
+        MODEL,
+        (
+            f"each serving `{MODEL}` (SmolLM2-135M on CPU) with `torch_threads` 1 and "
+            f"{args.slots} active sequences. All replicas share the machine's 2 cores."
+        ),
+    )
+
+
+def simulated_setup(where: Path, args: argparse.Namespace) -> Setup:
+    params = {
+        "interval_ms": "5",
+        "slots": str(args.slots),
+        "capacity_tokens_per_s": f"{args.capacity:g}",
+    }
+    repo = configured_copy(TICKER_REPO, where, {"ticker": params})
+    return Setup(
+        repo,
+        "ticker",
+        (
+            f"each serving the `ticker` model as a simulated in-flight batching engine: "
+            f"{args.slots} slots (more requests wait: TTFT), {args.capacity:g} tokens/s shared "
+            "by the running sequences, no real compute, so replicas do not compete for CPU."
+        ),
+    )
+
+
 async def one_strategy(
-    strategy: Strategy, servers: list[TritonLauncher], prompts: list[str], args: argparse.Namespace
+    strategy: Strategy,
+    servers: list[TritonLauncher],
+    model: str,
+    prompts: list[str],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     pool = AsyncReplicaPool(
         [s.grpc_url for s in servers],
@@ -78,7 +139,7 @@ async def one_strategy(
     shape = LoadShape(users=args.users, duration=args.duration, warmup=args.warmup, seed=args.seed)
 
     def send(job: Any) -> Any:
-        return request_stream(pool, Target.LLM_SMALL, job, model=MODEL, temperature=0.0)
+        return request_stream(pool, Target.LLM_SMALL, job, model=model, temperature=0.0)
 
     try:
         result = await run(send, jobs(prompts, args.output_tokens, args.seed), shape)
@@ -95,19 +156,19 @@ async def one_strategy(
 def markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     lines = [
-        "# Balancing strategies on the same load",
+        f"# Balancing strategies on the same load ({cfg['mode']})",
         "",
         f"Command: `{report['command']}`",
         "",
-        f"{cfg['replicas']} local tritonservers (launcher), each serving `{MODEL}` with "
-        f"`torch_threads` 1 and {cfg['slots']} active sequences; closed loop, {cfg['users']} "
-        f"users, {cfg['duration_s']:g} s per strategy after {cfg['warmup']} warm-up requests; "
-        f"Dolly prompts, output caps drawn from {cfg['output_tokens']} (short and long mixed), "
-        "temperature 0. All on one 2-core machine, so the replicas also share CPU.",
+        f"{cfg['replicas']} local tritonservers started by the launcher, {cfg['setup']} "
+        f"Closed loop, {cfg['users']} users, {cfg['duration_s']:g} s per strategy after "
+        f"{cfg['warmup']} warm-up requests; Dolly prompts, output caps drawn from "
+        f"{cfg['output_tokens']} (short and long mixed), temperature 0; strategies run one "
+        "after another against the same servers.",
         "",
         "| strategy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | "
-        "req/s | tok/s | requests per replica |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "req/s | tok/s | requests per replica | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["strategies"]:
         t, i, e = s["ttft_ms"], s["itl_ms"], s["e2e_ms"]
@@ -115,14 +176,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {s['strategy']} | {t['p50']:.0f} | {t['p90']:.0f} | {t['p99']:.0f} | "
             f"{i['p50']:.0f} | {i['p99']:.0f} | {e['p50']:.0f} | {e['p99']:.0f} | "
             f"{s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | "
-            f"{s['requests_per_replica']} |"
+            f"{s['requests_per_replica']} | {s['errors'] or 'none'} |"
         )
     lines += [
         "",
-        "Latencies in ms. Errors: "
-        + ", ".join(f"{s['strategy']}={s['errors'] or 'none'}" for s in report["strategies"]),
-        "",
-        "Prompts: Databricks Dolly 15k sample (CC BY-SA 3.0).",
+        "Latencies in ms. Prompts: Databricks Dolly 15k sample (CC BY-SA 3.0).",
         "",
     ]
     return "\n".join(lines)
@@ -132,8 +190,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    parser.add_argument(
+        "--simulated",
+        action="store_true",
+        help="replicas serve the ticker as a simulated batching engine instead of SmolLM2",
+    )
     parser.add_argument("--replicas", type=int, default=2, choices=[2, 3])
     parser.add_argument("--slots", type=int, default=4, help="active sequences per replica")
+    parser.add_argument(
+        "--capacity", type=float, default=100.0, help="simulated: tokens/s per replica"
+    )
     parser.add_argument("--users", type=int, default=10, help="closed-loop users")
     parser.add_argument("--duration", type=float, default=75.0, help="seconds per strategy")
     parser.add_argument("--warmup", type=int, default=4)
@@ -144,17 +210,24 @@ def main() -> int:
         help="output caps drawn at random per request",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="results prefix (default benchmarks/results/balancing[.simulated])",
+    )
     args = parser.parse_args()
+    mode = "simulated engine" if args.simulated else "SmolLM2 on CPU"
+    prefix = args.output or Path(f"{RESULTS}{'.simulated' if args.simulated else ''}")
 
     prompts = load_prompts(DOLLY)
-    strategies = list(Strategy)
     with tempfile.TemporaryDirectory(prefix="balancing-") as tmp:
-        repo = replica_repository(Path(tmp), args.slots)
+        setup = (simulated_setup if args.simulated else real_setup)(Path(tmp), args)
         launchers = [
             TritonLauncher(
                 LaunchOptions.on_free_ports(
-                    repository=repo, models=[MODEL], log_path=Path(tmp) / f"replica{i}.log"
+                    repository=setup.repository,
+                    models=[setup.model],
+                    log_path=Path(tmp) / f"replica{i}.log",
                 )
             )
             for i in range(args.replicas)
@@ -164,9 +237,11 @@ def main() -> int:
             with ThreadPoolExecutor(args.replicas) as pool:
                 list(pool.map(lambda launcher: launcher.start(), launchers))
             results = []
-            for strategy in strategies:
+            for strategy in Strategy:
                 console.print(f"running {strategy.value} for {args.duration:g} s ...")
-                results.append(asyncio.run(one_strategy(strategy, launchers, prompts, args)))
+                results.append(
+                    asyncio.run(one_strategy(strategy, launchers, setup.model, prompts, args))
+                )
         finally:
             for launcher in launchers:
                 launcher.stop()
@@ -174,21 +249,24 @@ def main() -> int:
     report = {
         "command": shlex.join(["python", *sys.argv]),
         "config": {
+            "mode": mode,
+            "setup": setup.description,
             "replicas": args.replicas,
             "slots": args.slots,
             "users": args.users,
             "duration_s": args.duration,
             "warmup": args.warmup,
             "output_tokens": args.output_tokens,
-            "model": MODEL,
+            "model": setup.model,
+            "capacity_tokens_per_s": args.capacity if args.simulated else None,
         },
         "strategies": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text(markdown(report))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    Path(f"{prefix}.md").write_text(markdown(report))
 
-    table = Table(title="balancing strategies (ms)")
+    table = Table(title=f"balancing strategies, {mode} (ms)")
     for column in (
         "strategy",
         "TTFT p50",

@@ -25,7 +25,6 @@ import asyncio
 import json
 import platform
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpc_aio
+from balancing import configured_copy
 from rich.console import Console
 from rich.table import Table
 
@@ -54,12 +54,7 @@ console = Console(stderr=True)
 
 def ticker_repository(where: Path, interval_ms: float) -> Path:
     """A copy of the ticker model with the requested interval."""
-    repo = where / "repo"
-    shutil.copytree(TICKER, repo / "ticker", ignore=shutil.ignore_patterns("__pycache__"))
-    config = repo / "ticker" / "config.pbtxt"
-    text = config.read_text()
-    config.write_text(text.replace('string_value: "20"', f'string_value: "{interval_ms:g}"'))
-    return repo
+    return configured_copy(TICKER.parent, where, {"ticker": {"interval_ms": f"{interval_ms:g}"}})
 
 
 async def raw_run(url: str, streams: int, requests: int, tokens: int) -> list[RequestRecord]:
