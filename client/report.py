@@ -91,8 +91,17 @@ def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -
     cdf = _save(fig, directory / "latency_cdf.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    timed = [r for r in ok if r.ttft is not None]
-    ax.scatter([r.start for r in timed], [r.ttft * 1000 for r in timed], s=8, label="TTFT")
+    timed = sorted((r for r in ok if r.ttft is not None), key=lambda r: r.start)
+    starts = np.array([r.start for r in timed])
+    ttfts = np.array([r.ttft * 1000 for r in timed])
+    ax.scatter(starts, ttfts, s=8, alpha=0.5, label="TTFT")
+    window = max(5, len(timed) // 30)
+    if len(timed) >= 2 * window:
+        # Rolling percentiles make a drift (queues building up) visible through the noise.
+        rolled = np.lib.stride_tricks.sliding_window_view(ttfts, window)
+        centre = starts[window - 1 :]
+        ax.plot(centre, np.percentile(rolled, 50, axis=1), color="black", label="rolling p50")
+        ax.plot(centre, np.percentile(rolled, 90, axis=1), color="orange", label="rolling p90")
     failed = [r for r in records if not r.ok]
     if failed:
         ax.scatter(
