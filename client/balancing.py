@@ -155,11 +155,11 @@ class AsyncReplicaPool(BaseAsyncClient):
         self._probe_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def pick(self) -> Replica:
+    def pick(self, exclude: Sequence[Replica] = ()) -> Replica:
         """The replica for the next request; starts health probing on first use."""
         if self._probe_task is None:
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
-        candidates = [r for r in self.replicas if r.healthy]
+        candidates = [r for r in self.replicas if r.healthy and r not in exclude]
         if not candidates:
             raise ServerUnavailable(
                 "no healthy replica: "
@@ -223,17 +223,32 @@ class AsyncReplicaPool(BaseAsyncClient):
             replica.in_flight -= 1
 
     async def infer_tensors(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
-        replica = self.pick()
-        with self._lease(replica):
-            return await self._clients[replica].infer_tensors(model, inputs, outputs)
+        tried: list[Replica] = []
+        while True:
+            replica = self.pick(tried)
+            try:
+                with self._lease(replica):
+                    return await self._clients[replica].infer_tensors(model, inputs, outputs)
+            except ServerUnavailable:
+                tried.append(replica)  # never reached a server: safe to send elsewhere
 
     async def stream_tensors(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
-        replica = self.pick()
-        stream = self._clients[replica].stream_tensors(model, inputs)
-        with self._lease(replica):
-            async with contextlib.aclosing(stream):
-                async for tensors in stream:
-                    yield tensors
+        tried: list[Replica] = []
+        while True:
+            replica = self.pick(tried)
+            stream = self._clients[replica].stream_tensors(model, inputs)
+            started = False
+            try:
+                with self._lease(replica):
+                    async with contextlib.aclosing(stream):
+                        async for tensors in stream:
+                            started = True
+                            yield tensors
+                return
+            except ServerUnavailable:
+                if started:
+                    raise  # part of the answer was delivered; a retry would repeat it
+                tried.append(replica)
 
     async def models(self) -> list[ModelStatus]:
         """The models of the first healthy replica (replicas serve the same repository)."""

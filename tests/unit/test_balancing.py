@@ -94,8 +94,10 @@ def test_unreachable_replica_is_ejected_and_probed_back() -> None:
                 results.append((await pool.generate("hi")).text)
             except ServerUnavailable:
                 results.append("error")
-        # One request hit the bad replica before it was ejected; the rest went to good.
-        assert results.count("error") == 1 and results.count("ok") == 3
+        # The one request that hit the refused replica was sent again to the good one
+        # (it never reached a server); the bad replica is ejected.
+        assert results == ["ok"] * 4
+        assert len(bad.requests) == 1 and len(good.requests) == 4
         assert [r.healthy for r in pool.replicas] == [True, False]
         bad.error, bad.ready = None, True
         await asyncio.sleep(0.1)  # the probe lets it back in
@@ -205,6 +207,27 @@ def test_no_healthy_replica_names_the_last_errors() -> None:
             await pool.generate("hi")
         with pytest.raises(ServerUnavailable, match=r"no healthy replica: a:1 \(refused\)"):
             await pool.generate("hi")
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_that_broke_midway_is_not_retried() -> None:
+    """Part of the answer was delivered, so sending it elsewhere would repeat it."""
+
+    class Breaks(FakeServer):
+        async def stream_tensors(self, model, inputs):  # type: ignore[no-untyped-def]
+            self.requests.append((model, inputs))
+            yield text_chunks(b"par")[0]
+            raise ServerUnavailable("connection reset")
+
+    broken, good = Breaks("a:1"), FakeServer("b:1", chunks=text_chunks(b"ok"))
+    pool = _pool({"a:1": broken, "b:1": good}, strategy="round_robin")
+
+    async def scenario() -> None:
+        with pytest.raises(ServerUnavailable, match="connection reset"):
+            await pool.generate("hi")
+        assert good.requests == [] and not pool.replicas[0].healthy
         await pool.close()
 
     asyncio.run(scenario())
