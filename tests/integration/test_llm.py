@@ -1,0 +1,259 @@
+"""The LLM tiers, pre/postprocessing and tier ensembles through the real server."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from serving.launcher import TritonLauncher
+
+TIMEOUT = 300
+QUESTION = "What is the capital of France?"
+TIERS = ("llm_small", "llm_medium", "llm_large")
+
+
+def _text_inputs(text: str, max_tokens: int, stream: bool) -> list[grpcclient.InferInput]:
+    values = {
+        "text_input": np.array([[text.encode()]], dtype=np.object_),
+        "max_tokens": np.array([[max_tokens]], dtype=np.int32),
+        "temperature": np.array([[0.0]], dtype=np.float32),
+        "stream": np.array([[stream]], dtype=np.bool_),
+    }
+    return [_input(name, array) for name, array in values.items()]
+
+
+def _input(name: str, array: np.ndarray) -> grpcclient.InferInput:
+    dtype = {"O": "BYTES", "i": "INT32", "f": "FP32", "b": "BOOL", "u": "UINT64"}[array.dtype.kind]
+    tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _tier_inputs(ids: list[int], output_len: int, stream: bool, **extra: np.ndarray) -> list:
+    values = {
+        "input_ids": np.array([ids], dtype=np.int32),
+        "input_lengths": np.array([[len(ids)]], dtype=np.int32),
+        "request_output_len": np.array([[output_len]], dtype=np.int32),
+        "streaming": np.array([[stream]], dtype=np.bool_),
+        **extra,
+    }
+    return [_input(name, array) for name, array in values.items()]
+
+
+@contextmanager
+def _stream(
+    server: TritonLauncher,
+) -> Iterator[tuple[grpcclient.InferenceServerClient, queue.Queue]]:
+    """A gRPC client with an open bidirectional stream; results land in the queue."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        yield client, results
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def _collect(results: queue.Queue, output: str) -> list[np.ndarray]:
+    """Every response's ``output`` until the final flag; raise on an error response."""
+    outputs = []
+    while True:
+        result, error = results.get(timeout=TIMEOUT)
+        if error is not None:
+            raise error
+        response = result.get_response()
+        array = result.as_numpy(output)
+        if array is not None and array.size:
+            outputs.append(array)
+        if response.parameters["triton_final_response"].bool_param:
+            return outputs
+
+
+def _stream_text(server: TritonLauncher, model: str, text: str, max_tokens: int, stream: bool):
+    with _stream(server) as (client, results):
+        client.async_stream_infer(
+            model, _text_inputs(text, max_tokens, stream), enable_empty_final_response=True
+        )
+        chunks = [a.reshape(-1)[0] for a in _collect(results, "text_output")]
+    return [c.decode("utf-8") for c in chunks]  # strict: a split character fails here
+
+
+def _post(server: TritonLauncher, path: str, body: dict) -> tuple[int, str]:
+    request = urllib.request.Request(
+        f"http://{server.http_url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_each_tier_ensemble_answers_paris(server: TritonLauncher, tier: str) -> None:
+    chunks = _stream_text(server, f"{tier}_text", QUESTION, 32, stream=True)
+    assert len(chunks) > 1
+    assert "Paris" in "".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        QUESTION,
+        "Write the French word for coffee, then a coffee emoji.",  # accents, emoji
+        "Translate 'hello world' into Chinese.",  # CJK
+    ],
+)
+def test_grpc_stream_concatenates_to_the_non_streamed_text(
+    server: TritonLauncher, prompt: str
+) -> None:
+    streamed = _stream_text(server, "llm_small_text", prompt, 48, stream=True)
+    (whole,) = _stream_text(server, "llm_small_text", prompt, 48, stream=False)
+    assert "".join(streamed) == whole
+    assert whole.strip()
+
+
+def test_http_generate_and_generate_stream(server: TritonLauncher) -> None:
+    body = {"text_input": QUESTION, "max_tokens": 32, "temperature": 0.0}
+    status, text = _post(server, "/v2/models/llm_small_text/generate", body)
+    assert status == 200, text
+    whole = json.loads(text)["text_output"]
+    assert "Paris" in whole
+
+    status, text = _post(
+        server, "/v2/models/llm_small_text/generate_stream", {**body, "stream": True}
+    )
+    assert status == 200, text
+    events = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line]
+    assert len(events) > 1
+    assert "".join(e["text_output"] for e in events) == whole
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"text_input": "   "}, "empty"),
+        ({"text_input": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"text_input": "hi", "max_tokens": -4}, "max_tokens"),
+        ({"text_input": "hi", "max_tokens": 1_000_000}, "max_tokens"),
+        ({"text_input": "hi", "temperature": -1.0}, "temperature"),
+        ({"text_input": "word " * 3000}, "shorten the prompt"),
+    ],
+)
+def test_http_bad_input_is_a_clear_400(server: TritonLauncher, body: dict, message: str) -> None:
+    status, text = _post(server, "/v2/models/llm_small_text/generate", body)
+    assert status == 400
+    assert message in json.loads(text)["error"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (_tier_inputs([], 8, False), "empty"),
+        (_tier_inputs([1] * 3000, 8, False), "shorten the prompt"),
+        (_tier_inputs([1, 2, 3], 0, False), "request_output_len"),
+        (_tier_inputs([1, 2, 3], 5000, False), "request_output_len"),
+        (
+            _tier_inputs([1, 2, 3], 8, False, temperature=np.array([[-1.0]], dtype=np.float32)),
+            "temperature",
+        ),
+    ],
+)
+def test_tier_bad_input_is_invalid_arg(server: TritonLauncher, inputs: list, message: str) -> None:
+    with _stream(server) as (client, results):
+        client.async_stream_infer("llm_small", inputs)
+        with pytest.raises(InferenceServerException, match=message):
+            _collect(results, "output_ids")
+    # The model keeps serving.
+    with _stream(server) as (client, results):
+        client.async_stream_infer("llm_small", _tier_inputs([1, 4093, 198], 4, False))
+        (ids,) = _collect(results, "output_ids")
+    assert ids.shape == (1, 1, 4)
+
+
+def test_wrong_dtype_is_rejected(server: TritonLauncher) -> None:
+    bad = _tier_inputs([1, 2, 3], 4, False)
+    bad[0] = _input("input_ids", np.array([[1, 2, 3]], dtype=np.float32))
+    with _stream(server) as (client, results):
+        client.async_stream_infer("llm_small", bad)
+        with pytest.raises(InferenceServerException, match="input_ids"):
+            _collect(results, "output_ids")
+
+
+def test_eight_concurrent_streams_complete(server: TritonLauncher) -> None:
+    prompts = [f"Give me fact number {i} about the ocean." for i in range(8)]
+    texts: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            texts[i] = "".join(_stream_text(server, "llm_medium_text", prompts[i], 24, True))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=partial(run, i)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert errors == []
+    assert sorted(texts) == list(range(8))
+    assert all(t.strip() for t in texts.values())
+
+
+def _active_sequences(server: TritonLauncher, model: str) -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as r:
+        metrics = r.read().decode()
+    for line in metrics.splitlines():
+        labels = f'model="{model}"' in line and 'state="active"' in line
+        if line.startswith("llm_engine_sequences{") and labels:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_cancelled_stream_frees_its_slot_for_the_next(server: TritonLauncher) -> None:
+    model = "llm_large"
+    # end_id -1 never matches: only the cancellation can end this 500-token request.
+    long = _tier_inputs([1, 4093, 198], 500, True, end_id=np.array([[-1]], dtype=np.int32))
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model, long)
+        for _ in range(3):
+            _, error = results.get(timeout=TIMEOUT)
+            assert error is None, error
+        assert _active_sequences(server, model) == 1
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    assert _wait_for(lambda: _active_sequences(server, model) == 0)
+    # The freed slot serves the next request.
+    with _stream(server) as (client, results):
+        client.async_stream_infer(model, _tier_inputs([1, 4093, 198], 4, True))
+        chunks = _collect(results, "output_ids")
+    assert sum(c.size for c in chunks) == 4
