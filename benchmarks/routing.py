@@ -270,12 +270,17 @@ def markdown(report: dict[str, Any]) -> str:
             f"{level['tiers']}; routed text differed from direct text in "
             f"{level['text_mismatches']} pairs."
         )
-    c1 = next(x for x in report["levels"] if x["concurrency"] == 1)
-    added = c1["ttft"]["added_p50_ms"]
-    verdict = "meets" if added <= 15 else "misses"
+    for failure in report["failures"]:
+        lines.append(f"- concurrency {failure['concurrency']} FAILED: {failure['error']}")
+    c1 = next((x for x in report["levels"] if x["concurrency"] == 1), None)
+    if c1 is not None:
+        added = c1["ttft"]["added_p50_ms"]
+        verdict = "meets" if added <= 15 else "misses"
+        lines += [
+            "",
+            f"Goal (<= 15 ms added at p50, concurrency 1, TTFT): {added:+.1f} ms, {verdict} it.",
+        ]
     lines += [
-        "",
-        f"Goal (<= 15 ms added at p50, concurrency 1, TTFT): {added:+.1f} ms, {verdict} it.",
         "",
         '"Paired added p50" is the median of routed - direct per prompt (the same prompt, '
         "back to back), less sensitive to which prompts a percentile lands on. p99 over this "
@@ -305,6 +310,12 @@ def markdown(report: dict[str, Any]) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def save(report: dict[str, Any], output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "routing.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output_dir / "routing.md").write_text(markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,33 +350,35 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"starting tritonserver with {', '.join(MODELS)} (log: {log_path})")
     launcher.start()
     try:
-        levels = []
+        report: dict[str, Any] = {
+            "command": shlex.join(["python", "benchmarks/routing.py", *(argv or sys.argv[1:])]),
+            "prompts": args.requests,
+            "max_tokens": args.max_tokens,
+            "machine": f"{platform.machine()}, Python {platform.python_version()}",
+            "levels": [],
+            "failures": [],
+            "policy_sweep": sweep,
+        }
         with Progress(console=console) as progress:
             run_level(launcher.grpc_url, prompts[: args.warmup], 1, args.max_tokens, progress)
             for concurrency in args.concurrency:
-                levels.append(
-                    run_level(
+                try:
+                    level = run_level(
                         launcher.grpc_url,
                         prompts[args.warmup :],
                         concurrency,
                         args.max_tokens,
                         progress,
                     )
-                )
+                except (RuntimeError, queue.Empty) as exc:  # the server died: keep what we have
+                    report["failures"].append({"concurrency": concurrency, "error": str(exc)})
+                    save(report, args.output_dir)
+                    console.print(f"error: concurrency {concurrency} failed: {exc}")
+                    return 1
+                report["levels"].append(level)
+                save(report, args.output_dir)  # each level as soon as it is measured
     finally:
         launcher.stop()
-
-    report = {
-        "command": shlex.join(["python", "benchmarks/routing.py", *(argv or sys.argv[1:])]),
-        "prompts": args.requests,
-        "max_tokens": args.max_tokens,
-        "machine": f"{platform.machine()}, Python {platform.python_version()}",
-        "levels": levels,
-        "policy_sweep": sweep,
-    }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "routing.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output_dir / "routing.md").write_text(markdown(report))
     console.print(markdown(report))
     return 0
 
