@@ -445,6 +445,11 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "Latencies in ms. Ratios:", ""]
     lines += [f"- {name}: **{value:.2f}x**" for name, value in report["ratios"].items()]
+    lines += [
+        "",
+        "Why the served tier is where it is, and how far from the ceiling: "
+        "docs/llm.md, section Performance.",
+    ]
     return "\n".join(lines) + "\n"
 
 
