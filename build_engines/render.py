@@ -30,6 +30,8 @@ TIER_INPUTS = [
     ("runtime_top_k", "TYPE_INT32", "1", True, True),
     ("runtime_top_p", "TYPE_FP32", "1", True, True),
     ("seed", "TYPE_UINT64", "1", True, True),
+    # tensorrt_llm's stop: the router ends a cancelled stream with a stop request (same id)
+    ("stop", "TYPE_BOOL", "1", True, False),
 ]
 TIER_OUTPUTS = [("output_ids", "TYPE_INT32", "-1, -1"), ("sequence_length", "TYPE_INT32", "-1")]
 

@@ -33,6 +33,7 @@ LLM_OPTIONAL: Tensors = {
     "runtime_top_k": (DT.TYPE_INT32, [1]),
     "runtime_top_p": (DT.TYPE_FP32, [1]),
     "seed": (DT.TYPE_UINT64, [1]),
+    "stop": (DT.TYPE_BOOL, [1]),
 }
 LLM_OUTPUTS: Tensors = {
     "output_ids": (DT.TYPE_INT32, [-1, -1]),
