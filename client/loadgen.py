@@ -13,10 +13,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
-from client.errors import error_of_kind
+from client.errors import ServerUnavailable, error_of_kind
 from client.metrics import RequestRecord, measure
 from client.sdk import BaseAsyncClient, Chunk
 from client.workload import Job, WorkloadError, arrival_gaps
+
+UNAVAILABLE_PAUSE_S = 0.1
 
 
 class Target(str, enum.Enum):
@@ -133,7 +135,12 @@ async def _closed_loop(
         while budget.take():
             job = next(jobs)
             started = time.perf_counter()
-            done(await measure(send(job), started, origin))
+            record = await measure(send(job), started, origin)
+            done(record)
+            if record.error == ServerUnavailable.kind:
+                # Nothing answered: pause like a real client would, instead of a hot loop
+                # that records thousands of instant failures against a dead server.
+                await asyncio.sleep(UNAVAILABLE_PAUSE_S)
 
     await asyncio.gather(*(user() for _ in range(users)))
 

@@ -248,3 +248,22 @@ def test_warmup_that_fails_entirely_stops_the_run() -> None:
     with pytest.raises(ModelNotFound, match="every warm-up request failed: Request for unknown"):
         asyncio.run(run(_send_to(server), jobs(["hi"], None, 0), shape))
     assert len(server.requests) == 2
+
+
+def test_closed_loop_pauses_after_an_unreachable_server() -> None:
+    from client.errors import ServerUnavailable
+
+    class GoesDown(FakeServer):
+        async def stream_tensors(self, model, inputs):  # type: ignore[no-untyped-def]
+            self.requests.append((model, inputs))
+            if len(self.requests) > 2:
+                raise ServerUnavailable("connection refused")
+            yield text_chunks(b"a")[0]
+
+    server = GoesDown()
+    result = asyncio.run(
+        run(_send_to(server), jobs(["hi"], None, 0), LoadShape(users=1, duration=0.5))
+    )
+    errors = [r for r in result.records if not r.ok]
+    assert {r.error for r in errors} == {"unavailable"}
+    assert 2 <= len(errors) <= 7  # about one per 100 ms pause, not thousands
