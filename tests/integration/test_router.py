@@ -38,12 +38,35 @@ PROMPTS = [(SUMMARY, "summarization"), (QUESTION, "question_answering"), (STORY,
 
 
 @pytest.fixture(scope="module")
-def policy() -> RoutingPolicy:
+def policy(server: Any) -> RoutingPolicy:
+    """The committed policy, once every model the router calls is steadily ready.
+
+    Routing to the right tier needs every tier up: wait (bounded) until all of them
+    answer ready for several seconds in a row, so a model still settling after start
+    shows up as a clear error here rather than as a fallback in some test.
+    """
     config = parse_config(ROOT / "model_repository" / "router" / "config.pbtxt")
     raw = {
         "parameters": {k: {"string_value": v.string_value} for k, v in config.parameters.items()}
     }
-    return RoutingPolicy.from_params(Params(raw, "router"))
+    policy = RoutingPolicy.from_params(Params(raw, "router"))
+    models = ["router", "intent_classifier", "preprocessing", *policy.tiers]
+    steady, deadline = 0, time.monotonic() + 600
+    while steady < 5:
+        if time.monotonic() > deadline:
+            pytest.fail(f"models {models} did not stay ready; server log:\n{server.log_tail()}")
+        steady = steady + 1 if all(model_ready(server, m) for m in models) else 0
+        time.sleep(1)
+    return policy
+
+
+def model_ready(server: Any, model: str) -> bool:
+    try:
+        url = f"http://{server.http_url}/v2/models/{model}/ready"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status == 200
+    except urllib.error.URLError:
+        return False
 
 
 @dataclass
@@ -182,7 +205,7 @@ def test_http_generate_stream_lands_on_the_policy_tier(
     assert "".join(e["text_output"] for e in events).strip()
 
 
-def test_stream_concatenation_equals_the_whole_text(server: Any) -> None:
+def test_stream_concatenation_equals_the_whole_text(server: Any, policy: RoutingPolicy) -> None:
     streamed = grpc_stream(server, QUESTION, max_tokens=10, stream=True)
     (whole,) = grpc_stream(server, QUESTION, max_tokens=10, stream=False)
     assert "".join(c.text for c in streamed) == whole.text
@@ -202,7 +225,7 @@ def test_intent_override_skips_the_classifier(server: Any, policy: RoutingPolicy
     assert answer["confidence"] == 1.0
 
 
-def test_model_override_forces_the_tier(server: Any) -> None:
+def test_model_override_forces_the_tier(server: Any, policy: RoutingPolicy) -> None:
     chunks = grpc_stream(server, QUESTION, max_tokens=4, model="llm_small", stream=True)
     assert {(c.intent, c.model) for c in chunks} == {("question_answering", "llm_small")}
 
@@ -238,7 +261,7 @@ def test_unloaded_tier_falls_back_and_metrics_count_it(server: Any, policy: Rout
     assert {c.model for c in grpc_stream(server, QUESTION, max_tokens=2)} == {chosen}
 
 
-def test_metrics_sit_next_to_tritons_own(server: Any) -> None:
+def test_metrics_sit_next_to_tritons_own(server: Any, policy: RoutingPolicy) -> None:
     before = metrics(server)
     grpc_stream(server, STORY, max_tokens=3, stream=True)
     grpc_stream(server, STORY, max_tokens=3, intent="completion")
@@ -259,7 +282,7 @@ def test_metrics_sit_next_to_tritons_own(server: Any) -> None:
     assert sample(after, "router_classifier_latency_us_sum", **latency) > 0
 
 
-def test_cancelled_stream_stops_the_tier(server: Any) -> None:
+def test_cancelled_stream_stops_the_tier(server: Any, policy: RoutingPolicy) -> None:
     before = metrics(server)
     chunks = grpc_stream(server, STORY, cancel_after=2, max_tokens=200, stream=True)
     assert len(chunks) == 2
@@ -290,7 +313,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("text", "options", "message"), BAD_INPUTS, ids=[b[2] for b in BAD_INPUTS])
 def test_bad_input_is_invalid_arg_and_the_server_stays_up(
-    server: Any, text: str | bytes, options: dict, message: str
+    server: Any, policy: RoutingPolicy, text: str | bytes, options: dict, message: str
 ) -> None:
     # A gRPC stream carries only the message of an in-band error; HTTP carries the code.
     with pytest.raises(StreamError, match=re.escape(message)):
