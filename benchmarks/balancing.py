@@ -129,6 +129,7 @@ async def one_strategy(
     model: str,
     prompts: list[str],
     args: argparse.Namespace,
+    duration: float,
 ) -> dict[str, Any]:
     pool = AsyncReplicaPool(
         [s.grpc_url for s in servers],
@@ -136,7 +137,7 @@ async def one_strategy(
         strategy=strategy,
         timeout=600,
     )
-    shape = LoadShape(users=args.users, duration=args.duration, warmup=args.warmup, seed=args.seed)
+    shape = LoadShape(users=args.users, duration=duration, warmup=args.warmup, seed=args.seed)
 
     def send(job: Any) -> Any:
         return request_stream(pool, Target.LLM_SMALL, job, model=model, temperature=0.0)
@@ -204,6 +205,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=75.0, help="seconds per strategy")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument(
+        "--prewarm", type=float, default=30.0, help="seconds of unrecorded load before the runs"
+    )
+    parser.add_argument(
         "--output-tokens",
         type=lambda s: [int(x) for x in s.split(",")],
         default=[16, 16, 16, 160],
@@ -236,11 +240,22 @@ def main() -> int:
         try:
             with ThreadPoolExecutor(args.replicas) as pool:
                 list(pool.map(lambda launcher: launcher.start(), launchers))
+            if args.prewarm > 0:
+                # Unrecorded load first: model warm-up and any early stub restart by the
+                # launcher's supervisor happen here, not inside the first strategy's window.
+                console.print(f"pre-warming for {args.prewarm:g} s (not recorded) ...")
+                asyncio.run(
+                    one_strategy(
+                        Strategy.ROUND_ROBIN, launchers, setup.model, prompts, args, args.prewarm
+                    )
+                )
             results = []
             for strategy in Strategy:
                 console.print(f"running {strategy.value} for {args.duration:g} s ...")
                 results.append(
-                    asyncio.run(one_strategy(strategy, launchers, setup.model, prompts, args))
+                    asyncio.run(
+                        one_strategy(strategy, launchers, setup.model, prompts, args, args.duration)
+                    )
                 )
         finally:
             for launcher in launchers:
@@ -256,6 +271,7 @@ def main() -> int:
             "users": args.users,
             "duration_s": args.duration,
             "warmup": args.warmup,
+            "prewarm_s": args.prewarm,
             "output_tokens": args.output_tokens,
             "model": setup.model,
             "capacity_tokens_per_s": args.capacity if args.simulated else None,
