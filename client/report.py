@@ -95,13 +95,22 @@ def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -
     starts = np.array([r.start for r in timed])
     ttfts = np.array([r.ttft * 1000 for r in timed])
     ax.scatter(starts, ttfts, s=8, alpha=0.5, label="TTFT")
-    window = max(5, len(timed) // 30)
-    if len(timed) >= 2 * window:
-        # Rolling percentiles make a drift (queues building up) visible through the noise.
-        rolled = np.lib.stride_tricks.sliding_window_view(ttfts, window)
-        centre = starts[window - 1 :]
-        ax.plot(centre, np.percentile(rolled, 50, axis=1), color="black", label="rolling p50")
-        ax.plot(centre, np.percentile(rolled, 90, axis=1), color="orange", label="rolling p90")
+    if len(timed) >= 10:
+        # Percentiles per time bin make a drift (queues building up) visible in the noise.
+        edges = np.linspace(0.0, float(starts.max()) + 1e-9, min(25, len(timed) // 4) + 1)
+        which = np.digitize(starts, edges) - 1
+        bins = [(edges[i : i + 2].mean(), ttfts[which == i]) for i in range(len(edges) - 1)]
+        bins = [(t, v) for t, v in bins if len(v) >= 3]
+        centres = [t for t, _ in bins]
+        ax.plot(centres, [np.percentile(v, 50) for _, v in bins], "k-o", ms=3, label="p50 per bin")
+        ax.plot(
+            centres,
+            [np.percentile(v, 90) for _, v in bins],
+            "-o",
+            color="orange",
+            ms=3,
+            label="p90 per bin",
+        )
     failed = [r for r in records if not r.ok]
     if failed:
         ax.scatter(
