@@ -258,9 +258,19 @@ class Embedder:
 
 
 def load_embedder(
-    runtime: Runtime, threads: int, device: str = "cpu", model_dir: Path | None = None
+    runtime: Runtime,
+    threads: int,
+    device: str = "cpu",
+    model_dir: Path | None = None,
+    chunk_tokens: int = 256,
 ) -> Embedder:
-    """Build the embedder a model instance serves with (exporting to ONNX if needed)."""
+    """Build the embedder a model instance serves with (exporting to ONNX if needed).
+
+    ``chunk_tokens`` suits the device: small chunks keep a CPU's caches warm, a GPU wants
+    large ones to fill its cores.
+    """
+    if chunk_tokens < 1:
+        raise ConfigError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     model_dir = model_dir or minilm_dir()
     if runtime is Runtime.ONNX:
         if device != "cpu":
@@ -268,4 +278,4 @@ def load_embedder(
         encoder = onnx_encoder(export_onnx(model_dir), threads)
     else:
         encoder = torch_encoder(model_dir, device)
-    return Embedder(model_dir, encoder)
+    return Embedder(model_dir, encoder, chunk_tokens=chunk_tokens)

@@ -200,7 +200,15 @@ def test_model_matches_library(model, onnx_embedder):
     np.testing.assert_allclose(got[0], onnx_embedder.embed([TEXTS[0]]).vectors[0], atol=1e-6)
 
 
-def test_model_rejects_unknown_runtime():
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("runtime", "tensorrt", "runtime must be one of onnx, torch"),
+        ("chunk_tokens", "0", "chunk_tokens must be >= 1"),
+        ("chunk_tokens", "many", "'chunk_tokens'='many' is not a valid int"),
+    ],
+)
+def test_model_rejects_bad_parameters_at_load(key, value, message):
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -210,7 +218,7 @@ def test_model_rejects_unknown_runtime():
     cfg = json_format.MessageToDict(
         text_format.Parse(text, model_config_pb2.ModelConfig()), preserving_proto_field_name=True
     )
-    cfg["parameters"]["runtime"] = {"string_value": "tensorrt"}
+    cfg["parameters"][key] = {"string_value": value}
     instance = load_model_module("embedding").TritonPythonModel()
-    with pytest.raises(TritonModelException, match="runtime must be one of"):
+    with pytest.raises(TritonModelException, match=message):
         instance.initialize(model_args("embedding", cfg))

@@ -30,7 +30,8 @@ class TritonPythonModel:
             device = "cpu"
             if args.get("model_instance_kind") == "GPU":
                 device = f"cuda:{args.get('model_instance_device_id', '0')}"
-            self.embedder = load_embedder(runtime, threads, device)
+            chunk_tokens = setup.params.get("chunk_tokens", int, default=256)
+            self.embedder = load_embedder(runtime, threads, device, chunk_tokens=chunk_tokens)
         except Exception as exc:
             raise model_exception(exc) from exc
         self.name = setup.name
