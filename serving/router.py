@@ -266,9 +266,29 @@ class Router:
         self._side = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-pre")
 
     def submit(self, requests: Sequence[Any]) -> None:
-        """Queue each request on a worker; a decoupled ``execute`` returns at once."""
+        """Parse each request now, then stream it on a worker; ``execute`` returns at once.
+
+        Triton 2.51's python backend releases a decoupled model's requests when
+        ``execute`` returns: a worker that touched the request object afterwards (its
+        inputs, ``is_cancelled()``) crashed the server under concurrent load. So
+        everything is read from the request here, and the worker holds only plain
+        values and the response sender (which stays valid until the final flag).
+        """
         for request in requests:
-            self._pool.submit(self.serve, request)
+            accepted = self.accept(request)
+            if accepted is not None:
+                self._pool.submit(self.serve, *accepted)
+
+    def accept(self, request: Any) -> tuple[RouterRequest, Any] | None:
+        """The parsed request and its sender, or ``None`` once a bad one got its error."""
+        sender = request.get_response_sender()
+        try:
+            parsed = parse_request(request)
+            parsed.validate(self.policy)
+        except Exception as exc:  # isolated per request, reported to its client
+            sender.send(error_response(exc, self.name), flags=final_flag())
+            return None
+        return parsed, sender
 
     def close(self) -> None:
         """Let in-flight streams finish (each still gets its final flag), then stop."""
@@ -277,16 +297,13 @@ class Router:
 
     # -- one request ---------------------------------------------------------------
 
-    def serve(self, request: Any) -> None:
-        """Serve one request to completion; never raises, always sends the final flag."""
-        sender = request.get_response_sender()
+    def serve(self, parsed: RouterRequest, sender: Any) -> None:
+        """Serve one parsed request to completion; never raises, always sends the final flag."""
         try:
-            if request.is_cancelled():
+            if sender.is_cancelled():  # cancelled while it waited for a worker
                 sender.send(flags=final_flag())
                 return
-            parsed = parse_request(request)
-            parsed.validate(self.policy)
-            self._route_and_stream(request, sender, parsed)
+            self._route_and_stream(sender, parsed)
         except Exception as exc:  # isolated per request, reported to its client
             try:
                 sender.send(error_response(exc, self.name), flags=final_flag())
@@ -393,7 +410,7 @@ class Router:
         except Exception as exc:  # best effort: the stream still ends at max_tokens
             log.warning("%s: could not stop %s request %s: %s", self.name, tier, request_id, exc)
 
-    def _route_and_stream(self, request: Any, sender: Any, parsed: RouterRequest) -> None:
+    def _route_and_stream(self, sender: Any, parsed: RouterRequest) -> None:
         pending = self._side.submit(self.preprocess, parsed)
         decision = self.decide(parsed)
         inputs = pending.result()
@@ -410,7 +427,7 @@ class Router:
         pieces: list[str] = []
         try:
             for out in itertools.chain(first, stream):
-                if request.is_cancelled():
+                if sender.is_cancelled():
                     self._stop(tier, tier_request_id, inputs)
                     if self.metrics is not None:
                         self.metrics.cancellations.labels(tier=tier).increment(1)

@@ -7,6 +7,7 @@ inside the stub process, and ``tests/conftest.py`` installs a fake for unit test
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -215,6 +216,14 @@ def _check(response: Any, model: str) -> Any:
     return response
 
 
+#: Triton 2.51's python backend crashes the whole server (SIGSEGV, std::bad_alloc or
+#: boost::interprocess::lock_exception in libtriton_python.so) when threads of one stub
+#: make BLS calls at the same time: reproduced within a second by 8 concurrent router
+#: streams (upstream: triton-inference-server/server#8882). Each call holds this lock
+#: until its (first) response is in; reading the rest of a stream stays concurrent.
+_BLS_START = threading.Lock()
+
+
 def bls_request(
     model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
 ) -> Any:
@@ -230,7 +239,8 @@ def bls_infer(
     model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Call ``model`` once through BLS and return its outputs; raise on a downstream error."""
-    response = _check(bls_request(model, inputs, outputs).exec(), model)
+    with _BLS_START:
+        response = _check(bls_request(model, inputs, outputs).exec(), model)
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
@@ -244,8 +254,10 @@ def bls_stream(
     downstream sends its final response. To stop a tensorrt_llm-style model, send it a
     ``stop`` request with the same ``request_id`` (what the router does).
     """
-    stream = bls_request(model, inputs, outputs, request_id).exec(decoupled=True)
-    for response in stream:
+    with _BLS_START:
+        stream = iter(bls_request(model, inputs, outputs, request_id).exec(decoupled=True))
+        first = next(stream, None)
+    for response in itertools.chain([] if first is None else [first], stream):
         _check(response, model)
         out = {}
         for name in outputs:

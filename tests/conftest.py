@@ -92,6 +92,10 @@ class InferenceResponse:
 class ResponseSender:
     def __init__(self) -> None:
         self.sent: list[tuple[InferenceResponse | None, int]] = []
+        self.cancelled = False
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
         if self.sent and self.sent[-1][1] & TRITONSERVER_RESPONSE_COMPLETE_FINAL:

@@ -16,6 +16,7 @@ from tests.conftest import (
     TRITONSERVER_RESPONSE_COMPLETE_FINAL,
     FakeRequest,
     InferenceResponse,
+    ResponseSender,
     Tensor,
     TritonError,
 )
@@ -120,6 +121,13 @@ class Downstream:
         return [t for t in POLICY.tiers if t in self.calls]
 
 
+def serve(router: Router, request: FakeRequest) -> None:
+    """What ``submit`` does for one request, on this thread."""
+    accepted = router.accept(request)
+    if accepted is not None:
+        router.serve(*accepted)
+
+
 def make_router(metrics: RouterMetrics | None = None) -> Router:
     return Router(
         name="router",
@@ -160,7 +168,7 @@ def error_of(request: FakeRequest) -> TritonError:
 def test_streams_text_right_across_split_characters(bls: dict) -> None:
     down = Downstream(bls, intent="summarization")
     request = router_request(stream=True)
-    make_router().serve(request)
+    serve(make_router(), request)
 
     chunks = request.sender.responses()
     assert "".join(value(r, "text_output") for r in chunks) == ANSWER
@@ -184,7 +192,7 @@ def test_streams_text_right_across_split_characters(bls: dict) -> None:
 def test_non_streaming_returns_one_response_with_the_whole_text(bls: dict) -> None:
     Downstream(bls, intent="question_answering")
     request = router_request("What is the capital of France?", max_tokens=5, temperature=0.0)
-    make_router().serve(request)
+    serve(make_router(), request)
 
     assert len(request.sender.sent) == 1
     resp, flags = request.sender.sent[0]
@@ -196,14 +204,14 @@ def test_non_streaming_returns_one_response_with_the_whole_text(bls: dict) -> No
 
 def test_temperature_reaches_the_tier(bls: dict) -> None:
     down = Downstream(bls, intent="completion")
-    make_router().serve(router_request("Write a story", temperature=0.7))
+    serve(make_router(), router_request("Write a story", temperature=0.7))
     assert down.calls["llm_medium"][0]["temperature"].tolist() == [[pytest.approx(0.7)]]
 
 
 def test_low_confidence_goes_to_the_fallback_tier(bls: dict) -> None:
     down = Downstream(bls, intent="question_answering", confidence=0.4)
     request = router_request("hmm?")
-    make_router().serve(request)
+    serve(make_router(), request)
     assert value(request.sender.responses()[0], "model") == "llm_medium"
     assert down.tiers_called() == ["llm_medium"]
 
@@ -211,7 +219,7 @@ def test_low_confidence_goes_to_the_fallback_tier(bls: dict) -> None:
 def test_intent_override_skips_classification(bls: dict) -> None:
     down = Downstream(bls)
     request = router_request("Tell me about whales", intent="question_answering")
-    make_router().serve(request)
+    serve(make_router(), request)
     resp = request.sender.responses()[0]
     assert "intent_classifier" not in down.calls
     assert (value(resp, "intent"), value(resp, "model")) == ("question_answering", "llm_large")
@@ -221,7 +229,7 @@ def test_intent_override_skips_classification(bls: dict) -> None:
 def test_model_override_forces_the_tier(bls: dict) -> None:
     down = Downstream(bls, intent="summarization")
     request = router_request(model="llm_large")
-    make_router().serve(request)
+    serve(make_router(), request)
     resp = request.sender.responses()[0]
     assert (value(resp, "intent"), value(resp, "model")) == ("summarization", "llm_large")
     assert down.tiers_called() == ["llm_large"]
@@ -232,7 +240,7 @@ def test_unloaded_tier_falls_back_and_is_counted(bls: dict) -> None:
     del bls["llm_large"]  # not loaded: Triton answers NOT_FOUND
     metrics = RouterMetrics()
     request = router_request("What is the capital of France?", stream=True)
-    make_router(metrics).serve(request)
+    serve(make_router(metrics), request)
 
     chunks = request.sender.responses()
     assert "".join(value(r, "text_output") for r in chunks) == ANSWER
@@ -256,7 +264,7 @@ def test_tier_failing_before_first_token_falls_back(bls: dict, message: str) -> 
     Downstream(bls, intent="completion")
     bls["llm_medium"] = lambda inputs: [error(message)]
     request = router_request("Write a poem")
-    make_router().serve(request)
+    serve(make_router(), request)
     assert value(request.sender.responses()[0], "model") == "llm_small"
 
 
@@ -268,7 +276,7 @@ def test_exec_raising_falls_back(bls: dict) -> None:
 
     bls["llm_medium"] = not_ready
     request = router_request("Write a poem")
-    make_router().serve(request)
+    serve(make_router(), request)
     assert value(request.sender.responses()[0], "model") == "llm_small"
 
 
@@ -276,7 +284,7 @@ def test_forced_tier_that_is_down_is_unavailable_not_substituted(bls: dict) -> N
     down = Downstream(bls)
     del bls["llm_large"]
     request = router_request(model="llm_large")
-    make_router().serve(request)
+    serve(make_router(), request)
     err = error_of(request)
     assert err.code() == TritonError.UNAVAILABLE
     assert "(tried llm_large): llm_large: Request for unknown model" in err.message()
@@ -288,7 +296,7 @@ def test_every_tier_down_is_unavailable(bls: dict) -> None:
     for tier in POLICY.tiers:
         del bls[tier]
     request = router_request("What is the capital of France?")
-    make_router().serve(request)
+    serve(make_router(), request)
     err = error_of(request)
     assert err.code() == TritonError.UNAVAILABLE
     assert "tried llm_large, llm_medium, llm_small" in err.message()
@@ -302,7 +310,7 @@ def test_tier_rejecting_the_input_is_invalid_arg_without_fallback(bls: dict, cod
     too_long = "prompt is 9000 tokens, over the 8192-token context"
     bls["llm_small"] = lambda inputs: [error(too_long, code)]
     request = router_request()
-    make_router().serve(request)
+    serve(make_router(), request)
     err = error_of(request)
     assert err.code() == TritonError.INVALID_ARG and too_long in err.message()
     assert "llm_medium" not in down.calls
@@ -312,7 +320,7 @@ def test_error_after_first_token_ends_the_stream_with_an_error(bls: dict) -> Non
     down = Downstream(bls, intent="summarization")
     bls["llm_small"] = lambda inputs: [*token_stream(b"Hi"), error("out of memory")]
     request = router_request(stream=True)
-    make_router().serve(request)
+    serve(make_router(), request)
     resp, flags = request.sender.sent[-1]
     assert flags & FINAL and resp.has_error()
     assert value(request.sender.responses()[0], "text_output") == "H"
@@ -346,7 +354,7 @@ def test_bad_input_is_invalid_arg_before_any_model_runs(
 ) -> None:
     down = Downstream(bls)
     request = request_()
-    make_router().serve(request)
+    serve(make_router(), request)
     err = error_of(request)
     assert err.code() == TritonError.INVALID_ARG
     assert message in err.message()
@@ -358,7 +366,7 @@ def test_preprocessing_rejection_is_invalid_arg(bls: dict) -> None:
     too_long = "prompt (3000 tokens) + 'max_tokens' (128) exceeds the context of 2048 tokens"
     bls["preprocessing"] = lambda inputs: error(too_long)  # code lost, as through 2.51 BLS
     request = router_request(max_tokens=128)
-    make_router().serve(request)
+    serve(make_router(), request)
     err = error_of(request)
     assert err.code() == TritonError.INVALID_ARG and too_long in err.message()
 
@@ -367,15 +375,15 @@ def test_preprocessing_down_is_unavailable(bls: dict) -> None:
     Downstream(bls)
     del bls["preprocessing"]
     request = router_request()
-    make_router().serve(request)
+    serve(make_router(), request)
     assert error_of(request).code() == TritonError.UNAVAILABLE
 
 
-class CancelAfter(FakeRequest):
+class CancelAfter(ResponseSender):
     """A client that cancels after ``checks`` calls to ``is_cancelled``."""
 
-    def __init__(self, inputs: dict[str, Any], checks: int) -> None:
-        super().__init__(inputs)
+    def __init__(self, checks: int) -> None:
+        super().__init__()
         self.checks = checks
 
     def is_cancelled(self) -> bool:
@@ -385,10 +393,10 @@ class CancelAfter(FakeRequest):
 
 def test_cancelled_stream_stops_the_tier(bls: dict) -> None:
     down = Downstream(bls, intent="summarization")
-    base = router_request(stream=True)
-    request = CancelAfter({t.name(): t.as_numpy() for t in base.inputs()}, checks=4)
+    request = router_request(stream=True)
+    request.sender = CancelAfter(checks=3)
     metrics = RouterMetrics()
-    make_router(metrics).serve(request)
+    serve(make_router(metrics), request)
     assert metrics.cancellations.labels(tier="llm_small").value == 1
 
     assert request.sender.closed
@@ -404,8 +412,8 @@ def test_cancelled_stream_stops_the_tier(bls: dict) -> None:
 def test_request_cancelled_while_queued_runs_nothing(bls: dict) -> None:
     down = Downstream(bls)
     request = router_request()
-    request.cancelled = True
-    make_router().serve(request)
+    request.sender.cancelled = True
+    serve(make_router(), request)
     assert request.sender.sent == [(None, FINAL)]
     assert down.calls == {}
 
@@ -414,9 +422,9 @@ def test_metrics_count_requests_and_classifier_latency(bls: dict) -> None:
     Downstream(bls, intent="summarization")
     metrics = RouterMetrics()
     router = make_router(metrics)
-    router.serve(router_request())
-    router.serve(router_request(model="llm_medium"))
-    router.serve(router_request(intent="completion"))
+    serve(router, router_request())
+    serve(router, router_request(model="llm_medium"))
+    serve(router, router_request(intent="completion"))
 
     def count(**labels: str) -> float:
         return metrics.requests.labels(**labels).value
