@@ -268,11 +268,10 @@ class Router:
     def submit(self, requests: Sequence[Any]) -> None:
         """Parse each request now, then stream it on a worker; ``execute`` returns at once.
 
-        Triton 2.51's python backend releases a decoupled model's requests when
-        ``execute`` returns: a worker that touched the request object afterwards (its
-        inputs, ``is_cancelled()``) crashed the server under concurrent load. So
-        everything is read from the request here, and the worker holds only plain
-        values and the response sender (which stays valid until the final flag).
+        The pattern of the python backend's decoupled examples: everything is read from
+        the request inside ``execute``, and the worker holds only plain values and the
+        response sender (valid until the final flag, and the way to see a cancellation),
+        never the request object itself.
         """
         for request in requests:
             accepted = self.accept(request)
