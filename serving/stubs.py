@@ -65,7 +65,10 @@ def find_stubs(server_pid: int, proc: Path = Path("/proc")) -> list[Stub]:
         except OSError:
             continue
         parsed = parse_cmdline([a.decode(errors="replace") for a in raw.split(b"\0") if a])
-        if parsed:
+        # A stub named after the model alone runs auto_complete_config while the model
+        # loads, then exits; it can outlive the load call by a moment. Counting it as an
+        # instance made its exit look like a death.
+        if parsed and parsed[0] != parsed[1]:
             stubs.append(Stub(pid, *parsed))
     return stubs
 

@@ -138,6 +138,7 @@ class TestStubs:
         _fake_proc(tmp_path, 203, 999, _stub_argv("other", "other_0", "r3"))
         _fake_proc(tmp_path, 204, 100, ["/bin/sleep", "1"])
         _fake_proc(tmp_path, 205, 100, _stub_argv("embedding", "embedding_0_2", "r5"), state="Z")
+        _fake_proc(tmp_path, 206, 100, _stub_argv("embedding", "embedding", "r6"))  # auto-complete
         (tmp_path / "self").mkdir()
         stubs = sorted(find_stubs(100, tmp_path), key=lambda s: s.pid)
         assert [(s.pid, s.model, s.shm_region) for s in stubs] == [
