@@ -7,7 +7,6 @@ inside the stub process, and ``tests/conftest.py`` installs a fake for unit test
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -254,10 +253,12 @@ def bls_stream(
     downstream sends its final response. To stop a tensorrt_llm-style model, send it a
     ``stop`` request with the same ``request_id`` (what the router does).
     """
+    # next() only: iter() on 2.51's ResponseIterator rewinds it once it is finished, which
+    # would replay a stream whose first response was also its last.
     with _BLS_START:
-        stream = iter(bls_request(model, inputs, outputs, request_id).exec(decoupled=True))
-        first = next(stream, None)
-    for response in itertools.chain([] if first is None else [first], stream):
+        stream = bls_request(model, inputs, outputs, request_id).exec(decoupled=True)
+        response = next(stream, None)
+    while response is not None:
         _check(response, model)
         out = {}
         for name in outputs:
@@ -266,6 +267,7 @@ def bls_stream(
                 out[name] = t.as_numpy()
         if out:
             yield out
+        response = next(stream, None)
 
 
 def final_flag() -> int:
