@@ -1,4 +1,6 @@
-# The README's two commands are `make serve` and `make test`. Each creates or refreshes
+# The README's two commands are `make serve` and `make test`. The bench-* targets rerun
+# the committed benchmarks (benchmarks/results/) with the arguments they were run with.
+# Each creates or refreshes
 # .venv itself (scripts/bootstrap.sh), so nothing depends on what was installed by hand.
 PY := .venv/bin/python
 SERVE_ARGS ?=
@@ -35,7 +37,8 @@ bench-llm: venv
 	$(PY) benchmarks/llm.py
 
 bench-routing: venv
-	$(PY) benchmarks/routing.py
+	$(PY) benchmarks/routing.py --requests 30 --max-tokens 12 --warmup 4
 
 bench-balancing: venv
-	$(PY) benchmarks/balancing.py
+	$(PY) benchmarks/balancing.py --duration 60
+	$(PY) benchmarks/balancing.py --simulated --replicas 3 --users 10 --duration 40 --output-tokens 16,16,16,256
