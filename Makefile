@@ -1,7 +1,7 @@
-# The README's two commands are `make serve` and `make test`. The bench-* targets rerun
-# the committed benchmarks (benchmarks/results/) with the arguments they were run with.
-# Each creates or refreshes
-# .venv itself (scripts/bootstrap.sh), so nothing depends on what was installed by hand.
+# The README's two commands are `make serve` and `make test`. Every target creates or
+# refreshes .venv itself (scripts/bootstrap.sh), so nothing depends on what was installed
+# by hand. The bench-* targets rerun the committed benchmarks (benchmarks/results/) with
+# the arguments they were run with.
 PY := .venv/bin/python
 SERVE_ARGS ?=
 
