@@ -101,6 +101,7 @@ class TritonLauncher:
         self.options = options
         self.models: dict[str, ModelEntry] = {}
         self.wanted: list[str] = []
+        self._parked: set[str] = set()
         self.process: subprocess.Popen[bytes] | None = None
         self.supervisor: Supervisor | None = None
         self._health: ThreadingHTTPServer | None = None
@@ -150,7 +151,9 @@ class TritonLauncher:
             f"--model-repository={o.repository}",
             f"--backend-directory={install.backend_dir}",
             "--model-control-mode=explicit",
-            "--strict-readiness=true",
+            # Model readiness is the deep check's job (it knows which models are wanted);
+            # strict readiness would also fail while a model is unloaded on purpose.
+            "--strict-readiness=false",
             "--exit-on-error=false",
             f"--http-address={o.host}",
             f"--http-port={o.http_port}",
@@ -322,7 +325,7 @@ class TritonLauncher:
             return "(no server log)"
 
     def load(self, model: str) -> None:
-        """Load ``model`` (and ensembles that were wanted and depend on it); supervise it."""
+        """Load ``model``, then the ensembles on it that are wanted or were taken down with it."""
         with self._lock:
             error = self._load_one(model)
             if error:
@@ -330,19 +333,31 @@ class TritonLauncher:
             if model not in self.wanted:
                 self.wanted.append(model)
             for dep in dependents(self.models, model):
-                if dep in self.wanted:
-                    self._load_one(dep)
+                if dep in self.wanted or dep in self._parked:
+                    dep_error = self._load_one(dep)
+                    if dep_error:
+                        raise LaunchError(dep_error)
+                    self._parked.discard(dep)
+                    if dep not in self.wanted:
+                        self.wanted.append(dep)
             if self.supervisor:
                 self.supervisor.refresh()
 
     def unload(self, model: str) -> None:
-        """Unload ``model`` on purpose: the supervisor and deep health stop expecting it."""
+        """Unload ``model`` on purpose: the supervisor and deep health stop expecting it.
+
+        Triton also takes down the ensembles built on it; they are parked, not expected,
+        until :meth:`load` brings ``model`` back.
+        """
         with self._lock:
-            if model in self.wanted:
-                self.wanted.remove(model)
             status, body = self._request("POST", f"/v2/repository/models/{model}/unload")
             if status != 200:
                 raise LaunchError(f"unloading '{model}' failed: {body.get('error', status)}")
+            for name in [model, *dependents(self.models, model)]:
+                if name in self.wanted:
+                    self.wanted.remove(name)
+                    if name != model:
+                        self._parked.add(name)
             if self.supervisor:
                 self.supervisor.refresh()
 

@@ -170,6 +170,22 @@ def test_dead_stub_breaks_model_until_supervisor_reloads(tiny_server: TritonLaun
         assert _echo(url, "echo_twice", value) == value
 
 
+def test_unload_parks_dependent_ensembles_and_load_brings_them_back(
+    tiny_server: TritonLauncher,
+) -> None:
+    tiny_server.unload("echo")
+    # Triton took echo_twice down with echo: on purpose, so deep health stays ready.
+    status, report = _get(tiny_server.health_url)
+    assert status == 200, report
+    assert report["models"] == {}
+    assert tiny_server.model_states().get("echo_twice") != "READY"
+    tiny_server.load("echo")
+    status, report = _get(tiny_server.health_url)
+    assert status == 200, report
+    assert report["models"] == {"echo": "READY", "echo_twice": "READY"}
+    assert _echo(tiny_server.http_url, "echo_twice", 5.0) == 5.0
+
+
 def test_session_server_revives_a_killed_stub_by_itself(server: TritonLauncher) -> None:
     """The real repository: kill the embedding stub, the supervisor thread brings it back."""
     victim = next(s for s in find_stubs(server.pid) if s.model == "embedding")
