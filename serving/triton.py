@@ -134,11 +134,14 @@ def tensor(name: str, array: np.ndarray) -> Any:
     return pb_utils.Tensor(name, array)
 
 
+def tensors(arrays: dict[str, np.ndarray]) -> list[Any]:
+    """Named arrays as pb_utils tensors (a response's outputs, a BLS request's inputs)."""
+    return [pb_utils.Tensor(name, array) for name, array in arrays.items()]
+
+
 def response_of(outputs: dict[str, np.ndarray]) -> Any:
     """An InferenceResponse carrying ``outputs`` (for decoupled models' senders)."""
-    return pb_utils.InferenceResponse(
-        output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()]
-    )
+    return pb_utils.InferenceResponse(output_tensors=tensors(outputs))
 
 
 def error_response(exc: BaseException, model: str) -> Any:
@@ -228,7 +231,7 @@ def bls_request(
 ) -> Any:
     return pb_utils.InferenceRequest(
         model_name=model,
-        inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+        inputs=tensors(inputs),
         requested_output_names=list(outputs),
         request_id=request_id,
     )

@@ -17,7 +17,7 @@ from serving.triton import (
     get_input,
     model_exception,
     run_rows,
-    tensor,
+    tensors,
 )
 
 
@@ -41,7 +41,7 @@ class TritonPythonModel:
             requests,
             self._parse,
             lambda items: run_rows(self._embed, items),
-            self._outputs,
+            tensors,
             self.name,
         )
 
@@ -52,7 +52,3 @@ class TritonPythonModel:
     def _embed(self, texts: list[str]) -> dict[str, np.ndarray]:
         result = self.embedder.embed(texts)
         return {"embedding": result.vectors, "truncated": result.truncated.reshape(-1, 1)}
-
-    @staticmethod
-    def _outputs(result: dict[str, np.ndarray]) -> list[Any]:
-        return [tensor(name, array) for name, array in result.items()]

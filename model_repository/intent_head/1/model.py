@@ -19,7 +19,7 @@ from serving.triton import (
     model_exception,
     run_rows,
     string_array,
-    tensor,
+    tensors,
 )
 
 
@@ -38,7 +38,7 @@ class TritonPythonModel:
             requests,
             self._parse,
             lambda items: run_rows(self._classify, items),
-            self._outputs,
+            tensors,
             self.name,
         )
 
@@ -53,7 +53,3 @@ class TritonPythonModel:
             "confidence": prediction.confidence.reshape(-1, 1),
             "probabilities": prediction.probabilities,
         }
-
-    @staticmethod
-    def _outputs(result: dict[str, np.ndarray]) -> list[Any]:
-        return [tensor(name, array) for name, array in result.items()]

@@ -21,7 +21,7 @@ from serving.triton import (
     get_input,
     get_optional_scalar,
     model_exception,
-    tensor,
+    tensors,
 )
 
 
@@ -61,6 +61,6 @@ class TritonPythonModel:
             requests,
             lambda request: self.preprocess(self._parse(request)),
             lambda items: items,
-            lambda outputs: [tensor(name, array) for name, array in outputs.items()],
+            tensors,
             self.name,
         )
