@@ -7,6 +7,9 @@ start raises the launcher's error, which quotes the server log.
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,3 +34,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonLauncher]
         yield launcher
     finally:
         launcher.stop()
+
+
+def post_json(
+    server: TritonLauncher, path: str, body: dict, timeout: float = 300
+) -> tuple[int, str]:
+    """POST ``body`` as JSON to the server's HTTP endpoint; (status, body text), errors too."""
+    request = urllib.request.Request(
+        f"http://{server.http_url}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()

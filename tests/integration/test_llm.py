@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serving.launcher import TritonLauncher
+from tests.integration.conftest import post_json
 
 TIMEOUT = 300
 QUESTION = "What is the capital of France?"
@@ -91,19 +92,6 @@ def _stream_text(server: TritonLauncher, model: str, text: str, max_tokens: int,
     return [c.decode("utf-8") for c in chunks]  # strict: a split character fails here
 
 
-def _post(server: TritonLauncher, path: str, body: dict) -> tuple[int, str]:
-    request = urllib.request.Request(
-        f"http://{server.http_url}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 @pytest.mark.parametrize("tier", TIERS)
 def test_each_tier_ensemble_answers_paris(server: TritonLauncher, tier: str) -> None:
     chunks = _stream_text(server, f"{tier}_text", QUESTION, 32, stream=True)
@@ -130,12 +118,12 @@ def test_grpc_stream_concatenates_to_the_non_streamed_text(
 
 def test_http_generate_and_generate_stream(server: TritonLauncher) -> None:
     body = {"text_input": QUESTION, "max_tokens": 32, "temperature": 0.0}
-    status, text = _post(server, "/v2/models/llm_small_text/generate", body)
+    status, text = post_json(server, "/v2/models/llm_small_text/generate", body)
     assert status == 200, text
     whole = json.loads(text)["text_output"]
     assert "Paris" in whole
 
-    status, text = _post(
+    status, text = post_json(
         server, "/v2/models/llm_small_text/generate_stream", {**body, "stream": True}
     )
     assert status == 200, text
@@ -156,7 +144,7 @@ def test_http_generate_and_generate_stream(server: TritonLauncher) -> None:
     ],
 )
 def test_http_bad_input_is_a_clear_400(server: TritonLauncher, body: dict, message: str) -> None:
-    status, text = _post(server, "/v2/models/llm_small_text/generate", body)
+    status, text = post_json(server, "/v2/models/llm_small_text/generate", body)
     assert status == 400
     assert message in json.loads(text)["error"]
 

@@ -25,6 +25,7 @@ import tritonclient.grpc as grpcclient
 from serving.params import Params
 from serving.repository import parse_config
 from serving.routing import RoutingPolicy
+from tests.integration.conftest import post_json
 
 ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = (
@@ -140,19 +141,6 @@ def grpc_stream(
         client.close()
 
 
-def http_post(server: Any, path: str, body: dict) -> tuple[int, str]:
-    request = urllib.request.Request(
-        f"http://{server.http_url}{path}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=300) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 def sse_events(body: str) -> Iterator[dict]:
     for line in body.splitlines():
         if line.startswith("data: "):
@@ -193,7 +181,7 @@ def test_grpc_stream_lands_on_the_policy_tier(
 def test_http_generate_stream_lands_on_the_policy_tier(
     server: Any, policy: RoutingPolicy, prompt: str, intent: str
 ) -> None:
-    status, body = http_post(
+    status, body = post_json(
         server,
         "/v2/models/router/generate_stream",
         {"text_input": prompt, "max_tokens": 6, "stream": True},
@@ -213,7 +201,7 @@ def test_stream_concatenation_equals_the_whole_text(server: Any, policy: Routing
 
 
 def test_intent_override_skips_the_classifier(server: Any, policy: RoutingPolicy) -> None:
-    status, body = http_post(
+    status, body = post_json(
         server,
         "/v2/models/router/generate",
         {"text_input": QUESTION, "max_tokens": 4, "intent": "summarization"},
@@ -237,7 +225,7 @@ def test_unloaded_tier_falls_back_and_metrics_count_it(server: Any, policy: Rout
     server.unload(chosen)
     try:
         chunks = grpc_stream(server, QUESTION, max_tokens=4, stream=True)
-        status, body = http_post(
+        status, body = post_json(
             server, "/v2/models/router/generate", {"text_input": QUESTION, "max_tokens": 4}
         )
     finally:
@@ -319,7 +307,7 @@ def test_bad_input_is_invalid_arg_and_the_server_stays_up(
     with pytest.raises(StreamError, match=re.escape(message)):
         grpc_stream(server, text, **options)
     if isinstance(text, str):  # JSON cannot carry invalid UTF-8
-        status, body = http_post(
+        status, body = post_json(
             server, "/v2/models/router/generate", {"text_input": text, **options}
         )
         assert status == 400, body
