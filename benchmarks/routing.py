@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from client.metrics import distribution
+from serving.intent import prompt_text
 from serving.launcher import LaunchOptions, TritonLauncher
 from serving.params import Params
 from serving.repository import parse_config
@@ -117,10 +118,7 @@ def load_prompts(path: Path, count: int) -> list[str]:
     with path.open() as f:
         for line in f:
             record = json.loads(line)
-            text = record["instruction"]
-            if record.get("context"):
-                text += "\n\n" + record["context"]
-            prompts.append(text)
+            prompts.append(prompt_text(record["instruction"], record.get("context") or ""))
     if not prompts:
         raise SystemExit(f"error: no prompts in {path}")
     step = max(1, len(prompts) // count)  # spread over the file's categories
