@@ -310,6 +310,11 @@ class TritonLauncher:
             model
         )
 
+    def _must_load(self, model: str) -> None:
+        error = self._load_one(model)
+        if error:
+            raise LaunchError(error)
+
     def _log_lines(self, model: str, limit: int = 8) -> str:
         try:
             lines = self.log_path.read_text(errors="replace").splitlines()
@@ -327,16 +332,12 @@ class TritonLauncher:
     def load(self, model: str) -> None:
         """Load ``model``, then the ensembles on it that are wanted or were taken down with it."""
         with self._lock:
-            error = self._load_one(model)
-            if error:
-                raise LaunchError(error)
+            self._must_load(model)
             if model not in self.wanted:
                 self.wanted.append(model)
             for dep in dependents(self.models, model):
                 if dep in self.wanted or dep in self._parked:
-                    dep_error = self._load_one(dep)
-                    if dep_error:
-                        raise LaunchError(dep_error)
+                    self._must_load(dep)
                     self._parked.discard(dep)
                     if dep not in self.wanted:
                         self.wanted.append(dep)
@@ -368,15 +369,11 @@ class TritonLauncher:
         """
         with self._lock:
             self._request("POST", f"/v2/repository/models/{model}/unload")
-            error = self._load_one(model)
-            if error:
-                raise LaunchError(error)
+            self._must_load(model)
             for dep in dependents(self.models, model):
                 if dep in self.wanted:
                     self._request("POST", f"/v2/repository/models/{dep}/unload")
-                    dep_error = self._load_one(dep)
-                    if dep_error:
-                        raise LaunchError(dep_error)
+                    self._must_load(dep)
 
     def model_states(self) -> dict[str, str]:
         """Triton's repository index: model name -> state (READY, UNAVAILABLE, ...)."""
