@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from serving.assets import cache_dir, minilm_dir
-from serving.errors import ConfigError, ValidationError
-from serving.text import require_text
+from serving.errors import ConfigError
+from serving.text import text_rows
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +69,10 @@ class EmbeddingRequest:
 
     texts: list[str]
 
-    def validate(self) -> EmbeddingRequest:
-        if not self.texts:
-            raise ValidationError("input 'text' has no rows; send at least one string")
-        return self
-
     @classmethod
     def from_array(cls, array: np.ndarray) -> EmbeddingRequest:
         """Decode a TYPE_STRING tensor; a bad row names its index so the client can fix it."""
-        texts = []
-        for i, value in enumerate(np.asarray(array, dtype=object).reshape(-1)):
-            field = "text" if array.size == 1 else f"text[{i}]"
-            texts.append(require_text(value, field))
-        return cls(texts).validate()
+        return cls(text_rows(array, "text"))
 
 
 def max_tokens(model_dir: Path) -> int:

@@ -27,3 +27,18 @@ def require_text(value: object, field: str) -> str:
     if not text.strip():
         raise ValidationError(f"'{field}' is empty or whitespace only")
     return text
+
+
+def text_rows(array: np.ndarray, field: str) -> list[str]:
+    """Decode every row of a TYPE_STRING tensor with :func:`require_text`.
+
+    A bad row names its index (``text[2]``) when the tensor holds more than one, so the
+    client can tell which one to fix. No rows at all is a ValidationError too.
+    """
+    values = np.asarray(array, dtype=object).reshape(-1)
+    if not len(values):
+        raise ValidationError(f"input '{field}' has no rows; send at least one string")
+    return [
+        require_text(value, field if len(values) == 1 else f"{field}[{i}]")
+        for i, value in enumerate(values)
+    ]
