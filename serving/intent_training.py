@@ -4,6 +4,9 @@ Everything here is deterministic so the committed weights can be reproduced bit 
 the held-out split uses a seeded numpy generator, own examples are paired with contexts
 in a fixed round-robin order, and training is full-batch gradient descent in float64
 from zeros, with no random state at all.
+
+Training and serving see the same features: each example's text goes through
+:func:`serving.intent.prompt_features`, as ``intent_classifier`` does in the server.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.intent import CATEGORY_TO_INTENT, LABELS, IntentHead, prompt_text, softmax
+from serving.intent import (
+    CATEGORY_TO_INTENT,
+    LABELS,
+    IntentHead,
+    prompt_text,
+    softmax,
+)
 
 #: In ``intent_extra.jsonl``: "pair this instruction with a context from the training data".
 TRAINING_CONTEXT = "@training-context"
-#: How many training contexts each such own instruction is paired with.
-CONTEXTS_PER_OWN_INSTRUCTION = 2
+
+#: L2 penalties :func:`select_l2` chooses from, by cross-validation on the training side.
+L2_GRID = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3)
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,17 @@ def held_out_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
+def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """A fold number per example, each class dealt round-robin after a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(labels), dtype=np.int64)
+    for label in range(len(LABELS)):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        fold[idx] = np.arange(len(idx)) % folds
+    return fold
+
+
 def build_dataset(
     dolly: Sequence[dict], own: Sequence[dict], fraction: float = 0.25, seed: int = 0
 ) -> Dataset:
@@ -59,7 +80,7 @@ def build_dataset(
 
     Own instructions marked ``@training-context`` are paired with contexts of Dolly
     records that are not held out (including the categories left out of the three
-    intents), so no held-out text leaks into training.
+    intents), one context each, so no held-out text leaks into training.
     """
     kept = [r for r in dolly if r["category"] in CATEGORY_TO_INTENT]
     labels = np.array([LABELS.index(CATEGORY_TO_INTENT[r["category"]]) for r in kept])
@@ -78,11 +99,10 @@ def build_dataset(
     for r in own:
         label = LABELS.index(CATEGORY_TO_INTENT[r["category"]])
         if r["context"] == TRAINING_CONTEXT:
-            for _ in range(CONTEXTS_PER_OWN_INSTRUCTION):
-                own_examples.append(
-                    Example(prompt_text(r["instruction"], pool[k % len(pool)]), label, "own")
-                )
-                k += 1
+            own_examples.append(
+                Example(prompt_text(r["instruction"], pool[k % len(pool)]), label, "own")
+            )
+            k += 1
         else:
             own_examples.append(Example(prompt_text(r["instruction"], r["context"]), label, "own"))
     train = [e for e, h in zip(examples, held, strict=True) if not h] + own_examples
@@ -100,7 +120,7 @@ def class_weights(labels: np.ndarray, n_classes: int = len(LABELS)) -> np.ndarra
 def train_logistic(
     x: np.ndarray,
     labels: np.ndarray,
-    l2: float = 1e-4,
+    l2: float,
     steps: int = 1000,
     learning_rate: float = 4.0,
 ) -> IntentHead:
@@ -118,6 +138,35 @@ def train_logistic(
         w -= learning_rate * (x.T @ grad + l2 * w)
         b -= learning_rate * grad.sum(axis=0)
     return IntentHead(w.astype(np.float32), b.astype(np.float32))
+
+
+def balanced_accuracy(truth: Sequence[int], predicted: Sequence[int]) -> float:
+    """Mean per-class recall: what class weighting aims at."""
+    matrix = confusion_matrix(truth, predicted)
+    return float(np.mean(np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)))
+
+
+def select_l2(
+    x: np.ndarray, labels: np.ndarray, always_train: np.ndarray, folds: int = 5
+) -> tuple[float, dict[float, float]]:
+    """The L2 penalty from :data:`L2_GRID` with the best cross-validated balanced accuracy.
+
+    Folds are drawn over the examples not marked ``always_train`` (the Dolly prompts);
+    the marked ones (own examples) are in every fold's training side and never scored.
+    Returns the choice and every candidate's score.
+    """
+    scored = np.flatnonzero(~always_train)
+    fold = stratified_folds(labels[scored], folds)
+    scores = {}
+    for l2 in L2_GRID:
+        predicted = np.empty(len(scored), dtype=np.int64)
+        for k in range(folds):
+            test = scored[fold == k]
+            train = np.setdiff1d(np.arange(len(labels)), test)
+            head_k = train_logistic(x[train], labels[train], l2)
+            predicted[fold == k] = head_k.probabilities(x[test]).argmax(axis=1)
+        scores[l2] = balanced_accuracy(labels[scored], predicted)
+    return max(scores, key=lambda l2: scores[l2]), scores
 
 
 def confusion_matrix(truth: Sequence[int], predicted: Sequence[int]) -> np.ndarray:

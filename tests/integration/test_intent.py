@@ -1,4 +1,4 @@
-"""``intent_classifier`` (embedding -> intent_head ensemble) and ``intent_head`` in the server."""
+"""``intent_classifier`` (intent_split -> embedding -> intent_head) and its steps in the server."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ PROMPTS = {
     "Summarize the following article in two sentences.\n\nThe city council met on Tuesday "
     "to discuss the new budget. After hours of debate, members approved funding for road "
     "repairs and a new library.": "summarization",
+    "When did the council meet?\n\nThe city council met on Tuesday to discuss the new "
+    "budget.": "question_answering",
     "Write a short story about a robot learning to paint.": "completion",
+    "Tell me a story about a brave knight.": "completion",
     "What is the capital of France?": "question_answering",
 }
 
@@ -40,7 +43,7 @@ def test_classifier_names_the_intent_of_clear_prompts(server, protocol):
     out = _classify(server, protocol, *PROMPTS)
     assert [v.decode() for v in out["intent"].reshape(-1)] == list(PROMPTS.values())
     probs = out["probabilities"]
-    assert probs.shape == (3, 3) and probs.dtype == np.float32
+    assert probs.shape == (len(PROMPTS), 3) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(out["confidence"].reshape(-1), probs.max(axis=1), atol=1e-6)
     assert [LABELS[i] for i in probs.argmax(axis=1)] == list(PROMPTS.values())
@@ -55,9 +58,49 @@ def test_classifier_rejects_bad_text(server, bad, needle):
     assert _classify(server, "grpc", "Who wrote Hamlet?")["intent"].shape == (1, 1)
 
 
+def test_split_step_feeds_the_head_the_instruction_alone(server):
+    """The served classifier equals the head applied to the embedding of the instruction."""
+    client = httpclient.InferenceServerClient(server.http_url)
+
+    def infer(model, inputs, outputs):
+        tensors = []
+        for name, (array, dtype) in inputs.items():
+            tensor = httpclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        result = client.infer(
+            model, tensors, outputs=[httpclient.InferRequestedOutput(n) for n in outputs]
+        )
+        return {n: result.as_numpy(n) for n in outputs}
+
+    prompt = next(iter(PROMPTS))
+    split = infer(
+        "intent_split",
+        {"text": (np.array([[prompt.encode()]], dtype=object), "BYTES")},
+        ["instruction", "has_context"],
+    )
+    assert (
+        split["instruction"].reshape(-1)[0] == b"Summarize the following article in two sentences."
+    )
+    assert split["has_context"].reshape(-1).tolist() == [True]
+    embedding = infer("embedding", {"text": (split["instruction"], "BYTES")}, ["embedding"])
+    head = infer(
+        "intent_head",
+        {
+            "embedding": (embedding["embedding"], "FP32"),
+            "has_context": (split["has_context"], "BOOL"),
+        },
+        OUTPUTS,
+    )
+    whole = _classify(server, "http", prompt)
+    np.testing.assert_allclose(head["probabilities"], whole["probabilities"], atol=1e-6)
+
+
 def test_head_rejects_non_finite_embeddings(server):
     client = httpclient.InferenceServerClient(server.http_url)
     emb = httpclient.InferInput("embedding", [1, 384], "FP32")
     emb.set_data_from_numpy(np.full((1, 384), np.nan, dtype=np.float32))
+    flag = httpclient.InferInput("has_context", [1, 1], "BOOL")
+    flag.set_data_from_numpy(np.array([[False]]))
     with pytest.raises(InferenceServerException, match="NaN or infinite"):
-        client.infer("intent_head", [emb])
+        client.infer("intent_head", [emb, flag])

@@ -55,6 +55,19 @@ CLASSIFIER_OUTPUTS: Tensors = {
 CONTRACTS: dict[str, tuple[Tensors, Tensors, Tensors, bool | None]] = {
     "embedding": ({"text": (DT.TYPE_STRING, [1])}, {}, {"embedding": (DT.TYPE_FP32, [384])}, False),
     "intent_classifier": ({"text": (DT.TYPE_STRING, [1])}, {}, CLASSIFIER_OUTPUTS, None),
+    # the classifier's steps (not in DESIGN.md's contracts; the ensemble depends on them)
+    "intent_split": (
+        {"text": (DT.TYPE_STRING, [1])},
+        {},
+        {"instruction": (DT.TYPE_STRING, [1]), "has_context": (DT.TYPE_BOOL, [1])},
+        False,
+    ),
+    "intent_head": (
+        {"embedding": (DT.TYPE_FP32, [384]), "has_context": (DT.TYPE_BOOL, [1])},
+        {},
+        CLASSIFIER_OUTPUTS,
+        False,
+    ),
     **{
         f"llm_{tier}": (LLM_INPUTS, LLM_OPTIONAL, LLM_OUTPUTS, True)
         for tier in ("small", "medium", "large")

@@ -1,7 +1,8 @@
-"""Triton adapter for ``intent_head``: MiniLM embedding -> intent, confidence, probabilities.
+"""Triton adapter for ``intent_head``: instruction embedding + has_context -> intent.
 
-The head (weights, softmax, labels) is :class:`serving.intent.IntentHead`; this file only
-moves tensors. The ``intent_classifier`` ensemble feeds it from ``embedding``.
+The head (features, weights, softmax, labels) is :class:`serving.intent.IntentHead`; this
+file only moves tensors. The ``intent_classifier`` ensemble feeds it from ``intent_split``
+and ``embedding``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.intent import IntentHead, check_embeddings
+from serving.intent import IntentHead, check_context_flags, check_embeddings, features
 from serving.triton import (
     ModelSetup,
     execute_batch,
@@ -43,11 +44,14 @@ class TritonPythonModel:
         )
 
     @staticmethod
-    def _parse(request: Any) -> np.ndarray:
-        return check_embeddings(get_input(request, "embedding", np.float32))
+    def _parse(request: Any) -> list[tuple[np.ndarray, bool]]:
+        embeddings = check_embeddings(get_input(request, "embedding", np.float32))
+        flags = check_context_flags(get_input(request, "has_context", np.bool_), len(embeddings))
+        return list(zip(embeddings, flags.tolist(), strict=True))
 
-    def _classify(self, rows: list[np.ndarray]) -> dict[str, np.ndarray]:
-        prediction = self.head.predict(np.stack(rows))
+    def _classify(self, rows: list[tuple[np.ndarray, bool]]) -> dict[str, np.ndarray]:
+        embeddings, flags = zip(*rows, strict=True)
+        prediction = self.head.predict(features(np.stack(embeddings), np.array(flags)))
         return {
             "intent": string_array(prediction.intents, (-1, 1)),
             "confidence": prediction.confidence.reshape(-1, 1),
