@@ -88,7 +88,7 @@ def banner(launcher: TritonLauncher) -> str:
     if "router" in launcher.wanted:
         lines.append(
             f"  curl -sN -X POST http://{launcher.http_url}/v2/models/router/generate_stream "
-            '-d \'{"text_input": "Summarize the following text in one sentence: The city '
+            '-d \'{"text_input": "Summarize the following text in one sentence.\\n\\nThe city '
             'council voted on Tuesday to expand the bike lane network by 40 km.", '
             '"max_tokens": 48, "stream": true}\''
         )
