@@ -37,7 +37,7 @@ bench-llm: venv
 	$(PY) benchmarks/llm.py
 
 bench-routing: venv
-	$(PY) benchmarks/routing.py --requests 30 --max-tokens 12 --warmup 4
+	$(PY) benchmarks/routing.py --requests 60 --max-tokens 12 --warmup 4
 
 bench-balancing: venv
 	$(PY) benchmarks/balancing.py --duration 60

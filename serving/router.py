@@ -1,7 +1,7 @@
 """The ``router`` model's work: classify a prompt, pick a tier, stream the tier's answer.
 
-Why the router streams ``preprocessing`` -> ``llm_<tier>`` itself instead of calling the
-tier's ``llm_<tier>_text`` ensemble:
+Why the router tokenizes and streams ``llm_<tier>`` itself instead of calling the tier's
+``llm_<tier>_text`` ensemble:
 
 - text: the router keeps one incremental detokenizer per request, so spaces and
   multi-byte characters split across tokens come out right by construction (a stateless
@@ -13,8 +13,14 @@ tier's ``llm_<tier>_text`` ensemble:
   ``num_output_tokens``) and knows exactly whether a tier failed before its first token;
 - one hop fewer per token than the ensemble (no postprocessing model per response).
 
-Preprocessing runs once per request, whatever tier serves it: every tier shares the
-tokenizer (SmolLM2 on CPU; the Llama 3.1 tokenizer for 8B, 70B and 405B on H100).
+Preprocessing (chat template, token ids, default and limit checks) runs once per request,
+whatever tier serves it: every tier shares the tokenizer (SmolLM2 on CPU; the Llama 3.1
+tokenizer for 8B, 70B and 405B on H100). It is :class:`serving.llm.service.Preprocessor`,
+the code of the ``preprocessing`` model, run in the router's own process after the
+classifier call. A BLS call to ``preprocessing`` cost a hop and, because BLS starts are
+serialized per stub (``serving.triton``), waited for the classifier's answer anyway.
+Tokenizing on a side thread during the classifier call was measured slower than doing
+it after: the Python work of one thread delays the other's BLS call through the GIL.
 
 Each request is served on a worker thread so a decoupled ``execute`` returns at once and
 many streams proceed together; every request ends with the final flag, whatever happens.
@@ -30,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -38,6 +44,9 @@ from serving.errors import UnavailableError, ValidationError
 from serving.llm.tokenizer import TokenBytes, Utf8Aligner
 from serving.routing import Decision, RoutingPolicy
 from serving.text import decode_utf8
+
+if TYPE_CHECKING:
+    from serving.llm.service import Preprocessor
 from serving.triton import (
     DownstreamError,
     LabelledMetric,
@@ -55,8 +64,7 @@ log = logging.getLogger("serving.router")
 
 #: Tensor names of the contracts in DESIGN.md (checked against the configs by unit tests).
 CLASSIFIER_INPUT, CLASSIFIER_OUTPUTS = "text", ("intent", "confidence")
-#: preprocessing output -> tier input, exactly as the llm_<tier>_text ensembles map them,
-#: so routed and direct requests get the same defaults and checks (preprocessing owns them).
+#: Preprocessor output -> tier input, exactly as the llm_<tier>_text ensembles map them.
 PRE_TO_TIER = {
     "input_ids": "input_ids",
     "input_lengths": "input_lengths",
@@ -64,6 +72,7 @@ PRE_TO_TIER = {
     "end_id": "end_id",
     "pad_id": "pad_id",
     "sampling_temperature": "temperature",
+    "streaming": "streaming",
 }
 TIER_OUTPUTS = ("output_ids", "sequence_length")
 OUTPUTS = ("text_output", "intent", "model", "confidence", "num_input_tokens", "num_output_tokens")
@@ -203,7 +212,6 @@ class RouterModels:
     """Downstream model names, from the router's config parameters."""
 
     classifier: str
-    preprocessing: str
 
 
 class _Served:
@@ -249,6 +257,7 @@ class Router:
         policy: RoutingPolicy,
         models: RouterModels,
         detokenizer: Callable[[], Detokenizer],
+        preprocessor: Preprocessor,
         workers: int,
         batched: bool,
         metrics: RouterMetrics | None = None,
@@ -257,13 +266,11 @@ class Router:
         self.policy = policy
         self.models = models
         self._detokenizer = detokenizer
+        self._preprocessor = preprocessor
         self.metrics = metrics
         # Inputs and outputs carry a batch dimension when the models are batched.
         self._shape = (1, 1) if batched else (1,)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
-        # Tokenizing runs beside classification (they do not depend on each other), on
-        # its own pool so a full request pool can never starve it.
-        self._side = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-pre")
 
     def submit(self, requests: Sequence[Any]) -> None:
         """Parse each request now, then stream it on a worker; ``execute`` returns at once.
@@ -292,7 +299,6 @@ class Router:
     def close(self) -> None:
         """Let in-flight streams finish (each still gets its final flag), then stop."""
         self._pool.shutdown(wait=True)
-        self._side.shutdown(wait=True)
 
     # -- one request ---------------------------------------------------------------
 
@@ -334,21 +340,13 @@ class Router:
     def preprocess(self, parsed: RouterRequest) -> dict[str, np.ndarray]:
         """The tier's inputs: token ids (chat template applied) and resolved options.
 
-        ``preprocessing`` applies the default ``max_tokens`` and checks it against the
-        context, the same for routed and direct requests.
+        The same :class:`Preprocessor` and parameters as the ``preprocessing`` model, so
+        routed and direct requests get the same default ``max_tokens`` and context check;
+        a rejection is the client's ValidationError.
         """
-        inputs = {"text_input": string_array([parsed.text], self._shape)}
-        if parsed.max_tokens is not None:
-            inputs["max_tokens"] = np.full(self._shape, parsed.max_tokens, dtype=np.int32)
-        if parsed.temperature is not None:
-            inputs["temperature"] = np.full(self._shape, parsed.temperature, dtype=np.float32)
-        try:
-            out = bls_infer(self.models.preprocessing, inputs, tuple(PRE_TO_TIER))
-        except DownstreamError as exc:
-            raise _blame(exc) from exc
-        tier_inputs = {PRE_TO_TIER[name]: array for name, array in out.items()}
-        tier_inputs["streaming"] = np.full(self._shape, True, dtype=np.bool_)
-        return tier_inputs
+        pre = self._preprocessor
+        out = pre(pre.request(parsed.text, parsed.max_tokens, parsed.temperature, stream=True))
+        return {tier_name: out[name] for name, tier_name in PRE_TO_TIER.items()}
 
     def _open(
         self, decision: Decision, inputs: dict[str, np.ndarray], request_id: str
@@ -410,9 +408,8 @@ class Router:
             log.warning("%s: could not stop %s request %s: %s", self.name, tier, request_id, exc)
 
     def _route_and_stream(self, sender: Any, parsed: RouterRequest) -> None:
-        pending = self._side.submit(self.preprocess, parsed)
         decision = self.decide(parsed)
-        inputs = pending.result()
+        inputs = self.preprocess(parsed)
         num_input_tokens = int(inputs["input_lengths"].reshape(-1)[0])
         request_id = f"{self.name}-{uuid.uuid4().hex}"
         tier, tier_request_id, first, stream = self._open(decision, inputs, request_id)

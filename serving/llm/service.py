@@ -260,6 +260,21 @@ class Preprocessor:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.end_id
 
+    def request(
+        self,
+        text: str,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: bool = False,
+    ) -> PromptRequest:
+        """A text-level request with this config's defaults for what the client left out."""
+        return PromptRequest(
+            text=text,
+            max_tokens=self.config.default_max_tokens if max_tokens is None else max_tokens,
+            temperature=0.0 if temperature is None else temperature,
+            stream=stream,
+        )
+
     def __call__(self, request: PromptRequest) -> dict[str, np.ndarray]:
         request.validate(self.config.max_tokens_limit)
         ids = self.template.encode(request.text, chat=self.config.chat_template)

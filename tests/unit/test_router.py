@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serving.llm.service import PreprocessConfig, Preprocessor
 from serving.router import Router, RouterMetrics, RouterModels
 from serving.routing import RoutingPolicy
 from tests.conftest import (
@@ -71,13 +72,12 @@ def token_stream(tokens: Sequence[int]) -> list[InferenceResponse]:
 
 
 class Downstream:
-    """Scripted classifier, preprocessing and tiers; records what each was sent."""
+    """Scripted classifier and tiers; records what each was sent."""
 
     def __init__(self, bls: dict, intent: str = "summarization", confidence: float = 0.9) -> None:
         self.calls: dict[str, list[dict[str, np.ndarray]]] = {}
         self.intent, self.confidence = intent, confidence
         bls["intent_classifier"] = self._record("intent_classifier", self.classify)
-        bls["preprocessing"] = self._record("preprocessing", self.preprocess)
         for tier in POLICY.tiers:
             bls[tier] = self._record(tier, self.generate)
         self.bls = bls
@@ -93,22 +93,6 @@ class Downstream:
         return response(
             intent=np.array([[self.intent.encode()]], dtype=np.object_),
             confidence=np.array([[self.confidence]], dtype=np.float32),
-        )
-
-    @staticmethod
-    def preprocess(inputs: dict[str, np.ndarray]) -> InferenceResponse:
-        """One token per word; the defaults and outputs of the real ``preprocessing``."""
-        n = len(inputs["text_input"].reshape(-1)[0].split())
-        max_tokens = inputs.get("max_tokens", np.array([[64]], dtype=np.int32))
-        temperature = inputs.get("temperature", np.array([[0.0]], dtype=np.float32))
-        return response(
-            input_ids=np.arange(1, n + 1, dtype=np.int32).reshape(1, n),
-            input_lengths=np.array([[n]], dtype=np.int32),
-            request_output_len=max_tokens,
-            end_id=np.array([[2]], dtype=np.int32),
-            pad_id=np.array([[2]], dtype=np.int32),
-            sampling_temperature=temperature,
-            streaming=np.array([[False]]),
         )
 
     @staticmethod
@@ -128,12 +112,32 @@ def serve(router: Router, request: FakeRequest) -> None:
         router.serve(*accepted)
 
 
+class WordTokenizer:
+    """One token per word, ids from 1; end and pad id 2."""
+
+    eos_token_id = pad_token_id = 2
+
+    @staticmethod
+    def encode(text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(range(1, len(text.split()) + 1))
+
+
+#: The real Preprocessor (defaults, limits, context check) over the word tokenizer.
+PREPROCESSOR = Preprocessor(
+    WordTokenizer(),
+    PreprocessConfig(
+        default_max_tokens=64, max_tokens_limit=512, max_context=256, chat_template=False
+    ),
+)
+
+
 def make_router(metrics: RouterMetrics | None = None) -> Router:
     return Router(
         name="router",
         policy=POLICY,
-        models=RouterModels(classifier="intent_classifier", preprocessing="preprocessing"),
+        models=RouterModels(classifier="intent_classifier"),
         detokenizer=ByteDetokenizer,
+        preprocessor=PREPROCESSOR,
         workers=2,
         batched=True,
         metrics=metrics,
@@ -186,7 +190,6 @@ def test_streams_text_right_across_split_characters(bls: dict) -> None:
     assert sent["request_output_len"].tolist() == [[64]]  # preprocessing's default
     assert sent["streaming"].tolist() == [[True]]  # the router always streams the tier
     assert sent["end_id"].tolist() == [[2]] and sent["temperature"].tolist() == [[0.0]]
-    assert "max_tokens" not in down.calls["preprocessing"][0]
 
 
 def test_non_streaming_returns_one_response_with_the_whole_text(bls: dict) -> None:
@@ -361,22 +364,21 @@ def test_bad_input_is_invalid_arg_before_any_model_runs(
     assert down.calls == {}
 
 
-def test_preprocessing_rejection_is_invalid_arg(bls: dict) -> None:
-    Downstream(bls)
-    too_long = "prompt (3000 tokens) + 'max_tokens' (128) exceeds the context of 2048 tokens"
-    bls["preprocessing"] = lambda inputs: error(too_long)  # code lost, as through 2.51 BLS
-    request = router_request(max_tokens=128)
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"max_tokens": 128, "text": "word " * 200}, "exceeds the context of 256 tokens"),
+        ({"max_tokens": 600}, "'max_tokens' must be between 1 and 512"),
+        ({"temperature": -1.0}, "temperature"),
+    ],
+)
+def test_preprocessing_rejection_is_invalid_arg(bls: dict, extra: dict, message: str) -> None:
+    down = Downstream(bls)
+    request = router_request(**extra)
     serve(make_router(), request)
     err = error_of(request)
-    assert err.code() == TritonError.INVALID_ARG and too_long in err.message()
-
-
-def test_preprocessing_down_is_unavailable(bls: dict) -> None:
-    Downstream(bls)
-    del bls["preprocessing"]
-    request = router_request()
-    serve(make_router(), request)
-    assert error_of(request).code() == TritonError.UNAVAILABLE
+    assert err.code() == TritonError.INVALID_ARG and message in err.message()
+    assert down.tiers_called() == []
 
 
 class CancelAfter(ResponseSender):
@@ -493,9 +495,10 @@ def test_router_agrees_with_the_models_it_calls(profile: str) -> None:
 
     router = config("router")
     param = {k: v.string_value for k, v in router.parameters.items()}
-    pre = config(param["preprocessing_model"])
+    pre = config("preprocessing")
     assert {o.name for o in pre.output} >= set(PRE_TO_TIER)
-    assert pre.parameters["tokenizer_dir"].string_value == param["tokenizer_dir"]
+    for name, shared in pre.parameters.items():  # tokenizer, template, defaults, limits
+        assert param[name] == shared.string_value, name
     classifier = config(param["intent_classifier_model"])
     assert {i.name for i in classifier.input} == {"text"}
     assert {"intent", "confidence"} <= {o.name for o in classifier.output}

@@ -45,13 +45,11 @@ class TritonPythonModel:
         max_tokens = get_optional_scalar(request, "max_tokens", np.int32)
         temperature = get_optional_scalar(request, "temperature", np.float32)
         stream = get_optional_scalar(request, "stream", np.bool_)
-        return PromptRequest(
-            text=decode_utf8(text.reshape(-1)[0], "text_input"),
-            max_tokens=self.preprocess.config.default_max_tokens
-            if max_tokens is None
-            else max_tokens,
-            temperature=0.0 if temperature is None else temperature,
-            stream=bool(stream),
+        return self.preprocess.request(
+            decode_utf8(text.reshape(-1)[0], "text_input"),
+            max_tokens,
+            temperature,
+            bool(stream),
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:

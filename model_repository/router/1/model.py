@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from serving.errors import ConfigError
+from serving.llm.service import PreprocessConfig, Preprocessor
 from serving.llm.tokenizer import TokenBytes, tokenizer_for
 from serving.router import Router, RouterMetrics, RouterModels, TokenText
 from serving.routing import RoutingPolicy
@@ -26,16 +27,16 @@ class TritonPythonModel:
             workers = params.get("max_concurrent_requests", int, default=32)
             if workers < 1:
                 raise ConfigError(f"{setup.name}: max_concurrent_requests must be >= 1")
-            # The tiers' tokenizer, from the same parameter as preprocessing's.
-            token_bytes = TokenBytes(tokenizer_for(params.get("tokenizer_dir", str, None)))
+            # The tiers' tokenizer and preprocessing, from the same parameters as the
+            # preprocessing model's (a unit test keeps them equal).
+            tokenizer = tokenizer_for(params.get("tokenizer_dir", str, None))
+            token_bytes = TokenBytes(tokenizer)
             self.router = Router(
                 name=setup.name,
                 policy=RoutingPolicy.from_params(params),
-                models=RouterModels(
-                    classifier=params.get("intent_classifier_model", str),
-                    preprocessing=params.get("preprocessing_model", str),
-                ),
+                models=RouterModels(classifier=params.get("intent_classifier_model", str)),
                 detokenizer=lambda: TokenText(token_bytes),
+                preprocessor=Preprocessor(tokenizer, PreprocessConfig.from_params(params)),
                 workers=workers,
                 batched=setup.config.get("max_batch_size", 0) > 0,
                 metrics=RouterMetrics(),
