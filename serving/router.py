@@ -44,9 +44,6 @@ from serving.errors import UnavailableError, ValidationError
 from serving.llm.tokenizer import TokenBytes, Utf8Aligner
 from serving.routing import Decision, RoutingPolicy
 from serving.text import decode_utf8
-
-if TYPE_CHECKING:
-    from serving.llm.service import Preprocessor
 from serving.triton import (
     DownstreamError,
     LabelledMetric,
@@ -59,6 +56,9 @@ from serving.triton import (
     response_of,
     string_array,
 )
+
+if TYPE_CHECKING:  # the router model builds it; importing it here would load torch
+    from serving.llm.service import Preprocessor
 
 log = logging.getLogger("serving.router")
 
