@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from serving.intent import DEFAULT_WEIGHTS, LABELS, IntentHead, prompt_features  # noqa: E402
 from serving.intent_training import (  # noqa: E402
     Dataset,
-    balanced_accuracy,
     build_dataset,
     read_jsonl,
+    recalls,
     report_markdown,
     same_weights,
     select_l2,
@@ -79,10 +79,8 @@ def repeat_report(
         data = build_dataset(dolly, own, fraction, seed)
         truth = np.array([e.label for e in data.held_out])
         _, _, _, predicted = fit(data, embed)
-        recall = [float((predicted[truth == c] == c).mean()) for c in range(len(LABELS))]
-        rows.append(
-            [float((predicted == truth).mean()), *recall, balanced_accuracy(truth, predicted)]
-        )
+        recall = recalls(truth, predicted)
+        rows.append([float((predicted == truth).mean()), *recall, float(recall.mean())])
     values = np.array(rows)
     met = int(((values[:, 0] >= 0.85) & (values[:, 1:4].min(axis=1) >= 0.75)).sum())
     names = ["accuracy", *(f"recall {label}" for label in LABELS), "balanced accuracy"]

@@ -140,10 +140,15 @@ def train_logistic(
     return IntentHead(w.astype(np.float32), b.astype(np.float32))
 
 
+def recalls(truth: Sequence[int], predicted: Sequence[int]) -> np.ndarray:
+    """Per-class recall in LABELS order (0 for a class with no examples)."""
+    matrix = confusion_matrix(truth, predicted)
+    return np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)
+
+
 def balanced_accuracy(truth: Sequence[int], predicted: Sequence[int]) -> float:
     """Mean per-class recall: what class weighting aims at."""
-    matrix = confusion_matrix(truth, predicted)
-    return float(np.mean(np.diag(matrix) / np.maximum(matrix.sum(axis=1), 1)))
+    return float(np.mean(recalls(truth, predicted)))
 
 
 def select_l2(
@@ -194,8 +199,7 @@ def report_markdown(truth: Sequence[int], predicted: Sequence[int]) -> str:
         "| true \\ predicted | " + " | ".join(LABELS) + " | recall |",
         "|---|" + "---|" * (len(LABELS) + 1),
     ]
-    for i, label in enumerate(LABELS):
-        recall = matrix[i, i] / max(matrix[i].sum(), 1)
+    for i, (label, recall) in enumerate(zip(LABELS, recalls(truth, predicted), strict=True)):
         cells = " | ".join(str(v) for v in matrix[i])
         lines.append(f"| {label} | {cells} | {recall:.3f} |")
     return "\n".join(lines)
