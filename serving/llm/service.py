@@ -38,7 +38,7 @@ class TierConfig:
     """A tier model's config parameters, typed and checked once at load time."""
 
     limits: EngineLimits
-    dtype: str = "bfloat16"
+    dtype: str = "float32"
     checkpoint: str = SMOLLM2_CHECKPOINT
 
     @classmethod
@@ -51,7 +51,7 @@ class TierConfig:
             max_tokens=params.get("max_num_tokens", int, defaults.max_tokens),
         )
         limits.validate()
-        dtype = params.get("dtype", str, "bfloat16")
+        dtype = params.get("dtype", str, "float32")
         if dtype not in _DTYPES:
             raise ConfigError(f"parameter dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         checkpoint = params.get("checkpoint", str, SMOLLM2_CHECKPOINT)

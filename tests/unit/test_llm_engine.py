@@ -69,6 +69,74 @@ def test_runner_matches_transformers_logits(hf_model, template) -> None:
     assert torch.allclose(step, reference, atol=1e-3)
 
 
+#: Twenty fixed prompts for the bfloat16-vs-float32 check (none of them from Dolly).
+NUMERICS_PROMPTS = [
+    *PROMPTS,
+    "Summarize: The council voted to expand bike lanes by 40 km.",
+    "Who wrote Romeo and Juliet?",
+    "Give me a recipe for pancakes.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Describe a cat to a child.",
+    "Why is the sky blue?",
+    "Name a famous painter.",
+    "Write a short poem about autumn leaves.",
+    "How do I boil an egg?",
+    "What does a compiler do?",
+    "Tell me a joke about computers.",
+    "What is photosynthesis?",
+    "Suggest a name for a pet goldfish.",
+    "What are the primary colors?",
+    "Explain what a database index is.",
+]
+#: Where float32 ranks its top two tokens further apart than this, bfloat16 must pick the
+#: same token. bfloat16 weights move the top-two gap by at most 0.23 on these prompts
+#: (measured on an AVX-512 Xeon, docs/llm.md); 0.5 leaves room for other CPUs' kernels.
+BF16_MARGIN = 0.5
+
+
+def _teacher_forced_logits(
+    hf_model, dtype: torch.dtype, prompts: list[list[int]], steps: int, forced=None
+) -> torch.Tensor:
+    """Logits [prompts, steps, vocab] along greedy (or ``forced``) tokens, batched decode."""
+    runner = LlamaRunner(hf_model, len(prompts), 256, dtype)
+    rows: list[list[torch.Tensor]] = []
+    last = []
+    for slot, ids in enumerate(prompts):
+        logits = runner.prefill(slot, ids)
+        rows.append([logits])
+        last.append(int(logits.argmax()) if forced is None else forced[slot][0])
+    for step in range(1, steps):
+        logits = runner.decode(last, [len(ids) + step - 1 for ids in prompts])
+        for slot in range(len(prompts)):
+            rows[slot].append(logits[slot])
+        last = [
+            int(logits[slot].argmax()) if forced is None else forced[slot][step]
+            for slot in range(len(prompts))
+        ]
+    return torch.stack([torch.stack(row) for row in rows])
+
+
+def test_bfloat16_picks_float32_tokens_wherever_the_margin_is_clear(hf_model, template) -> None:
+    """bfloat16 weights, float32 everything else: the tokens cannot depend on the CPU.
+
+    float32 runs greedy for 32 tokens on 20 prompts; bfloat16 is fed the same tokens
+    (teacher forcing, so one early difference cannot make every later one differ) and
+    must agree wherever float32's top-two margin exceeds :data:`BF16_MARGIN`.
+    """
+    prompts = [template.encode(p) for p in NUMERICS_PROMPTS]
+    assert len(prompts) >= 20
+    exact = _teacher_forced_logits(hf_model, torch.float32, prompts, 32)
+    tokens = exact.argmax(-1)
+    half = _teacher_forced_logits(hf_model, torch.bfloat16, prompts, 32, tokens.tolist())
+    assert half.dtype == torch.float32  # logits come out in float32 whatever the weights
+    top2 = exact.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > BF16_MARGIN
+    assert clear.float().mean() > 0.6, "too few clear positions: the check would say little"
+    differs = clear & (half.argmax(-1) != tokens)
+    assert not differs.any(), f"bfloat16 differs at (prompt, step) {differs.nonzero().tolist()}"
+
+
 def test_greedy_answer_stops_at_end_id(engine, template, tokenizer) -> None:
     tokens = engine.generate(GenerationRequest(template.encode(PROMPTS[0]), 40))
     text = TokenBytes(tokenizer).text_of(tokens)
