@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from serving.errors import ValidationError
+from serving.llm import service
 from serving.llm.engine import Engine, EngineLimits
 from serving.llm.runner import LlamaShape
 from serving.llm.service import Tier
+from serving.llm.tier_model import TierModel
 from serving.llm.tokenizer import TokenBytes
-from tests.conftest import FakeRequest, load_model_module, model_args, pb_utils
+from tests.conftest import ROOT, FakeRequest, load_model_module, model_args, pb_utils
 
 ANSWER = "Paris — très belle! 你好 🙂"
 
@@ -58,8 +60,7 @@ class ScriptedRunner:
 
 
 @pytest.fixture
-def tier_model(tokenizer):
-    module = load_model_module("llm_small")
+def tier_model(tokenizer, monkeypatch):
     script = tokenizer.encode(ANSWER, add_special_tokens=False)
     end_id = tokenizer.eos_token_id
     limits = EngineLimits(max_active=4, max_context=512, max_new_tokens=64, max_tokens=2048)
@@ -68,11 +69,25 @@ def tier_model(tokenizer):
         runner = ScriptedRunner(script, end_id, len(tokenizer))
         return Tier(Engine(runner, limits, end_id), TokenBytes(tokenizer), end_id)
 
-    module.build_engine = fake_build
-    model = module.TritonPythonModel()
+    monkeypatch.setattr(service, "build_engine", fake_build)
+    model = TierModel()
     model.initialize(model_args("llm_small"))
     yield model
     model.finalize()
+
+
+@pytest.mark.parametrize("tier", ["llm_small", "llm_medium", "llm_large"])
+def test_every_tier_serves_the_one_shared_adapter(tier) -> None:
+    """The tiers' model.py files are the same import of :class:`TierModel`; none drifts."""
+    path = ROOT / "model_repository" / tier / "1" / "model.py"
+    small = ROOT / "model_repository" / "llm_small" / "1" / "model.py"
+    assert path.read_text() == small.read_text()
+    assert load_model_module(tier).TritonPythonModel is TierModel
+    code = [line for line in path.read_text().splitlines() if line and not line.startswith('"')]
+    assert code == [
+        "from serving.llm.tier_model import TierModel as TritonPythonModel",
+        '__all__ = ["TritonPythonModel"]',
+    ]
 
 
 def _wait_closed(request: FakeRequest, timeout: float = 30.0) -> None:
