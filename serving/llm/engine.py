@@ -15,6 +15,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class _Sequence:
     last_token: int = -1
     generated: int = 0
     cancel: bool = False
+    probed_at: float = float("-inf")  # when is_cancelled was last asked
 
 
 class Engine:
@@ -130,9 +132,17 @@ class Engine:
         limits: EngineLimits,
         default_end_id: int | None,
         observer: Callable[[int, int], None] | None = None,
+        cancel_probe_interval: float = 0.05,
     ) -> None:
-        """``observer(active, waiting)`` is called from the engine thread when they change."""
+        """``observer(active, waiting)`` is called from the engine thread when they change.
+
+        ``cancel_probe_interval``: each sequence's ``is_cancelled`` probe is asked at most
+        this often (seconds). In a Triton stub the probe is an IPC round trip, and asking
+        16 sequences every step cost more than the step's own bookkeeping; a client that
+        goes away is still dropped within one interval plus one step.
+        """
         limits.validate()
+        self._probe_interval = cancel_probe_interval
         self._observer = observer
         self._observed = (-1, -1)
         if limits.max_active > runner.max_active or limits.max_context > runner.max_context:
@@ -241,6 +251,10 @@ class Engine:
             return True
         if seq.is_cancelled is None:
             return False
+        now = time.monotonic()
+        if now - seq.probed_at < self._probe_interval:
+            return False
+        seq.probed_at = now
         try:
             return bool(seq.is_cancelled())
         except Exception:  # the probe itself failing means the client is gone

@@ -248,3 +248,30 @@ def test_preprocessing_and_postprocessing_models(tokenizer) -> None:
         (text,) = pb_utils.get_output_tensor_by_name(response, "text_output").as_numpy().reshape(-1)
         texts.append(text)
     assert b"".join(texts).decode("utf-8") == ANSWER
+
+
+@pytest.mark.parametrize(("interval", "at_least", "at_most"), [(3600.0, 1, 1), (0.0, 10, 10_000)])
+def test_cancellation_probe_is_rate_limited(tokenizer, interval, at_least, at_most) -> None:
+    """The stub's ``is_cancelled`` is an IPC round trip: ask it at most once per interval."""
+    from serving.llm.engine import GenerationRequest
+
+    script = tokenizer.encode(ANSWER, add_special_tokens=False)
+    limits = EngineLimits(max_active=4, max_context=512, max_new_tokens=64, max_tokens=2048)
+    runner = ScriptedRunner(script, tokenizer.eos_token_id, len(tokenizer))
+    engine = Engine(runner, limits, tokenizer.eos_token_id, cancel_probe_interval=interval)
+    calls = []
+
+    def probe() -> bool:
+        calls.append(time.monotonic())
+        return False
+
+    try:
+        done = []
+        engine.submit(GenerationRequest([1, 2, 3], 64), done.append, probe)
+        deadline = time.monotonic() + 30
+        while not (done and done[-1].finished) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done[-1].finished and len(script) >= 10
+        assert at_least <= len(calls) <= at_most
+    finally:
+        engine.close()
