@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from serving.errors import ConfigError, ValidationError
+from serving.errors import ConfigError, UnavailableError, ValidationError
 from serving.llm.runner import LlamaRunner
 from serving.llm.sampling import Sampler, SamplingParams, pick_tokens
 
@@ -36,15 +36,21 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class EngineLimits:
-    """Capacity of one engine: concurrent sequences, context, output and KV-token budget."""
+    """Capacity of one engine: concurrent sequences, context, output and KV-token budget.
+
+    ``max_waiting`` bounds the requests queued for a slot. A decoupled ``execute`` returns
+    at once, so Triton's own queue limits never see this backlog: without a bound here,
+    overload turns into latency that grows without limit instead of a fast UNAVAILABLE.
+    """
 
     max_active: int = 16
     max_context: int = 2048
     max_new_tokens: int = 1024
     max_tokens: int = 16384
+    max_waiting: int = 64
 
     def validate(self) -> None:
-        for name in ("max_active", "max_context", "max_new_tokens", "max_tokens"):
+        for name in ("max_active", "max_context", "max_new_tokens", "max_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine limit {name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens < self.max_context:
@@ -172,6 +178,12 @@ class Engine:
         with self._cond:
             if self._stop:
                 raise RuntimeError("engine is closed")
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise UnavailableError(
+                    f"overloaded: {len(self._waiting)} requests already wait for one of "
+                    f"{self.limits.max_active} generation slots (max_queue_size "
+                    f"{self.limits.max_waiting}); retry later or on another replica"
+                )
             self._waiting.append(seq)
             self._by_id[seq.id] = seq
             self._cond.notify()

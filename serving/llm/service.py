@@ -49,6 +49,7 @@ class TierConfig:
             max_context=params.get("max_context", int, defaults.max_context),
             max_new_tokens=params.get("max_output_len", int, defaults.max_new_tokens),
             max_tokens=params.get("max_num_tokens", int, defaults.max_tokens),
+            max_waiting=params.get("max_queue_size", int, defaults.max_waiting),
         )
         limits.validate()
         dtype = params.get("dtype", str, "float32")

@@ -6,6 +6,7 @@ the adapters send (chunks, final flags, errors, cancellation, stop) quickly and 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -275,3 +276,65 @@ def test_cancellation_probe_is_rate_limited(tokenizer, interval, at_least, at_mo
         assert at_least <= len(calls) <= at_most
     finally:
         engine.close()
+
+
+class _HeldRunner(ScriptedRunner):
+    """A scripted runner whose decode steps wait until the test lets them go."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.go = threading.Event()
+
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        self.go.wait(30)
+        return super().decode(token_ids, positions)
+
+
+def test_full_queue_answers_unavailable_at_once(tokenizer, monkeypatch) -> None:
+    """Over ``max_queue_size`` a request fails fast with UNAVAILABLE; the queued ones finish."""
+    script = tokenizer.encode(ANSWER, add_special_tokens=False)
+    end_id = tokenizer.eos_token_id
+    limits = EngineLimits(
+        max_active=1, max_context=512, max_new_tokens=64, max_tokens=2048, max_waiting=1
+    )
+    runner = _HeldRunner(script, end_id, len(tokenizer))
+
+    def held_build(config, observer=None):
+        return Tier(Engine(runner, limits, end_id), TokenBytes(tokenizer), end_id)
+
+    monkeypatch.setattr(service, "build_engine", held_build)
+    model = TierModel()
+    model.initialize(model_args("llm_small"))
+    try:
+        running, queued, rejected = (FakeRequest(_tier_inputs()) for _ in range(3))
+        model.execute([running])
+        deadline = time.monotonic() + 30
+        while model.tier.engine.active_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        model.execute([queued])
+        started = time.monotonic()
+        model.execute([rejected])
+        assert time.monotonic() - started < 1.0
+        ((response, flags),) = rejected.sender.sent
+        assert flags == pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        assert response.error().code() == pb_utils.TritonError.UNAVAILABLE
+        assert "max_queue_size 1" in response.error().message()
+        runner.go.set()
+        for request in (running, queued):
+            _wait_closed(request)
+            assert [c.decode() for c in _texts(request, tokenizer)] == [ANSWER]
+    finally:
+        runner.go.set()
+        model.finalize()
+
+
+def test_max_queue_size_is_read_and_checked() -> None:
+    from serving.errors import ConfigError
+    from serving.llm.service import TierConfig
+    from serving.params import Params
+
+    config = {"parameters": {"max_queue_size": {"string_value": "5"}}}
+    assert TierConfig.from_params(Params(config, "llm_small")).limits.max_waiting == 5
+    config = {"parameters": {"max_queue_size": {"string_value": "0"}}}
+    with pytest.raises(ConfigError, match="max_waiting"):
+        TierConfig.from_params(Params(config, "llm_small"))
