@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from serving.errors import UnavailableError, ValidationError
+from serving.errors import UnavailableError, ValidationError, is_client_fault
 from serving.llm.tokenizer import TokenBytes, Utf8Aligner
 from serving.routing import Decision, RoutingPolicy
 from serving.text import decode_utf8
@@ -76,20 +76,6 @@ PRE_TO_TIER = {
 }
 TIER_OUTPUTS = ("output_ids", "sequence_length")
 OUTPUTS = ("text_output", "intent", "model", "confidence", "num_input_tokens", "num_output_tokens")
-
-#: Triton 2.51 drops the code of a BLS response's error (everything arrives as INTERNAL),
-#: so a rejected input is told from a failing model by the message: the project's models
-#: report unexpected errors through ``error_of`` ("internal error (...)"), Triton words a
-#: model it cannot run with the next phrases, and "unexpected inference" means the router
-#: and a downstream config disagree (a deployment fault, never the client's).
-_MODEL_FAULTS = (
-    "internal error (",
-    "is not ready",
-    "is not healthy",
-    "not found",
-    "unknown model",
-    "unexpected inference",
-)
 
 #: Classifier latency buckets, microseconds (Triton's own latency metrics are in us).
 CLASSIFIER_BUCKETS_US = (1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2.5e5, 1e6)
@@ -448,8 +434,14 @@ class Router:
 
 
 def _blame(exc: DownstreamError) -> Exception:
-    """The error to give the client for a downstream failure (see ``_MODEL_FAULTS``)."""
+    """The error to give the client for a downstream failure.
+
+    Triton 2.51 drops the code of a BLS response's error (everything arrives as
+    INTERNAL), so the project's models mark their client faults in the message
+    (:data:`serving.errors.INVALID_INPUT`). Only those are the client's; every other
+    downstream error, anticipated or not, is the model's, so the fallback runs.
+    """
     message = str(exc)
-    if exc.invalid_arg or not any(phrase in message for phrase in _MODEL_FAULTS):
+    if exc.invalid_arg or is_client_fault(message):
         return ValidationError(message)
     return UnavailableError(message)

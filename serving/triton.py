@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serving.errors import ConfigError, UnavailableError, ValidationError
+from serving.errors import ConfigError, UnavailableError, ValidationError, tag_message
 from serving.params import Params
 
 log = logging.getLogger("serving")
@@ -120,9 +120,9 @@ def error_of(exc: BaseException, model: str) -> Any:
     gets only the exception's class and a pointer to the log.
     """
     if isinstance(exc, ValidationError):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+        return pb_utils.TritonError(tag_message(exc), pb_utils.TritonError.INVALID_ARG)
     if isinstance(exc, UnavailableError):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+        return pb_utils.TritonError(tag_message(exc), pb_utils.TritonError.UNAVAILABLE)
     log.exception("%s: unexpected error while serving a request", model, exc_info=exc)
     return pb_utils.TritonError(
         f"{model}: internal error ({type(exc).__name__}); see the server log",

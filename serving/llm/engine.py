@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from serving.errors import ConfigError, UnavailableError, ValidationError
+from serving.errors import ConfigError, OverloadedError, ValidationError
 from serving.llm.runner import LlamaRunner
 from serving.llm.sampling import Sampler, SamplingParams, pick_tokens
 
@@ -179,8 +179,8 @@ class Engine:
             if self._stop:
                 raise RuntimeError("engine is closed")
             if len(self._waiting) >= self.limits.max_waiting:
-                raise UnavailableError(
-                    f"overloaded: {len(self._waiting)} requests already wait for one of "
+                raise OverloadedError(
+                    f"{len(self._waiting)} requests already wait for one of "
                     f"{self.limits.max_active} generation slots (max_queue_size "
                     f"{self.limits.max_waiting}); retry later or on another replica"
                 )

@@ -105,7 +105,7 @@ class TestExecuteBatch:
         assert len(out) == 3
         assert out[0].output_tensors()[0].as_numpy().tolist() == [10]
         assert out[1].error().code() == TritonError.INVALID_ARG
-        assert out[1].error().message() == "x must be >= 0"
+        assert out[1].error().message() == "invalid input: x must be >= 0"
         assert out[2].output_tensors()[0].as_numpy().tolist() == [30]
 
     def test_unexpected_error_hides_traceback(self, caplog: pytest.LogCaptureFixture) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serving.errors import INVALID_INPUT
 from serving.llm.service import PreprocessConfig, Preprocessor
 from serving.router import Router, RouterMetrics, RouterModels
 from serving.routing import RoutingPolicy
@@ -308,15 +309,34 @@ def test_every_tier_down_is_unavailable(bls: dict) -> None:
 @pytest.mark.parametrize("code", [TritonError.INVALID_ARG, TritonError.INTERNAL])
 def test_tier_rejecting_the_input_is_invalid_arg_without_fallback(bls: dict, code: int) -> None:
     """Triton 2.51's BLS hands every downstream error over as INTERNAL: the router still
-    tells a rejected input (the tier's own message) from a failing tier."""
+    tells a rejected input (the tier's message, marked as the project's client faults
+    are) from a failing tier."""
     down = Downstream(bls, intent="summarization")
     too_long = "prompt is 9000 tokens, over the 8192-token context"
-    bls["llm_small"] = lambda inputs: [error(too_long, code)]
+    bls["llm_small"] = lambda inputs: [error(INVALID_INPUT + too_long, code)]
     request = router_request()
     serve(make_router(), request)
     err = error_of(request)
     assert err.code() == TritonError.INVALID_ARG and too_long in err.message()
     assert "llm_medium" not in down.calls
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "overloaded: 32 requests already wait for one of 16 generation slots",
+        "Encountered an error in forwardAsync function: CUDA error: out of memory",
+        "some failure nobody anticipated",
+    ],
+)
+def test_unknown_downstream_errors_are_the_tiers_and_fall_back(bls: dict, message: str) -> None:
+    """Anything but a marked client fault is the tier's failure: the fallback serves it."""
+    down = Downstream(bls, intent="summarization")
+    bls["llm_small"] = lambda inputs: [error(message, TritonError.INTERNAL)]
+    request = router_request()
+    serve(make_router(), request)
+    assert "llm_medium" in down.calls
+    assert all(not resp.has_error() for resp, _ in request.sender.sent if resp is not None)
 
 
 def test_error_after_first_token_ends_the_stream_with_an_error(bls: dict) -> None:
