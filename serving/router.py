@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +41,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from serving.errors import UnavailableError, ValidationError, is_client_fault
+from serving.errors import (
+    ConfigError,
+    OverloadedError,
+    UnavailableError,
+    ValidationError,
+    is_client_fault,
+)
 from serving.llm.tokenizer import TokenBytes, Utf8Aligner
 from serving.routing import Decision, RoutingPolicy
 from serving.text import decode_utf8
@@ -247,8 +254,20 @@ class Router:
         workers: int,
         batched: bool,
         metrics: RouterMetrics | None = None,
+        max_queue: int = 64,
     ) -> None:
+        """``workers`` streams run at once; at most ``max_queue`` more wait for a worker.
+
+        The bound matters because a decoupled ``execute`` returns at once: Triton's own
+        queue limits never see the router's backlog, so without it overload would turn
+        into latency without bound instead of a fast UNAVAILABLE ("overloaded: …").
+        """
+        if max_queue < 0:
+            raise ConfigError(f"{name}: max_queue_size must be >= 0, got {max_queue}")
         self.name = name
+        self._capacity = workers + max_queue
+        self._admitted = 0
+        self._admit_lock = threading.Lock()
         self.policy = policy
         self.models = models
         self._detokenizer = detokenizer
@@ -268,8 +287,27 @@ class Router:
         """
         for request in requests:
             accepted = self.accept(request)
-            if accepted is not None:
-                self._pool.submit(self.serve, *accepted)
+            if accepted is None:
+                continue
+            with self._admit_lock:
+                full = self._admitted >= self._capacity
+                if not full:
+                    self._admitted += 1
+            if full:
+                busy = OverloadedError(
+                    f"{self._capacity} router requests are already running or queued "
+                    "(max_concurrent_requests + max_queue_size); retry later or elsewhere"
+                )
+                accepted[1].send(error_response(busy, self.name), flags=final_flag())
+                continue
+            self._pool.submit(self._serve_admitted, *accepted)
+
+    def _serve_admitted(self, parsed: RouterRequest, sender: Any) -> None:
+        try:
+            self.serve(parsed, sender)
+        finally:
+            with self._admit_lock:
+                self._admitted -= 1
 
     def accept(self, request: Any) -> tuple[RouterRequest, Any] | None:
         """The parsed request and its sender, or ``None`` once a bad one got its error."""

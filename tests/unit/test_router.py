@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import codecs
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from serving.errors import INVALID_INPUT
+from serving.errors import INVALID_INPUT, ConfigError
 from serving.llm.service import PreprocessConfig, Preprocessor
 from serving.router import Router, RouterMetrics, RouterModels
 from serving.routing import RoutingPolicy
@@ -528,3 +530,44 @@ def test_router_agrees_with_the_models_it_calls(profile: str) -> None:
         assert names >= {*PRE_TO_TIER.values(), "streaming", "stop"}, tier
         assert {o.name for o in tier_config.output} >= set(TIER_OUTPUTS)
         assert tier_config.model_transaction_policy.decoupled
+
+
+def test_full_router_queue_answers_overloaded_at_once(bls: dict) -> None:
+    """Beyond max_concurrent_requests + max_queue_size, a request fails fast (UNAVAILABLE)."""
+    gate = threading.Event()
+    down = Downstream(bls, intent="summarization")
+
+    def held_classify(inputs: dict[str, np.ndarray]) -> InferenceResponse:
+        gate.wait(30)
+        return down.classify(inputs)
+
+    bls["intent_classifier"] = held_classify
+    router = Router(
+        name="router",
+        policy=POLICY,
+        models=RouterModels(classifier="intent_classifier"),
+        detokenizer=ByteDetokenizer,
+        preprocessor=PREPROCESSOR,
+        workers=1,
+        batched=True,
+        max_queue=1,
+    )
+    try:
+        running, queued, rejected = (router_request() for _ in range(3))
+        router.submit([running, queued])
+        started = time.monotonic()
+        router.submit([rejected])
+        assert time.monotonic() - started < 1.0
+        err = error_of(rejected)
+        assert err.code() == TritonError.UNAVAILABLE and "overloaded: 2 router" in err.message()
+        gate.set()
+    finally:
+        gate.set()
+        router.close()
+    for request in (running, queued):
+        assert request.sender.sent and not any(
+            resp is not None and resp.has_error() for resp, _ in request.sender.sent
+        )
+    assert router._admitted == 0  # every admitted request gave its place back
+    with pytest.raises(ConfigError, match="max_queue_size"):
+        Router("r", POLICY, RouterModels("c"), ByteDetokenizer, PREPROCESSOR, 1, True, None, -1)

@@ -38,6 +38,7 @@ class TritonPythonModel:
                 detokenizer=lambda: TokenText(token_bytes),
                 preprocessor=Preprocessor(tokenizer, PreprocessConfig.from_params(params)),
                 workers=workers,
+                max_queue=params.get("max_queue_size", int, default=64),
                 batched=setup.config.get("max_batch_size", 0) > 0,
                 metrics=RouterMetrics(),
             )
