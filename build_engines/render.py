@@ -117,6 +117,7 @@ def tier_config(
         "model_transaction_policy { decoupled: true }",
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {spec.triton.max_queue_delay_microseconds}",
+        f"  default_queue_policy {{ max_queue_size: {spec.triton.max_queue_size} }}",
         "}",
         "input [",
     ]

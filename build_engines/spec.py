@@ -106,6 +106,9 @@ class TritonParams:
     engine_dir: str
     tokenizer_dir: str
     max_queue_delay_microseconds: int
+    #: Triton's own bound on requests waiting for the backend (default_queue_policy);
+    #: over it Triton answers UNAVAILABLE at once, the gateway's 429.
+    max_queue_size: int
     batch_scheduler_policy: SchedulerPolicy
     exclude_input_in_output: bool
     enable_chunked_context: bool
@@ -311,6 +314,7 @@ def parse_spec(data: Any, path: Path | None = None) -> EngineSpec:
             default=100,
             check=lambda v: None if v >= 0 else "must be >= 0",
         ),
+        tri.get("max_queue_size", int, check=_positive),
         tri.get(
             "batch_scheduler_policy", SchedulerPolicy, default=SchedulerPolicy.GUARANTEED_NO_EVICT
         ),

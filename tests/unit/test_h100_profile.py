@@ -273,3 +273,11 @@ def test_kubernetes_probes_use_deep_readiness_and_triton_liveness(manifest: str)
     live = container["livenessProbe"]["httpGet"]
     assert (ready["path"], ports[ready["port"]]) == ("/health/ready", 8003)
     assert (live["path"], ports[live["port"]]) == ("/v2/health/live", 8000)
+
+
+def test_h100_tiers_bound_their_queue() -> None:
+    """Triton's own queue policy bounds what waits for each tier (UNAVAILABLE beyond it)."""
+    for tier in SPECS:
+        config = parse_config(REPO / tier / "configs" / f"{PROFILE}.pbtxt")
+        size = config.dynamic_batching.default_queue_policy.max_queue_size
+        assert size == SPECS[tier].triton.max_queue_size > 0
