@@ -135,13 +135,23 @@ class FakeRequest:
 BLS_HANDLERS: dict[str, Callable[[dict[str, np.ndarray]], Any]] = {}
 
 
+#: Every BLS request the code under test built, in order (tests read model names and ids).
+SENT_REQUESTS: list[Any] = []
+
+
 class InferenceRequest:
     def __init__(
-        self, model_name: str, inputs: list[Tensor], requested_output_names: list[str], **_: Any
+        self,
+        model_name: str,
+        inputs: list[Tensor],
+        requested_output_names: list[str],
+        **kwargs: Any,
     ) -> None:
         self.model_name = model_name
         self.inputs = {t.name(): t.as_numpy() for t in inputs}
         self.requested_output_names = requested_output_names
+        self.request_id = kwargs.get("request_id", "")
+        SENT_REQUESTS.append(self)
 
     def exec(self, decoupled: bool = False) -> Any:
         handler = BLS_HANDLERS.get(self.model_name)
@@ -154,8 +164,30 @@ class InferenceRequest:
         else:
             result = handler(self.inputs)
         if decoupled:
-            return iter(result if isinstance(result, list) else [result])
+            return ResponseIterator(result if isinstance(result, list) else [result])
         return result[0] if isinstance(result, list) else result
+
+
+class ResponseIterator:
+    """Triton 2.51's BLS ``ResponseIterator``, faithfully: ``iter()`` on one that has
+    finished starts it over (so ``for r in stream`` after a ``next`` replays a stream whose
+    first response was also its last). ``serving.triton.bls_stream`` must use ``next`` only.
+    """
+
+    def __init__(self, responses: list[Any]) -> None:
+        self._responses = responses
+        self._index = 0
+
+    def __iter__(self) -> ResponseIterator:
+        if self._index >= len(self._responses):
+            self._index = 0
+        return self
+
+    def __next__(self) -> Any:
+        if self._index >= len(self._responses):
+            raise StopIteration
+        self._index += 1
+        return self._responses[self._index - 1]
 
 
 class Logger:

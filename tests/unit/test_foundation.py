@@ -9,7 +9,7 @@ from serving import triton as st
 from serving.errors import ConfigError, ValidationError
 from serving.params import Params
 from serving.text import decode_utf8, require_text
-from tests.conftest import FakeRequest, InferenceResponse, Tensor, TritonError
+from tests.conftest import FakeRequest, InferenceRequest, InferenceResponse, Tensor, TritonError
 
 
 def _params(**values: str) -> Params:
@@ -148,3 +148,12 @@ class TestBls:
         ]
         chunks = [c["t"].tolist() for c in st.bls_stream("llm", {}, ["t"])]
         assert chunks == [[1], [2]]
+
+    def test_one_response_stream_is_read_once(self, bls: dict) -> None:
+        """Regression: 2.51's iterator restarts on iter() once finished; bls_stream must
+        read with next() only, or a one-response stream comes out twice."""
+        bls["llm"] = lambda inputs: [InferenceResponse([Tensor("t", np.array([7]))])]
+        stream = InferenceRequest("llm", [], ["t"]).exec(decoupled=True)
+        assert [r for r in stream] and [r for r in stream]  # the hazard, as 2.51 has it
+        chunks = [c["t"].tolist() for c in st.bls_stream("llm", {}, ["t"])]
+        assert chunks == [[7]]

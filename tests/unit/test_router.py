@@ -17,6 +17,7 @@ from serving.llm.service import PreprocessConfig, Preprocessor
 from serving.router import Router, RouterMetrics, RouterModels
 from serving.routing import RoutingPolicy
 from tests.conftest import (
+    SENT_REQUESTS,
     TRITONSERVER_RESPONSE_COMPLETE_FINAL,
     FakeRequest,
     InferenceResponse,
@@ -416,6 +417,7 @@ class CancelAfter(ResponseSender):
 
 
 def test_cancelled_stream_stops_the_tier(bls: dict) -> None:
+    SENT_REQUESTS.clear()
     down = Downstream(bls, intent="summarization")
     request = router_request(stream=True)
     request.sender = CancelAfter(checks=3)
@@ -431,6 +433,10 @@ def test_cancelled_stream_stops_the_tier(bls: dict) -> None:
     assert stop["input_ids"].shape == (1, 1)
     assert {"input_ids", "input_lengths", "request_output_len"} <= stop.keys()  # required
     assert "stop" not in first
+    # tensorrt_llm's stop ends the running request with the same id: it must carry it.
+    tier_requests = [r for r in SENT_REQUESTS if r.model_name == "llm_small"]
+    assert len(tier_requests) == 2 and tier_requests[0].request_id
+    assert tier_requests[1].request_id == tier_requests[0].request_id
 
 
 def test_request_cancelled_while_queued_runs_nothing(bls: dict) -> None:
