@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import shlex
 import signal
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from serving.launcher import (
@@ -69,6 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for the server and the models",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help="also start the OpenAI-compatible gateway (python -m gateway) on --gateway-port, "
+        "in front of this server; it stops with this process",
+    )
+    parser.add_argument("--gateway-port", type=int, default=8080)
+    parser.add_argument(
+        "--gateway-args",
+        default="",
+        help="more options for python -m gateway, as one shell-quoted string",
+    )
     return parser.parse_args(argv)
 
 
@@ -102,6 +120,105 @@ def banner(launcher: TritonLauncher) -> str:
     return "\n".join(lines)
 
 
+EXAMPLE_PROMPT = "Summarize: Triton batches requests so GPUs stay busy."
+
+
+def gateway_banner(base_url: str) -> str:
+    """The OpenAI endpoint, a curl and a five-line openai SDK example, each runnable as is."""
+    body = json.dumps(
+        {
+            "model": "auto",
+            "messages": [{"role": "user", "content": EXAMPLE_PROMPT}],
+            "max_tokens": 48,
+            "stream": True,
+        }
+    )
+    sdk = [
+        "from openai import OpenAI",
+        f'client = OpenAI(base_url="{base_url}", api_key="unused-on-loopback")',
+        f'messages = [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}]',
+        'for chunk in client.chat.completions.create(model="auto", messages=messages, max_tokens=48, stream=True):',
+        '    print(chunk.choices[0].delta.content or "", end="", flush=True)',
+    ]
+    return "\n".join(
+        [
+            "",
+            f"OpenAI-compatible gateway: {base_url}  (models: auto, the tiers, their aliases, embedding)",
+            f"  metrics  {base_url[: -len('/v1')]}/metrics   ready  {base_url[: -len('/v1')]}/health/ready",
+            "",
+            "curl:",
+            f"  curl -sN {base_url}/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{body}'",
+            "",
+            f"Python (openai SDK; e.g. {sys.executable} - <<'EOF' ... EOF):",
+            *(f"  {line}" for line in sdk),
+            "",
+            "Ctrl-C stops the gateway (streams in flight may finish), then Triton.",
+        ]
+    )
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies (Linux prctl).
+
+    A gateway started by this launcher must never outlive it, even when the launcher is
+    killed with SIGKILL and cannot clean up.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def start_gateway(
+    launcher: TritonLauncher, port: int, extra: str, timeout: float = 180.0
+) -> subprocess.Popen[bytes]:
+    """``python -m gateway`` in front of ``launcher``'s server; returns once it is ready."""
+    host = launcher.options.host
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--triton-grpc",
+        launcher.grpc_url,
+        "--triton-health",
+        launcher.health_url,
+        *shlex.split(extra),
+    ]
+    process = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+    url = f"http://{host}:{port}/health/ready"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"the gateway exited with code {process.returncode} during start-up")
+        with (
+            contextlib.suppress(OSError, urllib.error.URLError),
+            urllib.request.urlopen(url, timeout=2) as response,
+        ):
+            if response.status == 200:
+                return process
+        time.sleep(0.3)
+    stop_gateway(process)
+    raise LaunchError(f"the gateway was not ready at {url} after {timeout:.0f}s")
+
+
+def stop_gateway(process: subprocess.Popen[bytes], drain: float = 35.0) -> None:
+    """SIGTERM (the gateway drains its streams), then SIGKILL if it overstays."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=drain)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -122,10 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C, also while models load.
     signal.signal(signal.SIGTERM, _interrupt)
     launcher = TritonLauncher(options)
+    gateway: subprocess.Popen[bytes] | None = None
     try:
         launcher.start(on_progress=lambda msg: print(msg, flush=True))
         print(banner(launcher), flush=True)
+        if args.gateway:
+            print("starting the gateway ...", flush=True)
+            gateway = start_gateway(launcher, args.gateway_port, args.gateway_args)
+            print(gateway_banner(f"http://{args.host}:{args.gateway_port}/v1"), flush=True)
         while launcher.process is not None and launcher.process.poll() is None:
+            if gateway is not None and gateway.poll() is not None:
+                print(f"error: the gateway exited (code {gateway.returncode})", file=sys.stderr)
+                return 1
             time.sleep(0.5)
         print("error: tritonserver exited unexpectedly:\n" + launcher.log_tail(), file=sys.stderr)
         return 1
@@ -133,9 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("stopping tritonserver ...", flush=True)
+        print("stopping ...", flush=True)
         return 0
     finally:
+        # The gateway first: it stops accepting and lets streams finish while Triton
+        # still serves them.
+        if gateway is not None:
+            stop_gateway(gateway)
         launcher.stop()
 
 
