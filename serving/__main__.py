@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import shlex
@@ -11,10 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from gateway import process as gateway_process
 from serving.launcher import (
     DEFAULT_REPOSITORY,
     PROFILES,
@@ -158,65 +156,15 @@ def gateway_banner(base_url: str) -> str:
     )
 
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the parent dies (Linux prctl).
-
-    A gateway started by this launcher must never outlive it, even when the launcher is
-    killed with SIGKILL and cannot clean up.
-    """
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def start_gateway(
-    launcher: TritonLauncher, port: int, extra: str, timeout: float = 180.0
-) -> subprocess.Popen[bytes]:
+def start_gateway(launcher: TritonLauncher, port: int, extra: str) -> subprocess.Popen[bytes]:
     """``python -m gateway`` in front of ``launcher``'s server; returns once it is ready."""
     host = launcher.options.host
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--triton-grpc",
-        launcher.grpc_url,
-        "--triton-health",
-        launcher.health_url,
-        *shlex.split(extra),
-    ]
-    process = subprocess.Popen(cmd, preexec_fn=die_with_parent)
-    url = f"http://{host}:{port}/health/ready"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LaunchError(f"the gateway exited with code {process.returncode} during start-up")
-        with (
-            contextlib.suppress(OSError, urllib.error.URLError),
-            urllib.request.urlopen(url, timeout=2) as response,
-        ):
-            if response.status == 200:
-                return process
-        time.sleep(0.3)
-    stop_gateway(process)
-    raise LaunchError(f"the gateway was not ready at {url} after {timeout:.0f}s")
-
-
-def stop_gateway(process: subprocess.Popen[bytes], drain: float = 35.0) -> None:
-    """SIGTERM (the gateway drains its streams), then SIGKILL if it overstays."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=drain)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    args = ["--host", host, "--port", str(port), "--triton-grpc", launcher.grpc_url]
+    args += ["--triton-health", launcher.health_url, *shlex.split(extra)]
+    try:
+        return gateway_process.start(args, f"http://{host}:{port}/health/ready")
+    except RuntimeError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         # The gateway first: it stops accepting and lets streams finish while Triton
         # still serves them.
         if gateway is not None:
-            stop_gateway(gateway)
+            gateway_process.stop(gateway)
         launcher.stop()
 
 
