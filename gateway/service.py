@@ -167,6 +167,44 @@ class _RouterText:
         return self._decoder.flush()
 
 
+class _IdleWatch:
+    """Fails a stream whose upstream sends nothing for ``timeout`` seconds, cheaply.
+
+    A deadline per response (``asyncio.timeout``) costs a timer per streamed token;
+    this checks twice per timeout instead and cancels the waiting task only when the
+    upstream (never a slow client) has been silent too long.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.waiting = False
+        self.fired = False
+        self._since = 0.0
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._handle = self._loop.call_later(timeout / 2, self._check)
+
+    def waiting_since(self) -> None:
+        self.waiting = True
+        self._since = self._loop.time()
+
+    def _check(self) -> None:
+        if self.waiting and self._loop.time() - self._since >= self.timeout and self._task:
+            self.fired = True
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_later(self.timeout / 2, self._check)
+
+    def absorb(self) -> None:
+        """The cancellation was ours: let the task go on (to report the 504)."""
+        uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+
+        if uncancel is not None:
+            uncancel()
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
 class Generation:
     """An open upstream stream: the first response is already in (headers can go out).
 
@@ -212,20 +250,30 @@ class Generation:
         if self._first is not None:
             first, self._first = self._first, None
             yield first
-        while True:
-            try:
-                tensors = await before(anext(self._rest), _deadline(self._chunk_timeout))
-            except StopAsyncIteration:
-                return
-            except Timeout:
-                raise APIError(
-                    504,
-                    f"{self.routed.tier}: no response for {self._chunk_timeout:g}s",
-                    code="upstream_timeout",
-                ) from None
-            except ClientError as exc:
-                raise from_upstream(exc, self.routed.tier) from exc
-            yield tensors
+        watch = _IdleWatch(self._chunk_timeout)
+        try:
+            while True:
+                watch.waiting_since()
+                try:
+                    tensors = await anext(self._rest)
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not watch.fired:
+                        raise
+                    watch.absorb()
+                    raise APIError(
+                        504,
+                        f"{self.routed.tier}: no response for {self._chunk_timeout:g}s",
+                        code="upstream_timeout",
+                    ) from None
+                except ClientError as exc:
+                    raise from_upstream(exc, self.routed.tier) from exc
+                finally:
+                    watch.waiting = False
+                yield tensors
+        finally:
+            watch.stop()
 
     async def pieces(self) -> AsyncIterator[str]:
         scanner = StopScanner(self._request.stops)

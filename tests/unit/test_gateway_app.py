@@ -297,3 +297,23 @@ def test_models_list_and_embeddings_formats() -> None:
     decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, floats["data"][0]["embedding"])
     assert floats["usage"]["prompt_tokens"] > 0
+
+
+def test_an_upstream_silent_mid_stream_ends_with_a_504_event() -> None:
+    import asyncio
+
+    class Hangs(FakeTriton):
+        async def stream_tensors(
+            self, model: str, inputs: Tensors, request_id: str = ""
+        ) -> AsyncIterator[Tensors]:
+            ids = tokenizer().encode("Hello there")
+            yield {"output_ids": np.array([[[ids[0]]]], dtype=np.int32)}
+            await asyncio.sleep(3600)
+
+    with _client({"fake:1": Hangs()}, first_token_timeout=0.3) as c:
+        r = c.post("/v1/chat/completions", json={**CHAT, "model": "llm_small", "stream": True})
+        events = _events(r.text)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "upstream_timeout"
+        whole = c.post("/v1/chat/completions", json={**CHAT, "model": "llm_small"})
+        assert whole.status_code == 504
+        assert c.get("/health/live").status_code == 200
