@@ -234,6 +234,55 @@ def serve_instant(port: int, tokens: int) -> None:
     )
 
 
+def serve_grpc_instant(port: int) -> None:
+    """A fake Triton over real gRPC that answers every stream at once (``--backend grpc``).
+
+    It speaks just enough of KServe v2 for the gateway's tier path: ModelConfig (the
+    batch dimension lookup), ServerReady and ModelStreamInfer (``request_output_len``
+    one-token responses, then the flags-only final response). The gateway then pays the
+    real per-token cost of tritonclient's gRPC decoding.
+    """
+    import grpc
+    from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+    token = np.array([[[1000]]], dtype=np.int32).tobytes()
+
+    class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+        async def ServerReady(self, request, context):  # type: ignore[no-untyped-def]
+            return service_pb2.ServerReadyResponse(ready=True)
+
+        async def ModelConfig(self, request, context):  # type: ignore[no-untyped-def]
+            config = model_config_pb2.ModelConfig(name=request.name, max_batch_size=8)
+            return service_pb2.ModelConfigResponse(config=config)
+
+        async def ModelStreamInfer(self, request_iterator, context):  # type: ignore[no-untyped-def]
+            async for request in request_iterator:
+                names = [t.name for t in request.inputs]
+                raw = request.raw_input_contents[names.index("request_output_len")]
+                count = int(np.frombuffer(raw, dtype=np.int32)[0])
+                for _ in range(count):
+                    out = service_pb2.ModelInferResponse.InferOutputTensor(
+                        name="output_ids", datatype="INT32", shape=[1, 1, 1]
+                    )
+                    response = service_pb2.ModelInferResponse(
+                        model_name=request.model_name, id=request.id, outputs=[out]
+                    )
+                    response.raw_output_contents.append(token)
+                    yield service_pb2.ModelStreamInferResponse(infer_response=response)
+                final = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
+                final.parameters["triton_final_response"].bool_param = True
+                yield service_pb2.ModelStreamInferResponse(infer_response=final)
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
 async def relay_load(base: str, streams: int, tokens: int, duration: float) -> dict[str, Any]:
     body = json.dumps(
         {
@@ -274,16 +323,23 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     cores = sorted(os.sched_getaffinity(0))
     gateway_core, load_core = cores[0], cores[-1]
+    fake = None
+    if args.backend == "grpc":
+        grpc_port = free_port()
+        fake = subprocess.Popen(
+            [sys.executable, __file__, "_serve_grpc", "--port", str(grpc_port)],
+            preexec_fn=lambda: (
+                gateway_process.die_with_parent(),
+                os.sched_setaffinity(0, {load_core}),
+            ),
+        )
+        command = [sys.executable, "-m", "gateway", "--port", str(port), "--log-level", "warning"]
+        command += ["--triton-grpc", f"127.0.0.1:{grpc_port}", "--triton-health", ""]
+    else:
+        command = [sys.executable, __file__, "_serve_instant", "--port", str(port)]
+        command += ["--tokens", str(args.tokens)]
     child = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "_serve_instant",
-            "--port",
-            str(port),
-            "--tokens",
-            str(args.tokens),
-        ],
+        command,
         preexec_fn=lambda: (
             gateway_process.die_with_parent(),
             os.sched_setaffinity(0, {gateway_core}),
@@ -309,10 +365,13 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
         cpu = cpu_seconds(child.pid) - cpu0
     finally:
         gateway_process.stop(child, drain=5)
+        if fake is not None:
+            gateway_process.stop(fake, drain=5)
     # Each stream's chunks: a role chunk, one per token, the finish chunk, [DONE].
     per_request_overhead = 3
     token_chunks = result["chunks"] - per_request_overhead * result["requests"]
     return {
+        "backend": args.backend,
         "streams": args.streams,
         "tokens_per_request": args.tokens,
         "duration_s": round(result["elapsed_s"], 1),
@@ -355,10 +414,15 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['gateway_p90_ms']} | {r['direct_p90_ms']} | {r['added_p90_ms']:+} | {r['gateway_p99_ms']} | {r['direct_p99_ms']} | {r['added_p99_ms']:+} |"
             )
         lines += ["", lat.get("note", ""), ""]
-    if "relay" in report:
-        r = report["relay"]
+    for key, title in (
+        ("relay", "instant backend inside the gateway process"),
+        ("relay_grpc", "a fake Triton answering at once over real gRPC"),
+    ):
+        if key not in report:
+            continue
+        r = report[key]
         lines += [
-            "## Relay ceiling: one gateway process on one core, instant backend",
+            f"## Relay ceiling: one gateway process on one core, {title}",
             "",
             f"Command: `{r['command']}`",
             "",
@@ -389,12 +453,24 @@ def main(argv: list[str] | None = None) -> int:
     relay.add_argument("--duration", type=float, default=20.0)
     relay.add_argument("--streams", type=int, default=64)
     relay.add_argument("--tokens", type=int, default=256)
+    relay.add_argument(
+        "--backend",
+        choices=["inprocess", "grpc"],
+        default="inprocess",
+        help="inprocess: the upstream replaced inside the gateway (its own work only); "
+        "grpc: a fake Triton over real gRPC on the load generator's core",
+    )
+    grpc_fake = sub.add_parser("_serve_grpc")  # the fake Triton of `relay --backend grpc`
+    grpc_fake.add_argument("--port", type=int, required=True)
     serve = sub.add_parser("_serve_instant")  # the pinned child of `relay`
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args(argv)
     if args.what == "_serve_instant":
         serve_instant(args.port, args.tokens)
+        return 0
+    if args.what == "_serve_grpc":
+        serve_grpc_instant(args.port)
         return 0
     path = RESULTS / "gateway.json"
     report = json.loads(path.read_text()) if path.exists() else {}
@@ -406,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "latency":
         report["latency"] = {"command": command, **run_latency(args)}
     else:
-        report["relay"] = {"command": command, **run_relay(args)}
-        print(json.dumps(report["relay"]))
+        key = "relay" if args.backend == "inprocess" else "relay_grpc"
+        report[key] = {"command": command, **run_relay(args)}
+        print(json.dumps(report[key]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "gateway.md").write_text(markdown(report))

@@ -24,9 +24,9 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,10 +43,13 @@ from gateway.errors import APIError, bad_request, from_upstream
 from gateway.metrics import GatewayMetrics
 from gateway.pools import Pool
 from gateway.sse import StopScanner
-from gateway.tokenizer import ChatTokenizer, Detokenizer
+from gateway.tokenizer import ChatTokenizer
 from serving.errors import ConfigError, ValidationError
+from serving.text import TokenText, new_token_ids
 
 log = logging.getLogger("gateway")
+
+T = TypeVar("T")
 
 AUTO = "auto"
 NO_ARM = "-"
@@ -112,19 +115,13 @@ class Routed:
 class _TierText:
     """Tier responses (token ids) -> text and counts."""
 
-    def __init__(self, detok: Detokenizer, prompt_tokens: int) -> None:
+    def __init__(self, detok: TokenText, prompt_tokens: int) -> None:
         self._detok = detok
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
 
     def push(self, tensors: Tensors) -> str:
-        ids = tensors["output_ids"].reshape(-1)
-        lengths = tensors.get("sequence_length")
-        if lengths is not None and lengths.size:
-            n = int(lengths.reshape(-1)[0])
-            if 0 <= n < ids.size:
-                ids = ids[:n]
-        new = [int(i) for i in ids]
+        new = new_token_ids(tensors)
         self.completion_tokens += len(new)
         return self._detok.push(new)
 
@@ -547,14 +544,22 @@ class Gateway:
     async def classify(self, text: str, request_id: str, priority: str) -> tuple[str, float]:
         model = self.routing.classifier
         pool, _ = self.pool_for(model)
+        outputs = ["intent", "confidence"]
+        out = await self._bounded(
+            pool,
+            model,
+            priority,
+            lambda: pool.infer(model, {"text": _strings(text)}, outputs, request_id),
+        )
+        return str(_scalar(out, "intent")), float(_scalar(out, "confidence"))
+
+    async def _bounded(
+        self, pool: Pool, model: str, priority: str, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        """One request/response call: a pool slot, the timeout (504), upstream errors."""
         async with pool.slot(priority):
             try:
-                out = await asyncio.wait_for(
-                    pool.infer(
-                        model, {"text": _strings(text)}, ["intent", "confidence"], request_id
-                    ),
-                    self.first_token_timeout,
-                )
+                return await asyncio.wait_for(work(), self.first_token_timeout)
             except TimeoutError:
                 raise APIError(
                     504,
@@ -563,7 +568,6 @@ class Gateway:
                 ) from None
             except ClientError as exc:
                 raise from_upstream(exc, model) from exc
-        return str(_scalar(out, "intent")), float(_scalar(out, "confidence"))
 
     def _router_inputs(self, req: GenRequest) -> Tensors:
         inputs: Tensors = {
@@ -660,20 +664,9 @@ class Gateway:
             )
             return out["embedding"].reshape(-1)
 
-        async with pool.slot(priority):
-            try:
-                rows = await asyncio.wait_for(
-                    asyncio.gather(*(one(i, t) for i, t in enumerate(texts))),
-                    self.first_token_timeout,
-                )
-            except TimeoutError:
-                raise APIError(
-                    504,
-                    f"{model}: no answer in {self.first_token_timeout:g}s",
-                    code="upstream_timeout",
-                ) from None
-            except ClientError as exc:
-                raise from_upstream(exc, model) from exc
+        rows = await self._bounded(
+            pool, model, priority, lambda: asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
+        )
         return np.stack(rows).astype(np.float32, copy=False), pool
 
 

@@ -13,8 +13,8 @@ once from the tokenizer the servers load (:func:`export`, needs the server's
 packages) or is given one with ``--tokenizer-dir`` (a gateway-only image). A unit test
 checks the ids equal ``apply_chat_template``'s.
 
-Decoding reuses the server's exact byte-level pieces (:class:`TokenBytes`,
-:class:`Utf8Aligner` from :mod:`serving.llm.tokenizer`, which imports nothing heavy).
+Decoding is the router's own streaming detokenizer (:class:`serving.text.TokenText`:
+exact byte-level pieces, never a split UTF-8 character), which imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from tokenizers import Tokenizer
 
 from gateway.errors import bad_request
 from serving.errors import ConfigError
-from serving.llm.tokenizer import TokenBytes, Utf8Aligner
+from serving.llm.tokenizer import TokenBytes
+from serving.text import TokenText
 
 log = logging.getLogger("gateway.tokenizer")
 
@@ -59,20 +60,6 @@ class _VocabView:
 
     def get_vocab(self) -> dict[str, int]:
         return self._tok.get_vocab(with_added_tokens=True)
-
-
-class Detokenizer:
-    """Per-request: token ids in, text out, never splitting a UTF-8 character."""
-
-    def __init__(self, token_bytes: TokenBytes) -> None:
-        self._bytes = token_bytes
-        self._aligner = Utf8Aligner(token_bytes)
-
-    def push(self, ids: Sequence[int]) -> str:
-        return self._bytes.text_of(self._aligner.push(ids))
-
-    def flush(self) -> str:
-        return self._bytes.text_of(self._aligner.flush())
 
 
 class ChatTokenizer:
@@ -125,8 +112,8 @@ class ChatTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
 
-    def detokenizer(self) -> Detokenizer:
-        return Detokenizer(self.token_bytes)
+    def detokenizer(self) -> TokenText:
+        return TokenText(self.token_bytes)
 
 
 def _raise(message: str) -> None:

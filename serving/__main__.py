@@ -131,25 +131,25 @@ def gateway_banner(base_url: str) -> str:
             "stream": True,
         }
     )
-    sdk = [
-        "from openai import OpenAI",
-        f'client = OpenAI(base_url="{base_url}", api_key="unused-on-loopback")',
-        f'messages = [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}]',
-        'for chunk in client.chat.completions.create(model="auto", messages=messages, max_tokens=48, stream=True):',
-        '    print(chunk.choices[0].delta.content or "", end="", flush=True)',
-    ]
+    root = base_url.removesuffix("/v1")
     return "\n".join(
         [
             "",
-            f"OpenAI-compatible gateway: {base_url}  (models: auto, the tiers, their aliases, embedding)",
-            f"  metrics  {base_url[: -len('/v1')]}/metrics   ready  {base_url[: -len('/v1')]}/health/ready",
+            f"OpenAI-compatible gateway: {base_url}",
+            "  models   auto, llm_small, llm_medium, llm_large, their aliases, embedding",
+            f"  metrics  {root}/metrics    ready  {root}/health/ready",
             "",
-            "curl:",
-            f"  curl -sN {base_url}/chat/completions -H 'Content-Type: application/json' "
-            f"-d '{body}'",
+            "Try (curl):",
+            f"curl -sN {base_url}/chat/completions -H 'Content-Type: application/json' -d '{body}'",
             "",
-            f"Python (openai SDK; e.g. {sys.executable} - <<'EOF' ... EOF):",
-            *(f"  {line}" for line in sdk),
+            "Or the openai SDK (paste into a shell):",
+            f"{sys.executable} - <<'EOF'",
+            "from openai import OpenAI",
+            f'client = OpenAI(base_url="{base_url}", api_key="unused-on-loopback")',
+            f'messages = [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}]',
+            'for chunk in client.chat.completions.create(model="auto", messages=messages, max_tokens=48, stream=True):',
+            '    print(chunk.choices[0].delta.content or "", end="", flush=True)',
+            "EOF",
             "",
             "Ctrl-C stops the gateway (streams in flight may finish), then Triton.",
         ]
