@@ -214,21 +214,19 @@ def create_app(
             await gen.close()
         return JSONResponse(shape.whole(gen, text), headers=headers)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        async def work(call: Call) -> Response:
-            body = parse(ChatCompletionRequest, await body_of(request))
-            return await generate(request, call, body)
+    def completion_route(
+        path: str, schema: type[ChatCompletionRequest | CompletionRequest]
+    ) -> None:
+        async def endpoint(request: Request) -> Response:
+            async def work(call: Call) -> Response:
+                return await generate(request, call, parse(schema, await body_of(request)))
 
-        return await handle(request, "/v1/chat/completions", work)
+            return await handle(request, path, work)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        async def work(call: Call) -> Response:
-            body = parse(CompletionRequest, await body_of(request))
-            return await generate(request, call, body)
+        app.add_api_route(path, endpoint, methods=["POST"], name=path)
 
-        return await handle(request, "/v1/completions", work)
+    completion_route("/v1/chat/completions", ChatCompletionRequest)
+    completion_route("/v1/completions", CompletionRequest)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:

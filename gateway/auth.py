@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from gateway.config import read_yaml
 from gateway.errors import APIError
 from serving.errors import ConfigError
 
@@ -87,13 +86,7 @@ class KeyStore:
 
     @classmethod
     def load(cls, path: Path) -> KeyStore:
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read the API key file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"API key file {path} is not valid YAML: {exc}") from None
-        return cls(parse_keys(data, str(path)))
+        return cls(parse_keys(read_yaml(path, "API key file"), str(path)))
 
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an ``Authorization`` header value; a 401 APIError otherwise."""
@@ -115,26 +108,23 @@ class KeyStore:
 
     def admit(self, key: ApiKey) -> None:
         """Count one request against the key's limits; 429 with Retry-After when over."""
-        tokens = self._tokens.get(key.name)
-        if tokens is not None:
-            wait = tokens.wait_for(1)
+        limits = (
+            (self._tokens, key.tokens_per_minute, "tokens_per_minute"),
+            (self._requests, key.requests_per_minute, "requests_per_minute"),
+        )
+        for buckets, limit, code in limits:
+            bucket = buckets.get(key.name)
+            wait = 0.0 if bucket is None else bucket.wait_for(1)
             if wait > 0:
+                what = code.replace("_", " ")
                 raise APIError(
                     429,
-                    f"key '{key.name}' is over its {key.tokens_per_minute} tokens per minute",
-                    code="tokens_per_minute",
+                    f"key '{key.name}' is over its {limit} {what}",
+                    code=code,
                     retry_after=wait,
                 )
         requests = self._requests.get(key.name)
         if requests is not None:
-            wait = requests.wait_for(1)
-            if wait > 0:
-                raise APIError(
-                    429,
-                    f"key '{key.name}' is over its {key.requests_per_minute} requests per minute",
-                    code="requests_per_minute",
-                    retry_after=wait,
-                )
             requests.take(1)
 
     def charge_tokens(self, key: ApiKey, tokens: int) -> None:

@@ -185,13 +185,7 @@ class Topology:
 
     @classmethod
     def load(cls, path: Path) -> Topology:
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read topology file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"topology file {path} is not valid YAML: {exc}") from None
-        return cls.from_dict(data, base=path.parent, where=str(path))
+        return cls.from_dict(read_yaml(path, "topology file"), base=path.parent, where=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, base: Path = Path("."), where: str = "topology") -> Topology:
@@ -222,6 +216,16 @@ class Topology:
             splits=splits,
             tokenizer_dir=(base / tokenizer_dir) if tokenizer_dir else None,
         )
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a one-line ConfigError naming ``what`` if it cannot be read."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
 
 
 def _only(data: dict[str, Any], allowed: set[str], where: str) -> None:
