@@ -47,6 +47,7 @@ class Call:
     arm: str = NO_ARM
     started: float = field(default_factory=time.perf_counter)
     extra: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False
 
 
 def create_app(
@@ -77,6 +78,9 @@ def create_app(
         return JSONResponse(error.body(), status_code=exc.status_code)
 
     def finish(call: Call) -> None:
+        if call.finished:
+            return
+        call.finished = True
         model = call.model if call.model in known_models else "other"
         metrics.requests.labels(
             route=call.route, model=model, status=str(call.status), arm=call.arm
@@ -203,7 +207,9 @@ def create_app(
         shape = _Shape(is_chat, f"{'chatcmpl' if is_chat else 'cmpl'}-{call.request_id}")
         headers = gen.routed.headers()
         if body.stream:
-            return StreamingResponse(
+            return _GenerationStream(
+                gen,
+                lambda: finish(call),
                 _stream(gen, req, shape, body.include_usage(), call, finish, metrics),
                 media_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache"},
@@ -299,6 +305,25 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class _GenerationStream(StreamingResponse):
+    """A streamed generation that is closed (upstream cancelled, pool slot returned,
+    request recorded) even when the client leaves before the body iterator ever ran."""
+
+    def __init__(
+        self, gen: Generation, finish: Callable[[], None], *args: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._gen = gen
+        self._finish = finish
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._gen.close()
+            self._finish()
 
 
 def _too_large(limit: int) -> APIError:

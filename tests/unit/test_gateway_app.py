@@ -317,3 +317,50 @@ def test_an_upstream_silent_mid_stream_ends_with_a_504_event() -> None:
         whole = c.post("/v1/chat/completions", json={**CHAT, "model": "llm_small"})
         assert whole.status_code == 504
         assert c.get("/health/live").status_code == 200
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot_and_cancels_upstream() -> None:
+    import asyncio
+
+    from gateway.app import create_app
+
+    server = FakeTriton(answer="word " * 200, delay=0.02)
+    gateway = make_gateway({"fake:1": server})
+    app = create_app(gateway)
+    body = json.dumps({**CHAT, "model": "llm_small", "stream": True, "max_tokens": 200}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def scenario() -> None:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.3)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 200
+        assert 1 < len(sent) < 150  # it stopped early
+        pool = gateway.pools["local"]
+        assert pool.admission.in_use == 0 and server.cancelled == 1
+        await gateway.close()
+
+    asyncio.run(scenario())
