@@ -42,6 +42,7 @@ from gateway import process as gateway_process  # noqa: E402
 from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
 from gateway.tokenizer import load as load_tokenizer  # noqa: E402
 from serving.launcher import LaunchOptions, TritonLauncher, free_port  # noqa: E402
+from serving.runtime import die_with_parent  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PROMPTS = [
@@ -329,7 +330,7 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
         fake = subprocess.Popen(
             [sys.executable, __file__, "_serve_grpc", "--port", str(grpc_port)],
             preexec_fn=lambda: (
-                gateway_process.die_with_parent(),
+                die_with_parent(),
                 os.sched_setaffinity(0, {load_core}),
             ),
         )
@@ -341,7 +342,7 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
     child = subprocess.Popen(
         command,
         preexec_fn=lambda: (
-            gateway_process.die_with_parent(),
+            die_with_parent(),
             os.sched_setaffinity(0, {gateway_core}),
         ),
     )

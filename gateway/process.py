@@ -2,7 +2,8 @@
 
 Used by ``python -m serving --gateway`` (``make serve``), the integration tests and the
 benchmark, so every gateway this project starts is started and stopped the same way.
-Only the standard library: the launcher imports this without the gateway's packages.
+Only the standard library and :mod:`serving.runtime`: the launcher imports this without
+the gateway's packages.
 """
 
 from __future__ import annotations
@@ -16,19 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 
-
-def die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent dies (Linux prctl).
-
-    A gateway must never outlive what started it, even when that is killed with SIGKILL
-    and cannot clean up. (The signal follows the parent *thread*: start children from a
-    thread that lives as long as they should.)
-    """
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+from serving.runtime import die_with_parent
 
 
 def start(
@@ -38,8 +27,9 @@ def start(
 
     Raises RuntimeError (and leaves nothing running) if it exits or is not ready in time.
     """
+    popen.setdefault("preexec_fn", die_with_parent)
     process = subprocess.Popen(  # type: ignore[call-overload]
-        [sys.executable, "-m", "gateway", *args], preexec_fn=die_with_parent, **popen
+        [sys.executable, "-m", "gateway", *args], **popen
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
