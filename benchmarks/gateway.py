@@ -411,7 +411,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         for r in lat["rows"]:
             lines.append(
-                f"| {r['concurrency']} | {r['pairs']} | {r['gateway_p50_ms']} | {r['direct_p50_ms']} | **{r['added_p50_ms']:+}** | {r['paired_added_p50_ms']:+} | "
+                f"| {r['concurrency']} | {r['pairs']} | {r['gateway_p50_ms']} | {r['direct_p50_ms']} | **{r['added_p50_ms']:+}** | {r.get('paired_added_p50_ms', float('nan')):+} | "
                 f"{r['gateway_p90_ms']} | {r['direct_p90_ms']} | {r['added_p90_ms']:+} | {r['gateway_p99_ms']} | {r['direct_p99_ms']} | {r['added_p99_ms']:+} |"
             )
         lines += ["", lat.get("note", ""), ""]

@@ -392,3 +392,53 @@ def test_pool_retries_once_then_gives_up() -> None:
         await pool.close()
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- DNS and binding
+def test_dns_pool_follows_the_name_and_keeps_the_last_list_on_failure() -> None:
+    from gateway.config import DnsSpec, PoolSpec
+    from gateway.metrics import GatewayMetrics
+    from gateway.pools import Pool
+
+    answers: list[object] = [["10.0.0.2", "10.0.0.1"], ["10.0.0.2", "10.0.0.3"], OSError("no DNS")]
+
+    async def resolver(name: str, port: int) -> list[str]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return sorted(answer)
+
+    servers: dict[str, FakeTriton] = {}
+
+    def factory(url: str) -> FakeTriton:
+        servers[url] = FakeTriton(url)
+        return servers[url]
+
+    spec = PoolSpec(
+        name="small",
+        models=("llm_small",),
+        dns=DnsSpec("llm-small.svc", 8001, health_port=8003, interval=3600),
+    )
+
+    async def scenario() -> None:
+        pool = Pool(spec, GatewayMetrics(), client_factory=factory, resolver=resolver)
+        await pool.resolve_once()
+        assert [r.url for r in pool.replicas.replicas] == ["10.0.0.1:8001", "10.0.0.2:8001"]
+        assert pool.replicas.replicas[0].health_url == "http://10.0.0.1:8003/health/ready"
+        assert pool.capacity() == 2 * spec.max_in_flight
+        await pool.resolve_once()
+        assert [r.url for r in pool.replicas.replicas] == ["10.0.0.2:8001", "10.0.0.3:8001"]
+        await pool.resolve_once()  # a failed lookup keeps the list
+        assert [r.url for r in pool.replicas.replicas] == ["10.0.0.2:8001", "10.0.0.3:8001"]
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_open_gateway_refuses_a_non_loopback_address(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.__main__ import is_loopback, main
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+    assert main(["--host", "0.0.0.0"]) == 2
+    assert "refusing to bind 0.0.0.0 without --api-keys" in capsys.readouterr().err
