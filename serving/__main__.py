@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-from gateway import process as gateway_process
 from serving.launcher import (
     DEFAULT_REPOSITORY,
     PROFILES,
@@ -158,6 +157,8 @@ def gateway_banner(base_url: str) -> str:
 
 def start_gateway(launcher: TritonLauncher, port: int, extra: str) -> subprocess.Popen[bytes]:
     """``python -m gateway`` in front of ``launcher``'s server; returns once it is ready."""
+    from gateway import process as gateway_process  # only with --gateway (images may lack it)
+
     host = launcher.options.host
     args = ["--host", host, "--port", str(port), "--triton-grpc", launcher.grpc_url]
     args += ["--triton-health", launcher.health_url, *shlex.split(extra)]
@@ -212,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         # The gateway first: it stops accepting and lets streams finish while Triton
         # still serves them.
         if gateway is not None:
+            from gateway import process as gateway_process
+
             gateway_process.stop(gateway)
         launcher.stop()
 
