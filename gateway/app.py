@@ -106,7 +106,10 @@ def create_app(
     async def handle(
         request: Request, route: str, work: Callable[[Call], Awaitable[Response]]
     ) -> Response:
-        call = Call(route, request.headers.get(REQUEST_ID_HEADER) or gateway.request_id())
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        # A client's id is kept (it ties their logs to ours and Triton's) if it is sane.
+        usable = 0 < len(given) <= 128 and given.isprintable()
+        call = Call(route, given if usable else gateway.request_id())
         streaming = False
         try:
             if keys is not None:
