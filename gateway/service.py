@@ -59,6 +59,10 @@ def _strings(*values: str) -> np.ndarray:
     return np.array([v.encode("utf-8") for v in values], dtype=object)
 
 
+def upstream_timeout(model: str, what: str, seconds: float) -> APIError:
+    return APIError(504, f"{model}: no {what} within {seconds:g}s", code="upstream_timeout")
+
+
 def _deadline(seconds: float) -> float:
     return asyncio.get_running_loop().time() + seconds
 
@@ -259,10 +263,8 @@ class Generation:
                     if not watch.fired:
                         raise
                     watch.absorb()
-                    raise APIError(
-                        504,
-                        f"{self.routed.tier}: no response for {self._chunk_timeout:g}s",
-                        code="upstream_timeout",
+                    raise upstream_timeout(
+                        self.routed.tier, "next response", self._chunk_timeout
                     ) from None
                 except ClientError as exc:
                     raise from_upstream(exc, self.routed.tier) from exc
@@ -561,11 +563,7 @@ class Gateway:
             try:
                 return await asyncio.wait_for(work(), self.first_token_timeout)
             except TimeoutError:
-                raise APIError(
-                    504,
-                    f"{model}: no answer in {self.first_token_timeout:g}s",
-                    code="upstream_timeout",
-                ) from None
+                raise upstream_timeout(model, "answer", self.first_token_timeout) from None
             except ClientError as exc:
                 raise from_upstream(exc, model) from exc
 
@@ -622,11 +620,7 @@ class Gateway:
             except StopAsyncIteration:
                 first = None
             except Timeout:
-                raise APIError(
-                    504,
-                    f"{model}: no first response in {self.first_token_timeout:g}s",
-                    code="upstream_timeout",
-                ) from None
+                raise upstream_timeout(model, "first response", self.first_token_timeout) from None
             except ClientError as exc:
                 raise from_upstream(exc, model) from exc
         except BaseException:
