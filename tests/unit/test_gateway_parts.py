@@ -442,3 +442,17 @@ def test_an_open_gateway_refuses_a_non_loopback_address(capsys: pytest.CaptureFi
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
     assert main(["--host", "0.0.0.0"]) == 2
     assert "refusing to bind 0.0.0.0 without --api-keys" in capsys.readouterr().err
+
+
+def test_the_example_topology_loads_and_builds_a_gateway() -> None:
+    from collections import defaultdict
+
+    from gateway.config import REPO_ROOT
+    from tests.unit.gateway_fakes import make_gateway
+
+    topo = Topology.load(REPO_ROOT / "gateway" / "topology.example.yaml")
+    assert topo.routing_config.resolve() == DEFAULT_ROUTER_CONFIG.resolve()
+    assert [p.name for p in topo.pools] == ["front", "small", "small-canary", "big"]
+    servers = defaultdict(FakeTriton)
+    gateway = make_gateway(servers, topo)  # checks aliases and splits against the policy
+    assert set(gateway.pools) == {"front", "small", "small-canary", "big"}
