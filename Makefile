@@ -11,7 +11,7 @@ venv:
 	@scripts/bootstrap.sh
 
 serve: venv
-	$(PY) -m serving $(SERVE_ARGS)
+	$(PY) -m serving --gateway $(SERVE_ARGS)
 
 lint: venv
 	$(PY) -m ruff check .

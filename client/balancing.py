@@ -13,6 +13,11 @@ A replica is ejected when a call to it fails to connect, when it fails several r
 in a row on its side (model missing or mid-reload, dead stub), or when its health URL
 (the launcher's deep readiness endpoint, ``GET /health/ready``: 200 ready, 503 not) says
 it is not ready; a background probe puts it back once the health check passes again.
+
+This module is the one balancing implementation of the project: the gateway
+(``gateway.pools``) builds its per-pool balancing on :class:`AsyncReplicaPool` too. It
+imports only the client's own light dependencies (tritonclient, aiohttp, numpy), never
+torch or the server's packages.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import itertools
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -54,6 +59,8 @@ class Replica:
     sent: int = 0
     failures: int = 0  # consecutive replica-side failures (reset by a success)
     last_error: str = ""
+    ejections: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class Picker:
@@ -124,6 +131,12 @@ class AsyncReplicaPool(BaseAsyncClient):
         client_factory: builds the client for one url (tests pass fakes).
         eject_after: consecutive ModelNotFound / ServerError answers that eject a replica
             until a probe passes (refused connections eject at once).
+        max_in_flight: requests per replica the pool prefers not to exceed: a full
+            replica is picked only when every healthy one is full (the gateway's
+            admission queue keeps the total under the pool's capacity).
+        max_attempts: replicas tried for a request that fails before its first response
+            (None: every healthy replica once; the gateway retries once, so 2).
+        on_event: called with ``("eject" | "back" | "retry", replica)`` (metrics, logs).
     """
 
     def __init__(
@@ -138,16 +151,24 @@ class AsyncReplicaPool(BaseAsyncClient):
         rng: random.Random | None = None,
         client_factory: Callable[[str], AsyncClient] | None = None,
         eject_after: int = 3,
+        max_in_flight: int | None = None,
+        max_attempts: int | None = None,
+        on_event: Callable[[str, Replica], None] | None = None,
+        allow_empty: bool = False,
     ) -> None:
         super().__init__(timeout)
-        if not urls:
+        if not urls and not allow_empty:
             raise ValueError("a replica pool needs at least one url")
         health = list(health_urls) if health_urls is not None else [None] * len(urls)
         if len(health) != len(urls):
             raise ValueError(f"got {len(urls)} replica urls but {len(health)} health urls")
-        self.replicas = [Replica(url=u, health_url=h) for u, h in zip(urls, health, strict=True)]
-        factory = client_factory or (lambda url: AsyncClient(url, protocol))
-        self._clients = {r: factory(r.url) for r in self.replicas}
+        self._factory = client_factory or (lambda url: AsyncClient(url, protocol))
+        self.replicas: list[Replica] = []
+        self._clients: dict[Replica, AsyncClient] = {}
+        self.set_replicas(list(zip(urls, health, strict=True)))
+        self.max_in_flight = max_in_flight
+        self.max_attempts = max_attempts
+        self._on_event = on_event or (lambda _kind, _replica: None)
         self.strategy = Strategy(strategy)
         self._picker = make_picker(self.strategy, rng)
         self._probe_interval = probe_interval
@@ -155,23 +176,62 @@ class AsyncReplicaPool(BaseAsyncClient):
         self._probe_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def pick(self, exclude: Sequence[Replica] = ()) -> Replica:
-        """The replica for the next request; starts health probing on first use."""
+    def set_replicas(self, entries: Sequence[tuple[str, str | None]]) -> list[Replica]:
+        """Make the replica list ``(url, health_url)`` entries (a DNS re-resolution).
+
+        Known replicas keep their state and counters; new ones start healthy; removed
+        ones leave the list at once (their streams in flight finish) and their clients
+        are returned for the caller to close once idle.
+        """
+        wanted = {url: health for url, health in entries}
+        removed = [r for r in self.replicas if r.url not in wanted]
+        known = {r.url for r in self.replicas}
+        for url, health in entries:
+            if url not in known:
+                replica = Replica(url=url, health_url=health)
+                self._clients[replica] = self._factory(url)
+                self.replicas.append(replica)
+                known.add(url)
+        self.replicas = [r for r in self.replicas if r.url in wanted]
+        return removed
+
+    def client_of(self, replica: Replica) -> AsyncClient:
+        return self._clients[replica]
+
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy]
+
+    def start_probing(self) -> None:
+        """Start the background health probe (idempotent; needs a running loop)."""
         if self._probe_task is None:
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    def pick(self, exclude: Sequence[Replica] = ()) -> Replica:
+        """The replica for the next request; starts health probing on first use."""
+        self.start_probing()
         candidates = [r for r in self.replicas if r.healthy and r not in exclude]
         if not candidates:
             raise ServerUnavailable(
                 "no healthy replica: "
                 + "; ".join(f"{r.url} ({r.last_error or 'not ready'})" for r in self.replicas)
+                if self.replicas
+                else "no replica is known (none configured or resolved yet)"
             )
+        if self.max_in_flight is not None:
+            room = [r for r in candidates if r.in_flight < self.max_in_flight]
+            candidates = room or candidates
         return self._picker.choose(candidates)
 
     def eject(self, replica: Replica, reason: str) -> None:
         if replica.healthy:
             log.warning("ejecting replica %s: %s", replica.url, reason)
+            replica.ejections += 1
+            self._on_event("eject", replica)
         replica.healthy = False
         replica.last_error = reason
+
+    def _may_retry(self, tried: Sequence[Replica]) -> bool:
+        return self.max_attempts is None or len(tried) < self.max_attempts
 
     async def check(self, replica: Replica) -> bool:
         """Probe one replica now and update its health."""
@@ -187,6 +247,7 @@ class AsyncReplicaPool(BaseAsyncClient):
         if ok and not replica.healthy:
             log.info("replica %s is back", replica.url)
             replica.failures = 0
+            self._on_event("back", replica)
         if not ok:
             self.eject(replica, "health check failed")
         replica.healthy = ok
@@ -198,7 +259,7 @@ class AsyncReplicaPool(BaseAsyncClient):
             # Replicas with a deep readiness URL are checked continuously (a stub can die
             # while Triton still answers); others only when ejected, to be let back in.
             due = [r for r in self.replicas if r.health_url is not None or not r.healthy]
-            await asyncio.gather(*(self.check(r) for r in due))
+            await asyncio.gather(*(self.check(r) for r in due), return_exceptions=True)
 
     @contextlib.contextmanager
     def _lease(self, replica: Replica) -> Iterator[Replica]:
@@ -222,21 +283,30 @@ class AsyncReplicaPool(BaseAsyncClient):
         finally:
             replica.in_flight -= 1
 
-    async def infer_tensors(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
+    async def infer_tensors(
+        self, model: str, inputs: Tensors, outputs: list[str], request_id: str = ""
+    ) -> Tensors:
         tried: list[Replica] = []
         while True:
             replica = self.pick(tried)
             try:
                 with self._lease(replica):
-                    return await self._clients[replica].infer_tensors(model, inputs, outputs)
+                    return await self._clients[replica].infer_tensors(
+                        model, inputs, outputs, request_id
+                    )
             except ServerUnavailable:
                 tried.append(replica)  # never reached a server: safe to send elsewhere
+                if not self._may_retry(tried):
+                    raise
+                self._on_event("retry", replica)
 
-    async def stream_tensors(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+    async def stream_tensors(
+        self, model: str, inputs: Tensors, request_id: str = ""
+    ) -> AsyncIterator[Tensors]:
         tried: list[Replica] = []
         while True:
             replica = self.pick(tried)
-            stream = self._clients[replica].stream_tensors(model, inputs)
+            stream = self._clients[replica].stream_tensors(model, inputs, request_id)
             started = False
             try:
                 with self._lease(replica):
@@ -249,6 +319,9 @@ class AsyncReplicaPool(BaseAsyncClient):
                 if started:
                     raise  # part of the answer was delivered; a retry would repeat it
                 tried.append(replica)
+                if not self._may_retry(tried):
+                    raise
+                self._on_event("retry", replica)
 
     async def models(self) -> list[ModelStatus]:
         """The models of the first healthy replica (replicas serve the same repository)."""

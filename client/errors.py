@@ -15,6 +15,8 @@ import aiohttp
 import grpc
 from tritonclient.utils import InferenceServerException
 
+from serving.errors import INVALID_INPUT, OVERLOADED
+
 
 class ClientError(Exception):
     """Base class: ``str(exc)`` is the server's message (or the transport's) verbatim."""
@@ -38,6 +40,12 @@ class ServerUnavailable(ClientError):
     """Nothing answered at the address, or the connection broke."""
 
     kind = "unavailable"
+
+
+class Overloaded(ServerUnavailable):
+    """A bounded queue on the server is full ("overloaded: …"): retry later or elsewhere."""
+
+    kind = "overloaded"
 
 
 class Timeout(ClientError):
@@ -71,6 +79,9 @@ _GRPC_CODES: dict[str, type[ClientError]] = {
 # report bad input with messages that name the field; anything unrecognised is a
 # ServerError, which is the safe default (retrying elsewhere may help).
 _MESSAGE_HINTS: tuple[tuple[str, type[ClientError]], ...] = (
+    # The project's own marks come first (serving.errors): they are the server's word.
+    (OVERLOADED, Overloaded),
+    (INVALID_INPUT, InvalidInput),
     ("internal error", ServerError),
     ("not healthy", ServerError),
     ("request for unknown model", ModelNotFound),
@@ -102,6 +113,8 @@ def _by_message(message: str) -> type[ClientError]:
 def _class_of(status: str | None, message: str) -> type[ClientError]:
     if status is None:
         return _by_message(message)
+    if OVERLOADED in message.lower():
+        return Overloaded
     if status in _GRPC_CODES:
         cls = _GRPC_CODES[status]
         # Triton answers an unknown model over gRPC with INVALID_ARGUMENT in some paths.
@@ -148,7 +161,15 @@ def error_from_status(status: str | None, message: str) -> ClientError:
 
 _KINDS = {
     cls.kind: cls
-    for cls in (InvalidInput, ModelNotFound, ServerUnavailable, Timeout, Cancelled, ServerError)
+    for cls in (
+        InvalidInput,
+        ModelNotFound,
+        ServerUnavailable,
+        Overloaded,
+        Timeout,
+        Cancelled,
+        ServerError,
+    )
 }
 
 

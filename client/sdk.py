@@ -208,11 +208,15 @@ class BaseAsyncClient(abc.ABC):
         self.timeout = timeout
 
     @abc.abstractmethod
-    async def infer_tensors(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
-        """Send one request to a non-decoupled model."""
+    async def infer_tensors(
+        self, model: str, inputs: Tensors, outputs: list[str], request_id: str = ""
+    ) -> Tensors:
+        """Send one request to a non-decoupled model (``request_id``: Triton's request id)."""
 
     @abc.abstractmethod
-    def stream_tensors(self, model: str, inputs: Tensors) -> AsyncGenerator[Tensors, None]:
+    def stream_tensors(
+        self, model: str, inputs: Tensors, request_id: str = ""
+    ) -> AsyncGenerator[Tensors, None]:
         """Send one request to a decoupled model and yield its responses."""
 
     @abc.abstractmethod
@@ -394,12 +398,17 @@ class AsyncClient(BaseAsyncClient):
             self._transport = make_transport(self.url, self.protocol)
         return self._transport
 
-    async def infer_tensors(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
-        return await self.transport.infer(model, inputs, outputs)
+    async def infer_tensors(
+        self, model: str, inputs: Tensors, outputs: list[str], request_id: str = ""
+    ) -> Tensors:
+        return await self.transport.infer(model, inputs, outputs, request_id)
 
-    async def stream_tensors(self, model: str, inputs: Tensors) -> AsyncGenerator[Tensors, None]:
+    async def stream_tensors(
+        self, model: str, inputs: Tensors, request_id: str = ""
+    ) -> AsyncGenerator[Tensors, None]:
         # The transport is created here, inside the running loop (gRPC channels bind to it).
-        async with contextlib.aclosing(self.transport.stream(model, inputs)) as stream:
+        stream = self.transport.stream(model, inputs, request_id)
+        async with contextlib.aclosing(stream) as stream:
             async for tensors in stream:
                 yield tensors
 

@@ -128,11 +128,19 @@ class Transport(abc.ABC):
         self._max_batch: dict[str, asyncio.Future[int]] = {}
         self._client: Any = None
 
-    async def infer(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
-        """One request, one response (for non-decoupled models)."""
+    async def infer(
+        self, model: str, inputs: Tensors, outputs: list[str], request_id: str = ""
+    ) -> Tensors:
+        """One request, one response (for non-decoupled models).
+
+        ``request_id`` is Triton's request id: it appears in the server's log and trace,
+        so a caller (the gateway) can follow one request across both logs.
+        """
         batched = _infer_inputs(self._lib.InferInput, await self.batched(model, inputs))
         wanted = [self._lib.InferRequestedOutput(name) for name in outputs]
-        result = await _guard(self._client.infer(model, batched, outputs=wanted))
+        result = await _guard(
+            self._client.infer(model, batched, outputs=wanted, request_id=request_id)
+        )
         return {name: result.as_numpy(name) for name in outputs}
 
     async def server_ready(self) -> bool:
@@ -140,7 +148,7 @@ class Transport(abc.ABC):
         return bool(await _guard(self._client.is_server_ready()))
 
     @abc.abstractmethod
-    def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+    def stream(self, model: str, inputs: Tensors, request_id: str = "") -> AsyncIterator[Tensors]:
         """All responses of one request to a decoupled model, as they arrive."""
 
     @abc.abstractmethod
@@ -184,10 +192,13 @@ class GrpcTransport(Transport):
         super().__init__(url)
         self._client = grpc_aio.InferenceServerClient(self.url)
 
-    async def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+    async def stream(
+        self, model: str, inputs: Tensors, request_id: str = ""
+    ) -> AsyncIterator[Tensors]:
         try:
             request = {
                 "model_name": model,
+                "request_id": request_id,
                 "inputs": _infer_inputs(self._lib.InferInput, await self.batched(model, inputs)),
                 # Ask for the flags-only final response, so the end of the request is
                 # seen at once instead of when the server closes the stream.
@@ -252,7 +263,10 @@ class HttpTransport(Transport):
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
-    async def stream(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+    async def stream(
+        self, model: str, inputs: Tensors, request_id: str = ""
+    ) -> AsyncIterator[Tensors]:
+        # The generate endpoint takes no request id: ``request_id`` is gRPC-only.
         body = {name: _json_value(array) for name, array in inputs.items()}
         url = f"http://{self.url}/v2/models/{model}/generate_stream"
         try:

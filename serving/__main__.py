@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shlex
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -69,6 +72,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for the server and the models",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help="also start the OpenAI-compatible gateway (python -m gateway) on --gateway-port, "
+        "in front of this server; it stops with this process",
+    )
+    parser.add_argument("--gateway-port", type=int, default=8080)
+    parser.add_argument(
+        "--gateway-args",
+        default="",
+        help="more options for python -m gateway, as one shell-quoted string",
+    )
     return parser.parse_args(argv)
 
 
@@ -102,6 +117,57 @@ def banner(launcher: TritonLauncher) -> str:
     return "\n".join(lines)
 
 
+EXAMPLE_PROMPT = "Summarize: Triton batches requests so GPUs stay busy."
+
+
+def gateway_banner(base_url: str) -> str:
+    """The OpenAI endpoint, a curl and a five-line openai SDK example, each runnable as is."""
+    body = json.dumps(
+        {
+            "model": "auto",
+            "messages": [{"role": "user", "content": EXAMPLE_PROMPT}],
+            "max_tokens": 48,
+            "stream": True,
+        }
+    )
+    root = base_url.removesuffix("/v1")
+    return "\n".join(
+        [
+            "",
+            f"OpenAI-compatible gateway: {base_url}",
+            "  models   auto, llm_small, llm_medium, llm_large, their aliases, embedding",
+            f"  metrics  {root}/metrics    ready  {root}/health/ready",
+            "",
+            "Try (curl):",
+            f"curl -sN {base_url}/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+            "",
+            "Or the openai SDK (paste into a shell):",
+            f"{sys.executable} - <<'EOF'",
+            "from openai import OpenAI",
+            f'client = OpenAI(base_url="{base_url}", api_key="unused-on-loopback")',
+            f'messages = [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}]',
+            'for chunk in client.chat.completions.create(model="auto", messages=messages, max_tokens=48, stream=True):',
+            '    print(chunk.choices[0].delta.content or "", end="", flush=True)',
+            "EOF",
+            "",
+            "Ctrl-C stops the gateway (streams in flight may finish), then Triton.",
+        ]
+    )
+
+
+def start_gateway(launcher: TritonLauncher, port: int, extra: str) -> subprocess.Popen[bytes]:
+    """``python -m gateway`` in front of ``launcher``'s server; returns once it is ready."""
+    from gateway import process as gateway_process  # only with --gateway (images may lack it)
+
+    host = launcher.options.host
+    args = ["--host", host, "--port", str(port), "--triton-grpc", launcher.grpc_url]
+    args += ["--triton-health", launcher.health_url, *shlex.split(extra)]
+    try:
+        return gateway_process.start(args, f"http://{host}:{port}/health/ready")
+    except RuntimeError as exc:
+        raise LaunchError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -122,10 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C, also while models load.
     signal.signal(signal.SIGTERM, _interrupt)
     launcher = TritonLauncher(options)
+    gateway: subprocess.Popen[bytes] | None = None
     try:
         launcher.start(on_progress=lambda msg: print(msg, flush=True))
         print(banner(launcher), flush=True)
+        if args.gateway:
+            print("starting the gateway ...", flush=True)
+            gateway = start_gateway(launcher, args.gateway_port, args.gateway_args)
+            print(gateway_banner(f"http://{args.host}:{args.gateway_port}/v1"), flush=True)
         while launcher.process is not None and launcher.process.poll() is None:
+            if gateway is not None and gateway.poll() is not None:
+                print(f"error: the gateway exited (code {gateway.returncode})", file=sys.stderr)
+                return 1
             time.sleep(0.5)
         print("error: tritonserver exited unexpectedly:\n" + launcher.log_tail(), file=sys.stderr)
         return 1
@@ -133,9 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("stopping tritonserver ...", flush=True)
+        print("stopping ...", flush=True)
         return 0
     finally:
+        # The gateway first: it stops accepting and lets streams finish while Triton
+        # still serves them.
+        if gateway is not None:
+            from gateway import process as gateway_process
+
+            gateway_process.stop(gateway)
         launcher.stop()
 
 

@@ -26,7 +26,13 @@ from pathlib import Path
 
 from serving.errors import ConfigError
 from serving.repository import DEFAULT_PROFILE, ModelEntry, dependents, load_order, load_repository
-from serving.runtime import TritonInstall, bundled_install, custom_install, server_env
+from serving.runtime import (
+    TritonInstall,
+    bundled_install,
+    custom_install,
+    parent_death_hook,
+    server_env,
+)
 from serving.supervisor import Supervisor
 
 log = logging.getLogger("serving.launcher")
@@ -210,6 +216,9 @@ class TritonLauncher:
             stderr=subprocess.STDOUT,
             env=self._env(install),
             start_new_session=True,
+            # Its own session (stopped as a group), yet it must not outlive a launcher
+            # killed with SIGKILL: the kernel sends it SIGTERM then.
+            preexec_fn=parent_death_hook(),
         )
         try:
             self._wait_server_ready(time.monotonic() + o.ready_timeout)

@@ -48,9 +48,8 @@ from serving.errors import (
     ValidationError,
     is_client_fault,
 )
-from serving.llm.tokenizer import TokenBytes, Utf8Aligner
 from serving.routing import Decision, RoutingPolicy
-from serving.text import decode_utf8
+from serving.text import decode_utf8, new_token_ids
 from serving.triton import (
     DownstreamError,
     LabelledMetric,
@@ -98,26 +97,6 @@ class Detokenizer(Protocol):
     def flush(self) -> str:
         """Whatever text is still held back, at the end of the stream."""
         ...
-
-
-class TokenText:
-    """The router's per-request detokenizer, built from the LLM helper's pieces.
-
-    ``Utf8Aligner`` holds back the tokens of a character whose bytes are not complete
-    yet, and ``TokenBytes`` maps ids to their exact bytes (no per-chunk ``decode`` that
-    drops leading spaces). The CPU tiers already align their chunks; a TensorRT-LLM tier
-    on H100 does not, so the router aligns again: it is free when chunks are aligned.
-    """
-
-    def __init__(self, token_bytes: TokenBytes) -> None:
-        self._bytes = token_bytes
-        self._aligner = Utf8Aligner(token_bytes)
-
-    def push(self, ids: Sequence[int]) -> str:
-        return self._bytes.text_of(self._aligner.push(ids))
-
-    def flush(self) -> str:
-        return self._bytes.text_of(self._aligner.flush())
 
 
 @dataclass
@@ -229,16 +208,6 @@ class _Served:
             "num_input_tokens": np.full(shape, self.num_input_tokens, dtype=np.int32),
             "num_output_tokens": np.full(shape, self.num_output_tokens, dtype=np.int32),
         }
-
-
-def _ids(out: dict[str, np.ndarray]) -> list[int]:
-    """The new token ids of one tier response (one sequence, one beam)."""
-    ids = out["output_ids"].reshape(-1)
-    if "sequence_length" in out:
-        n = int(out["sequence_length"].reshape(-1)[0])
-        if 0 <= n < ids.size:
-            ids = ids[:n]
-    return [int(i) for i in ids]
 
 
 class Router:
@@ -453,7 +422,7 @@ class Router:
                         self.metrics.cancellations.labels(tier=tier).increment(1)
                     sender.send(flags=final_flag())
                     return
-                new_ids = _ids(out)
+                new_ids = new_token_ids(out)
                 served.num_output_tokens += len(new_ids)
                 text = detok.push(new_ids)
                 if parsed.stream:

@@ -11,12 +11,17 @@ The stub ignores ``PYTHONPATH``: it finds its environment through the ``python3`
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 import sysconfig
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,3 +133,24 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     return env
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies (Linux ``prctl``).
+
+    A server or gateway must never outlive what started it, even when that is killed
+    with SIGKILL and cannot clean up. The signal follows the parent *thread*, so
+    :func:`parent_death_hook` only asks for it from the main thread.
+    """
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def parent_death_hook() -> Callable[[], None] | None:
+    """:func:`die_with_parent` when called from the main thread, else None.
+
+    A child started from a worker thread (a benchmark starting servers from a thread
+    pool) would be killed when that thread ends, long before the process does.
+    """
+    return die_with_parent if threading.current_thread() is threading.main_thread() else None

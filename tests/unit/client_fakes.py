@@ -49,7 +49,9 @@ class FakeServer(AsyncClient):
         self.in_flight_peak = 0
         self._in_flight = 0
 
-    async def infer_tensors(self, model: str, inputs: Tensors, outputs: list[str]) -> Tensors:
+    async def infer_tensors(
+        self, model: str, inputs: Tensors, outputs: list[str], request_id: str = ""
+    ) -> Tensors:
         self.requests.append((model, inputs))
         if self.error is not None:
             raise self.error
@@ -57,7 +59,9 @@ class FakeServer(AsyncClient):
         assert self.infer_result is not None
         return self.infer_result(inputs)
 
-    async def stream_tensors(self, model: str, inputs: Tensors) -> AsyncIterator[Tensors]:
+    async def stream_tensors(
+        self, model: str, inputs: Tensors, request_id: str = ""
+    ) -> AsyncIterator[Tensors]:
         self.requests.append((model, inputs))
         if self.error is not None:
             raise self.error

@@ -216,7 +216,7 @@ def test_a_stream_that_broke_midway_is_not_retried() -> None:
     """Part of the answer was delivered, so sending it elsewhere would repeat it."""
 
     class Breaks(FakeServer):
-        async def stream_tensors(self, model, inputs):  # type: ignore[no-untyped-def]
+        async def stream_tensors(self, model, inputs, request_id=""):  # type: ignore[no-untyped-def]
             self.requests.append((model, inputs))
             yield text_chunks(b"par")[0]
             raise ServerUnavailable("connection reset")

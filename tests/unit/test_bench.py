@@ -254,7 +254,7 @@ def test_closed_loop_pauses_after_an_unreachable_server() -> None:
     from client.errors import ServerUnavailable
 
     class GoesDown(FakeServer):
-        async def stream_tensors(self, model, inputs):  # type: ignore[no-untyped-def]
+        async def stream_tensors(self, model, inputs, request_id=""):  # type: ignore[no-untyped-def]
             self.requests.append((model, inputs))
             if len(self.requests) > 2:
                 raise ServerUnavailable("connection refused")

@@ -13,6 +13,7 @@ from client.errors import (
     Cancelled,
     InvalidInput,
     ModelNotFound,
+    Overloaded,
     ServerError,
     ServerUnavailable,
     Timeout,
@@ -48,6 +49,11 @@ from client.transport import _from_json, _json_value, sse_events
             InvalidInput,
         ),
         (None, "Request for unknown model: 'nope' is not found", ModelNotFound),
+        # The project's own marks (serving.errors) decide, whatever else the text says.
+        (None, "llm_small: invalid input: prompt is not found in the cache", InvalidInput),
+        ("StatusCode.UNAVAILABLE", "overloaded: 32 requests already wait", Overloaded),
+        (None, "router: overloaded: 20 router requests are already running", Overloaded),
+        ("503", "overloaded: 32 requests already wait for a slot", Overloaded),
     ],
 )
 def test_status_and_message_pick_the_class(

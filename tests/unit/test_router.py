@@ -481,7 +481,7 @@ def test_token_text_keeps_spaces_and_split_characters() -> None:
     """The detokenizer the model builds, on the real SmolLM2 tokenizer."""
     from serving.assets import smollm2_gguf
     from serving.llm.tokenizer import TokenBytes, load_tokenizer
-    from serving.router import TokenText
+    from serving.text import TokenText
 
     tokenizer = load_tokenizer(smollm2_gguf())
     text = "Crème brûlée, 東京 and 🙂 emoji, with  two spaces."

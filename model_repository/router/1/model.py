@@ -11,8 +11,9 @@ from typing import Any
 from serving.errors import ConfigError
 from serving.llm.service import PreprocessConfig, Preprocessor
 from serving.llm.tokenizer import TokenBytes, tokenizer_for
-from serving.router import Router, RouterMetrics, RouterModels, TokenText
+from serving.router import Router, RouterMetrics, RouterModels
 from serving.routing import RoutingPolicy
+from serving.text import TokenText
 from serving.triton import ModelSetup, model_exception
 
 

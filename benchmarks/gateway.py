@@ -1,0 +1,497 @@
+"""Gateway benchmarks: latency it adds over calling Triton directly, and its relay ceiling.
+
+1. ``latency``: a Triton server (``llm_small`` only, started here through the launcher)
+   and a gateway in front of it. At each concurrency, every worker alternates the two
+   paths with the same prompt: the gateway (``POST /v1/chat/completions``, streamed,
+   ``model: llm_small``) and Triton directly (gRPC stream to ``llm_small`` with the same
+   token ids, what the gateway sends). Both run in one load, side by side; TTFT is the
+   time to the first response carrying text.
+2. ``relay``: the gateway process pinned to one core, its Triton replaced in process by
+   an instant backend (every token ready at once), and a load generator pinned to the
+   other core counting streamed SSE chunks per second. It measures the gateway's own
+   work per chunk: HTTP, routing, detokenization, stop scanning, JSON and SSE framing
+   (not the gRPC decoding of a real upstream; see the results file).
+
+Usage::
+
+    python benchmarks/gateway.py latency --requests 40 --max-tokens 8
+    python benchmarks/gateway.py relay --duration 20 --streams 64 --tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from client.sdk import AsyncClient  # noqa: E402
+from gateway import process as gateway_process  # noqa: E402
+from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
+from gateway.tokenizer import load as load_tokenizer  # noqa: E402
+from serving.launcher import LaunchOptions, TritonLauncher, free_port  # noqa: E402
+from serving.runtime import die_with_parent  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+PROMPTS = [
+    "What is the capital of France?",
+    "Summarize: the city council voted to add 40 km of bike lanes.",
+    "Write a sentence about the sea.",
+    "Explain what a GPU does in one line.",
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------ latency
+async def via_gateway(
+    session: aiohttp.ClientSession, base: str, prompt: str, max_tokens: int
+) -> float:
+    body = {
+        "model": "llm_small",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    ttft = None
+    async with session.post(f"{base}/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if (
+                ttft is None
+                and line.startswith(b"data: {")
+                and b'"content":"' in line
+                and b'"content":""' not in line
+            ):
+                ttft = time.perf_counter() - start
+    if ttft is None:
+        raise RuntimeError("the gateway streamed no text")
+    return ttft
+
+
+async def direct(client: AsyncClient, inputs: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    ttft = None
+    async for tensors in client.stream_tensors("llm_small", inputs):
+        if ttft is None and tensors["output_ids"].size:
+            ttft = time.perf_counter() - start
+    if ttft is None:
+        raise RuntimeError("Triton streamed no tokens")
+    return ttft
+
+
+async def latency_level(
+    base: str, grpc_url: str, concurrency: int, requests: int, max_tokens: int
+) -> dict[str, Any]:
+    routing = RoutingSettings.from_file(DEFAULT_ROUTER_CONFIG)
+    tok = load_tokenizer(None, routing.tokenizer_dir)
+    client = AsyncClient(grpc_url)
+    gateway_ttft: list[float] = []
+    direct_ttft: list[float] = []
+    paired: list[float] = []
+    counter = iter(range(requests))
+
+    def tier_inputs(prompt: str) -> dict[str, np.ndarray]:
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])
+        return {
+            "input_ids": np.array(ids, dtype=np.int32),
+            "input_lengths": np.array([len(ids)], dtype=np.int32),
+            "request_output_len": np.array([max_tokens], dtype=np.int32),
+            "end_id": np.array([tok.end_id], dtype=np.int32),
+            "pad_id": np.array([tok.pad_id], dtype=np.int32),
+            "streaming": np.array([True]),
+        }
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def worker(w: int) -> None:
+            for i in counter:
+                prompt = PROMPTS[i % len(PROMPTS)]
+                order = ("g", "d") if (i + w) % 2 == 0 else ("d", "g")
+                got = {}
+                for path in order:
+                    if path == "g":
+                        got[path] = await via_gateway(session, base, prompt, max_tokens)
+                    else:
+                        got[path] = await direct(client, tier_inputs(prompt))
+                gateway_ttft.append(got["g"])
+                direct_ttft.append(got["d"])
+                paired.append(got["g"] - got["d"])
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    await client.close()
+    row: dict[str, Any] = {"concurrency": concurrency, "pairs": len(gateway_ttft)}
+    for name, values in (("gateway", gateway_ttft), ("direct", direct_ttft)):
+        for q in (50, 90, 99):
+            row[f"{name}_p{q}_ms"] = round(pct(values, q) * 1000, 1)
+    for q in (50, 90, 99):
+        row[f"added_p{q}_ms"] = round(row[f"gateway_p{q}_ms"] - row[f"direct_p{q}_ms"], 1)
+    row["paired_added_p50_ms"] = round(statistics.median(paired) * 1000, 1)
+    return row
+
+
+def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+    launcher = TritonLauncher(LaunchOptions.on_free_ports(models=["llm_small"], ready_timeout=900))
+    print("starting Triton with llm_small ...", flush=True)
+    launcher.start()
+    port = free_port()
+    proc = None
+    try:
+        proc = gateway_process.start(
+            [
+                "--port",
+                str(port),
+                "--triton-grpc",
+                launcher.grpc_url,
+                "--triton-health",
+                launcher.health_url,
+                "--log-level",
+                "warning",
+            ],
+            f"http://127.0.0.1:{port}/health/ready",
+        )
+        base = f"http://127.0.0.1:{port}/v1"
+        rows = []
+        for concurrency in args.concurrency:
+            asyncio.run(
+                latency_level(base, launcher.grpc_url, concurrency, args.warmup, args.max_tokens)
+            )
+            row = asyncio.run(
+                latency_level(base, launcher.grpc_url, concurrency, args.requests, args.max_tokens)
+            )
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        return {"rows": rows}
+    finally:
+        if proc is not None:
+            gateway_process.stop(proc)
+        launcher.stop()
+
+
+# ------------------------------------------------------------------------ relay
+def serve_instant(port: int, tokens: int) -> None:
+    """The gateway app over an instant in-process backend (run in the pinned child)."""
+    import uvicorn
+
+    from client.sdk import BaseAsyncClient
+    from gateway.app import create_app
+    from gateway.config import Topology
+    from gateway.service import Gateway
+
+    routing = RoutingSettings.from_file(DEFAULT_ROUTER_CONFIG)
+    tok = load_tokenizer(None, routing.tokenizer_dir)
+    answer = tok.encode(" the quick brown fox jumps over the lazy dog" * 64)
+
+    class Instant(BaseAsyncClient):
+        async def infer_tensors(self, model, inputs, outputs, request_id=""):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+        async def stream_tensors(self, model, inputs, request_id=""):  # type: ignore[no-untyped-def]
+            limit = int(inputs["request_output_len"].reshape(-1)[0])
+            for i in range(limit):
+                yield {
+                    "output_ids": np.array([[[answer[i % len(answer)]]]], dtype=np.int32),
+                    "sequence_length": np.array([[1]], dtype=np.int32),
+                }
+                if i % 16 == 15:
+                    await asyncio.sleep(0)  # let other streams and the HTTP writes run
+
+        async def models(self):  # type: ignore[no-untyped-def]
+            return []
+
+        async def close(self) -> None:
+            pass
+
+    backend = Instant(None)
+    gateway = Gateway(
+        Topology.single("instant:1", None, max_in_flight=4096),
+        routing,
+        tok,
+        client_factory=lambda url: backend,
+    )
+    uvicorn.run(
+        create_app(gateway), host="127.0.0.1", port=port, log_level="warning", access_log=False
+    )
+
+
+def serve_grpc_instant(port: int) -> None:
+    """A fake Triton over real gRPC that answers every stream at once (``--backend grpc``).
+
+    It speaks just enough of KServe v2 for the gateway's tier path: ModelConfig (the
+    batch dimension lookup), ServerReady and ModelStreamInfer (``request_output_len``
+    one-token responses, then the flags-only final response). The gateway then pays the
+    real per-token cost of tritonclient's gRPC decoding.
+    """
+    import grpc
+    from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+    token = np.array([[[1000]]], dtype=np.int32).tobytes()
+
+    class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+        async def ServerReady(self, request, context):  # type: ignore[no-untyped-def]
+            return service_pb2.ServerReadyResponse(ready=True)
+
+        async def ModelConfig(self, request, context):  # type: ignore[no-untyped-def]
+            config = model_config_pb2.ModelConfig(name=request.name, max_batch_size=8)
+            return service_pb2.ModelConfigResponse(config=config)
+
+        async def ModelStreamInfer(self, request_iterator, context):  # type: ignore[no-untyped-def]
+            async for request in request_iterator:
+                names = [t.name for t in request.inputs]
+                raw = request.raw_input_contents[names.index("request_output_len")]
+                count = int(np.frombuffer(raw, dtype=np.int32)[0])
+                for _ in range(count):
+                    out = service_pb2.ModelInferResponse.InferOutputTensor(
+                        name="output_ids", datatype="INT32", shape=[1, 1, 1]
+                    )
+                    response = service_pb2.ModelInferResponse(
+                        model_name=request.model_name, id=request.id, outputs=[out]
+                    )
+                    response.raw_output_contents.append(token)
+                    yield service_pb2.ModelStreamInferResponse(infer_response=response)
+                final = service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)
+                final.parameters["triton_final_response"].bool_param = True
+                yield service_pb2.ModelStreamInferResponse(infer_response=final)
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+async def relay_load(base: str, streams: int, tokens: int, duration: float) -> dict[str, Any]:
+    body = json.dumps(
+        {
+            "model": "llm_small",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": tokens,
+            "stream": True,
+        }
+    ).encode()
+    chunks = 0
+    requests = 0
+    stop_at = time.perf_counter() + duration
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def worker() -> None:
+            nonlocal chunks, requests
+            while time.perf_counter() < stop_at:
+                async with session.post(
+                    f"{base}/chat/completions",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as response:
+                    response.raise_for_status()
+                    async for data in response.content.iter_any():
+                        chunks += data.count(b"\n\n")
+                requests += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(streams)))
+        elapsed = time.perf_counter() - start
+    return {"chunks": chunks, "requests": requests, "elapsed_s": elapsed}
+
+
+def run_relay(args: argparse.Namespace) -> dict[str, Any]:
+    import subprocess
+
+    port = free_port()
+    cores = sorted(os.sched_getaffinity(0))
+    gateway_core, load_core = cores[0], cores[-1]
+    fake = None
+    if args.backend == "grpc":
+        grpc_port = free_port()
+        fake = subprocess.Popen(
+            [sys.executable, __file__, "_serve_grpc", "--port", str(grpc_port)],
+            preexec_fn=lambda: (
+                die_with_parent(),
+                os.sched_setaffinity(0, {load_core}),
+            ),
+        )
+        command = [sys.executable, "-m", "gateway", "--port", str(port), "--log-level", "warning"]
+        command += ["--triton-grpc", f"127.0.0.1:{grpc_port}", "--triton-health", ""]
+    else:
+        command = [sys.executable, __file__, "_serve_instant", "--port", str(port)]
+        command += ["--tokens", str(args.tokens)]
+    child = subprocess.Popen(
+        command,
+        preexec_fn=lambda: (
+            die_with_parent(),
+            os.sched_setaffinity(0, {gateway_core}),
+        ),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        import urllib.request
+
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or child.poll() is not None:
+                    raise RuntimeError("the instant gateway did not start") from None
+                time.sleep(0.3)
+        os.sched_setaffinity(0, {load_core})
+        base = f"http://127.0.0.1:{port}/v1"
+        asyncio.run(relay_load(base, args.streams, args.tokens, 3.0))  # warm-up
+        cpu0 = cpu_seconds(child.pid)
+        result = asyncio.run(relay_load(base, args.streams, args.tokens, args.duration))
+        cpu = cpu_seconds(child.pid) - cpu0
+    finally:
+        gateway_process.stop(child, drain=5)
+        if fake is not None:
+            gateway_process.stop(fake, drain=5)
+    # Each stream's chunks: a role chunk, one per token, the finish chunk, [DONE].
+    per_request_overhead = 3
+    token_chunks = result["chunks"] - per_request_overhead * result["requests"]
+    return {
+        "backend": args.backend,
+        "streams": args.streams,
+        "tokens_per_request": args.tokens,
+        "duration_s": round(result["elapsed_s"], 1),
+        "requests": result["requests"],
+        "sse_events_per_s": round(result["chunks"] / result["elapsed_s"]),
+        "token_chunks_per_s": round(token_chunks / result["elapsed_s"]),
+        "gateway_cpu_s": round(cpu, 1),
+        "gateway_cpu_share": round(cpu / result["elapsed_s"], 2),
+        "token_chunks_per_cpu_s": round(token_chunks / cpu) if cpu else None,
+        "cores": {"gateway": gateway_core, "load": load_core},
+    }
+
+
+# ------------------------------------------------------------------------ report
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Gateway benchmarks",
+        "",
+        f"{report['machine']}; {report['when']}.",
+        "",
+    ]
+    if "latency" in report:
+        lat = report["latency"]
+        lines += [
+            "## Added latency: gateway vs Triton directly (TTFT, ms)",
+            "",
+            f"Command: `{lat['command']}`",
+            "",
+            "Each worker alternates the two paths with the same prompt in one load: the gateway "
+            "(`/v1/chat/completions`, streamed, `model: llm_small`) and a gRPC stream to "
+            "`llm_small` with the same token ids. One Triton with `llm_small` only (CPU, "
+            "SmolLM2-135M); gateway and Triton share the machine's 2 cores.",
+            "",
+            "| concurrency | pairs | gateway p50 | direct p50 | added p50 | paired added p50 | gateway p90 | direct p90 | added p90 | gateway p99 | direct p99 | added p99 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in lat["rows"]:
+            lines.append(
+                f"| {r['concurrency']} | {r['pairs']} | {r['gateway_p50_ms']} | {r['direct_p50_ms']} | **{r['added_p50_ms']:+}** | {r.get('paired_added_p50_ms', float('nan')):+} | "
+                f"{r['gateway_p90_ms']} | {r['direct_p90_ms']} | {r['added_p90_ms']:+} | {r['gateway_p99_ms']} | {r['direct_p99_ms']} | {r['added_p99_ms']:+} |"
+            )
+        lines += ["", lat.get("note", ""), ""]
+    for key, title in (
+        ("relay", "instant backend inside the gateway process"),
+        ("relay_grpc", "a fake Triton answering at once over real gRPC"),
+    ):
+        if key not in report:
+            continue
+        r = report[key]
+        lines += [
+            f"## Relay ceiling: one gateway process on one core, {title}",
+            "",
+            f"Command: `{r['command']}`",
+            "",
+            f"- {r['streams']} concurrent streams of {r['tokens_per_request']} tokens, {r['duration_s']} s, {r['requests']} requests",
+            f"- **{r['token_chunks_per_s']:,} token chunks/s** relayed ({r['sse_events_per_s']:,} SSE events/s including role, finish and [DONE])",
+            f"- gateway CPU: {r['gateway_cpu_s']} s in {r['duration_s']} s ({r['gateway_cpu_share']:.0%} of its core); {r['token_chunks_per_cpu_s']:,} chunks per CPU-second",
+            f"- gateway pinned to core {r['cores']['gateway']}, load generator to core {r['cores']['load']}",
+            "",
+            r.get("note", ""),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="what", required=True)
+    lat = sub.add_parser("latency", help="TTFT added by the gateway vs Triton directly")
+    lat.add_argument("--requests", type=int, default=40, help="pairs per concurrency level")
+    lat.add_argument("--warmup", type=int, default=4)
+    lat.add_argument("--max-tokens", type=int, default=8)
+    lat.add_argument(
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32]
+    )
+    relay = sub.add_parser("relay", help="streamed chunks/s one gateway core relays")
+    relay.add_argument("--duration", type=float, default=20.0)
+    relay.add_argument("--streams", type=int, default=64)
+    relay.add_argument("--tokens", type=int, default=256)
+    relay.add_argument(
+        "--backend",
+        choices=["inprocess", "grpc"],
+        default="inprocess",
+        help="inprocess: the upstream replaced inside the gateway (its own work only); "
+        "grpc: a fake Triton over real gRPC on the load generator's core",
+    )
+    grpc_fake = sub.add_parser("_serve_grpc")  # the fake Triton of `relay --backend grpc`
+    grpc_fake.add_argument("--port", type=int, required=True)
+    serve = sub.add_parser("_serve_instant")  # the pinned child of `relay`
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+    if args.what == "_serve_instant":
+        serve_instant(args.port, args.tokens)
+        return 0
+    if args.what == "_serve_grpc":
+        serve_grpc_instant(args.port)
+        return 0
+    path = RESULTS / "gateway.json"
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report["machine"] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    report["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = "python benchmarks/gateway.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.what == "latency":
+        report["latency"] = {"command": command, **run_latency(args)}
+    else:
+        key = "relay" if args.backend == "inprocess" else "relay_grpc"
+        report[key] = {"command": command, **run_relay(args)}
+        print(json.dumps(report[key]))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "gateway.md").write_text(markdown(report))
+    print(f"wrote {path} and gateway.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
