@@ -34,6 +34,7 @@ bench-embedding: venv
 	$(PY) benchmarks/embedding.py
 
 bench-llm: venv
+	scripts/vllm_env.sh
 	$(PY) benchmarks/llm.py
 
 bench-routing: venv

@@ -1,4 +1,4 @@
-"""Served LLM tier vs the same model in-process, side by side in one run.
+"""Served LLM tier vs the engines a CPU user would pick instead, side by side in one run.
 
 (a) transformers ``generate`` in-process (float32, the DESIGN.md anchor) at batch 1 and
     at a static batch of 16, same prompts, same number of output tokens;
@@ -6,18 +6,22 @@
     with only that model) with 1 and with 16 concurrent gRPC streaming clients;
 (c) for reference, the engine behind the tier in-process (no server) at 1 and 16, in the
     tier's dtype, to separate engine speed from serving overhead;
-(d) transformers' own in-flight batching (``model.init_continuous_batching()``) at 1 and
-    16, the engine ours has to beat.
+(d) transformers' own in-flight batching (``model.init_continuous_batching()``) at 1 and 16;
+(e) vLLM's CPU build serving the same weights through its own OpenAI server, in its own
+    virtualenv (``scripts/vllm_env.sh``), in bfloat16 (its CPU default) and float32;
+(f) llama.cpp on the packaged GGUF itself (``llama-cpp-python``), when it is installed;
+(g) this machine's ceilings, measured in the same run (``llm_baselines.ceilings``).
 
 Every request generates exactly ``--tokens`` tokens (end-of-sequence is disabled:
-``min_new_tokens`` for ``generate``, ``end_id=-1`` for the tier), so the token counts
-match. Prompts are Dolly 15k instructions (CC BY-SA 3.0, Databricks) through SmolLM2's
-chat template. Reports aggregate output tokens/s, TTFT and inter-token latency
-p50/p90/p99, and the ratios. Results go to ``benchmarks/results/llm.{json,md}``.
+``min_new_tokens`` for ``generate``, ``end_id=-1`` for the tier, ``ignore_eos`` for vLLM),
+so the token counts match. Prompts are Dolly 15k instructions (CC BY-SA 3.0, Databricks)
+through SmolLM2's chat template, sent as token ids to every engine. Reports aggregate
+output tokens/s, TTFT and inter-token latency p50/p90/p99, and the ratios. Results go to
+``benchmarks/results/llm.{json,md}``.
 
-Run under the shared benchmark lock::
+Run alone (nothing else on the machine), under the shared benchmark lock::
 
-    flock /tmp/bench.lock .venv/bin/python benchmarks/llm.py
+    scripts/vllm_env.sh && flock /tmp/bench.lock .venv/bin/python benchmarks/llm.py
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import llm_baselines
 import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
@@ -291,27 +296,75 @@ def in_process(
     finally:
         manager.stop()
 
-    progress.update(task, description="in-process engine")
-    limits = EngineLimits(max_active=args.batch, max_context=1024, max_new_tokens=args.tokens)
-    runner = LlamaRunner(model, args.batch, 1024, getattr(torch, dtype_name))
-    engine = Engine(runner, limits, default_end_id=tokenizer.eos_token_id)
-    engine_runs(engine, [singles[0]], 4)  # warm-up
-    results.append(
-        timed(
-            f"in-process engine ({dtype_name}), 1 stream",
-            1,
-            lambda: sequential(lambda b: engine_runs(engine, b, args.tokens), singles),
+    # The tier's dtype first (what the server runs), then the other one for comparison.
+    for dtype in dict.fromkeys([dtype_name, "bfloat16", "float32"]):
+        progress.update(task, description=f"in-process engine ({dtype})")
+        limits = EngineLimits(max_active=args.batch, max_context=1024, max_new_tokens=args.tokens)
+        runner = LlamaRunner(model, args.batch, 1024, getattr(torch, dtype))
+        engine = Engine(runner, limits, default_end_id=tokenizer.eos_token_id)
+        engine_runs(engine, [singles[0]], 4)  # warm-up
+
+        def one_by_one(engine: Engine = engine) -> list[Run]:
+            return sequential(lambda b: engine_runs(engine, b, args.tokens), singles)
+
+        results.append(timed(f"in-process engine ({dtype}), 1 stream", 1, one_by_one))
+        results.append(
+            timed(
+                f"in-process engine ({dtype}), {args.batch} streams",
+                args.batch,
+                lambda engine=engine: engine_runs(engine, batch, args.tokens),
+            )
         )
-    )
-    results.append(
-        timed(
-            f"in-process engine ({dtype_name}), {args.batch} streams",
-            args.batch,
-            lambda: engine_runs(engine, batch, args.tokens),
-        )
-    )
-    engine.close()
+        engine.close()
     return results
+
+
+def baselines(
+    args: argparse.Namespace, batch: list[list[int]], progress: Progress, task: Any
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(e) vLLM's served CPU build and (f) llama.cpp; notes say what could not run."""
+    results: list[dict[str, Any]] = []
+    notes: dict[str, str] = {}
+    singles = batch[: args.single_requests]
+    if not llm_baselines.baseline_python().exists():
+        notes["vLLM"] = "not run: its virtualenv is missing (scripts/vllm_env.sh builds it)"
+    else:
+        model_dir = llm_baselines.export_safetensors()
+        for dtype in args.vllm_dtypes:
+            progress.update(task, description=f"vLLM CPU server ({dtype})")
+            log_path = Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "vllm.log"
+            try:
+                with llm_baselines.vllm_server(model_dir, dtype, args.batch, log_path) as url:
+
+                    def streams(b: list[list[int]], url: str = url) -> list[Run]:
+                        return llm_baselines.openai_runs(url, b, args.tokens, Run)
+
+                    streams([singles[0]])  # warm-up
+                    results.append(
+                        timed(
+                            f"vLLM CPU served ({dtype}), 1 stream",
+                            1,
+                            lambda streams=streams: sequential(streams, singles),
+                        )
+                    )
+                    results.append(
+                        timed(
+                            f"vLLM CPU served ({dtype}), {args.batch} streams",
+                            args.batch,
+                            lambda streams=streams: streams(batch),
+                        )
+                    )
+            except RuntimeError as exc:
+                notes[f"vLLM {dtype}"] = f"failed: {str(exc)[:400]}"
+    progress.update(task, description="llama.cpp")
+    cpp = llm_baselines.llama_cpp_runs(singles, args.tokens, args.threads)
+    if isinstance(cpp, str):
+        notes["llama.cpp"] = cpp
+    else:
+        runs = [Run(r["start"], r["times"], r["tokens"]) for r in cpp]
+        wall = sum(r.times[-1] - r.start for r in runs)
+        results.append(summarize("llama.cpp (GGUF Q4_1, in-process), 1 stream", runs, wall, 1))
+    return results, notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         "--single-requests", type=int, default=4, help="batch-1 requests run one after another"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads in-process")
+    parser.add_argument(
+        "--vllm-dtypes",
+        type=lambda text: [d for d in text.split(",") if d],
+        default=["bfloat16", "float32"],
+        help="comma-separated dtypes vLLM serves the model in, one server each ('' skips vLLM)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "llm", help="results path stem")
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.batch < 1 or args.single_requests < 1:
@@ -343,7 +402,19 @@ def main(argv: list[str] | None = None) -> int:
     dtype_name = tier_config.parameters["dtype"].string_value or "float32"
 
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("in-process transformers generate", total=None)
+        task = progress.add_task("ceilings", total=None)
+        shape = load_hf_model(smollm2_gguf())
+        runner = LlamaRunner(shape, 1, 8, getattr(torch, dtype_name))
+        weights = [runner.lm_head] + [
+            w for layer in runner.layers for w in (layer.qkv, layer.out, layer.gate_up, layer.down)
+        ]
+        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+        flops = 2.0 * sum(w.numel() for w in weights)
+        del shape, runner
+        limits = llm_baselines.ceilings(weight_bytes, flops, args.threads)
+        console.log(f"ceilings: {limits}")
+
+        progress.update(task, description="in-process transformers generate")
         results += in_process(args, tokenizer, batch, progress, task, dtype_name)
 
         progress.update(task, description="starting tritonserver with llm_small")
@@ -373,46 +444,76 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             launcher.stop()
+        extra, notes = baselines(args, batch, progress, task)
+        results += extra
 
-    by = {r["name"]: r["tokens_per_s"] for r in results}
-    gen1, gen_n, cb1, cb_n, eng1, eng_n, served1, served_n = (r["name"] for r in results)
-    ratios = {
-        "served 1 stream / in-process generate batch 1": by[served1] / by[gen1],
-        f"served {args.batch} streams / in-process generate static batch {args.batch}": (
-            by[served_n] / by[gen_n]
-        ),
-        "served 1 stream / transformers continuous batching 1 stream": by[served1] / by[cb1],
-        f"served {args.batch} / transformers continuous batching {args.batch}": (
-            by[served_n] / by[cb_n]
-        ),
-        "served 1 stream / in-process engine 1 stream": by[served1] / by[eng1],
-        f"served {args.batch} / in-process engine {args.batch}": by[served_n] / by[eng_n],
-        "served 1 stream / single-stream ceiling (68 tok/s)": by[served1] / 68.0,
-        f"served {args.batch} streams / aggregate ceiling (600 tok/s)": by[served_n] / 600.0,
+    def rate(prefix: str, streams: int) -> float | None:
+        found = [
+            r["tokens_per_s"]
+            for r in results
+            if r["name"].startswith(prefix) and r["concurrency"] == streams
+        ]
+        return found[0] if found else None
+
+    n = args.batch
+    served = {1: rate(f"served {TIER}", 1), n: rate(f"served {TIER}", n)}
+    others = {
+        "in-process generate": "in-process generate",
+        "transformers continuous batching": "in-process transformers continuous batching",
+        "in-process engine": f"in-process engine ({dtype_name})",
+        "vLLM CPU served (bfloat16)": "vLLM CPU served (bfloat16)",
+        "vLLM CPU served (float32)": "vLLM CPU served (float32)",
+        "llama.cpp": "llama.cpp",
     }
-    command = "flock /tmp/bench.lock .venv/bin/python benchmarks/llm.py " + shlex.join(
-        sys.argv[1:] if argv is None else argv
+    ratios: dict[str, float] = {}
+    for streams in (1, n):
+        for label, prefix in others.items():
+            theirs = rate(prefix, streams)
+            if theirs and served[streams]:
+                ratios[f"served {streams} / {label} {streams}"] = served[streams] / theirs
+    ratios["served 1 stream / single-stream ceiling"] = (
+        served[1] / limits["single_stream_ceiling_tok_s"]
     )
+    ratios[f"served {n} streams / aggregate ceiling"] = (
+        served[n] / limits["aggregate_ceiling_tok_s"]
+    )
+    command = "scripts/vllm_env.sh && flock /tmp/bench.lock .venv/bin/python benchmarks/llm.py "
+    command += shlex.join(sys.argv[1:] if argv is None else argv)
     report = {
         "command": command.strip(),
         "checkpoint": SMOLLM2_CHECKPOINT,
         "tokens_per_request": args.tokens,
         "machine": {
             "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "torch_threads": args.threads,
             "load_average_at_end": os.getloadavg(),
         },
+        "ceilings": limits,
+        "weight_bytes_per_token": weight_bytes,
         "data": "Databricks Dolly 15k sample (CC BY-SA 3.0), instructions as prompts",
         "results": results,
         "ratios": ratios,
+        "not_run": notes,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
     console.print(markdown(report))
     return 0
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name and the vector / matrix extensions that decide the kernels."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), "?"
+    )
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if "flags" in ln), [])
+    wanted = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
+    return f"{name} ({' '.join(sorted(set(wanted)))})"
 
 
 def _ms(stats: dict[str, Any], key: str) -> str:
@@ -422,13 +523,14 @@ def _ms(stats: dict[str, Any], key: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        "# LLM tier: served vs in-process",
+        "# LLM tier: served vs vLLM's CPU build, llama.cpp and transformers, in one run",
         "",
         f"Command: `{report['command']}`",
         "",
         f"Model: {report['checkpoint']}; {report['tokens_per_request']} new tokens per request "
         "(end-of-sequence disabled); prompts: Dolly 15k instructions (CC BY-SA 3.0) through "
-        f"the chat template. Machine: {report['machine']['cpus']} CPUs, torch "
+        f"the chat template. Machine: {report['machine']['cpus']} CPUs, "
+        f"{report['machine'].get('cpu_model', '?')}, torch "
         f"{report['machine']['torch']}, load average at the end "
         f"{', '.join(f'{x:.2f}' for x in report['machine']['load_average_at_end'])} "
         "(the machine is shared).",
@@ -443,8 +545,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_ms(t, 'p50')} | {_ms(t, 'p90')} | {_ms(t, 'p99')} | "
             f"{_ms(i, 'p50')} | {_ms(i, 'p90')} | {_ms(i, 'p99')} |"
         )
-    lines += ["", "Latencies in ms. Ratios:", ""]
+    lines += ["", "Latencies in ms. Ceilings measured in the same run:", ""]
+    lines += [f"- {name}: {value:.1f}" for name, value in report.get("ceilings", {}).items()]
+    lines += ["", "Ratios:", ""]
     lines += [f"- {name}: **{value:.2f}x**" for name, value in report["ratios"].items()]
+    for name, why in report.get("not_run", {}).items():
+        lines.append(f"- {name}: {why}")
     lines += [
         "",
         "Why the served tier is where it is, and how far from the ceiling: "
