@@ -32,6 +32,7 @@ import torch
 
 from serving.assets import cache_dir, smollm2_gguf
 from serving.launcher import free_port
+from serving.runtime import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,13 +68,6 @@ def export_safetensors() -> Path:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     tmp.rename(target)
     return target
-
-
-def _die_with_parent() -> None:
-    """Child side of Popen: get SIGTERM when the benchmark dies, however it dies."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager
@@ -117,7 +111,7 @@ def vllm_server(model_dir: Path, dtype: str, max_seqs: int, log_path: Path) -> I
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -240,7 +234,7 @@ def llama_cpp_runs(batch: list[list[int]], tokens: int, threads: int) -> list[di
         capture_output=True,
         text=True,
         timeout=3600,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     if result.returncode != 0:
         return f"llama.cpp run failed: {result.stderr[-500:]}"
