@@ -30,12 +30,16 @@ from serving.runtime import (
     TritonInstall,
     bundled_install,
     custom_install,
-    parent_death_hook,
+    own_group_and_death_signal,
     server_env,
+    start_group_reaper,
 )
 from serving.supervisor import Supervisor
 
 log = logging.getLogger("serving.launcher")
+
+#: Seconds Triton gets to exit by itself when start-up is abandoned (SIGTERM mid-load).
+_STARTUP_STOP_TIMEOUT = 3.0
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
@@ -109,6 +113,7 @@ class TritonLauncher:
         self.wanted: list[str] = []
         self._parked: set[str] = set()
         self.process: subprocess.Popen[bytes] | None = None
+        self._reaper: subprocess.Popen[bytes] | None = None
         self.supervisor: Supervisor | None = None
         self._health: ThreadingHTTPServer | None = None
         self._log_file = None
@@ -215,11 +220,15 @@ class TritonLauncher:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=self._env(install),
-            start_new_session=True,
-            # Its own session (stopped as a group), yet it must not outlive a launcher
-            # killed with SIGKILL: the kernel sends it SIGTERM then.
-            preexec_fn=parent_death_hook(),
+            # Its own process group (Ctrl-C at the terminal does not reach it; stop()
+            # ends the group), in this session so the reaper below can join the group.
+            # It must not outlive a launcher killed with SIGKILL either: the kernel then
+            # SIGKILLs it too. Not SIGTERM: Triton's graceful exit waits for loads in
+            # progress (minutes for the tiers), and an unasked death has nothing to drain.
+            preexec_fn=own_group_and_death_signal(signal.SIGKILL),
         )
+        # SIGKILLs tritonserver's whole group (its stubs too) if this process dies unasked.
+        self._reaper = start_group_reaper(self.process.pid)
         try:
             self._wait_server_ready(time.monotonic() + o.ready_timeout)
             self.wanted = [m for wave in waves for m in wave]
@@ -230,7 +239,9 @@ class TritonLauncher:
             self.supervisor.start()
             self._start_health_server()
         except BaseException:
-            self.stop()
+            # Nothing is served yet, so nothing to drain: Triton's own graceful exit would
+            # wait for the loads in progress, so it gets a few seconds, then SIGKILL.
+            self.stop(timeout=_STARTUP_STOP_TIMEOUT)
             raise
 
     def _preflight(self) -> None:
@@ -262,6 +273,11 @@ class TritonLauncher:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:  # in the group, so killed above; reap its exit status
+            with contextlib.suppress(ProcessLookupError):
+                reaper.kill()
+            reaper.wait()
         if self.supervisor:
             self.supervisor.clean_shm()
             self.supervisor = None
@@ -306,8 +322,14 @@ class TritonLauncher:
         )
 
     def _load_wave(self, wave: list[str]) -> None:
-        with ThreadPoolExecutor(max_workers=len(wave)) as pool:
+        pool = ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="load")
+        try:
             errors = [e for e in pool.map(self._load_one, wave) if e]
+        finally:
+            # Never wait here for loads still running: on SIGTERM or Ctrl-C mid-load the
+            # caller stops the server, which ends those requests at once. (A `with` block
+            # would wait for every load to finish, about 90 s for the LLM tiers.)
+            pool.shutdown(wait=False, cancel_futures=True)
         if errors:
             raise LaunchError("\n".join(errors))
 

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -135,8 +136,8 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
     return env
 
 
-def die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the parent dies (Linux ``prctl``).
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In a child before exec: get ``sig`` when the parent dies (Linux ``prctl``).
 
     A server or gateway must never outlive what started it, even when that is killed
     with SIGKILL and cannot clean up. The signal follows the parent *thread*, so
@@ -144,13 +145,48 @@ def die_with_parent() -> None:
     """
     pr_set_pdeathsig = 1
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, sig)
 
 
-def parent_death_hook() -> Callable[[], None] | None:
-    """:func:`die_with_parent` when called from the main thread, else None.
+def parent_death_hook(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """:func:`die_with_parent` with ``sig`` when called from the main thread, else None.
 
     A child started from a worker thread (a benchmark starting servers from a thread
     pool) would be killed when that thread ends, long before the process does.
     """
-    return die_with_parent if threading.current_thread() is threading.main_thread() else None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return lambda: die_with_parent(sig)
+
+
+def own_group_and_death_signal(sig: int) -> Callable[[], None]:
+    """A ``preexec_fn``: the child leads a new process group and, when started from the
+    main thread, gets ``sig`` when this process dies (see :func:`parent_death_hook`)."""
+    death = parent_death_hook(sig)
+
+    def preexec() -> None:
+        os.setpgid(0, 0)
+        if death is not None:
+            death()
+
+    return preexec
+
+
+def start_group_reaper(pgid: int) -> subprocess.Popen[bytes] | None:
+    """Start :mod:`serving.reaper` in process group ``pgid``: it SIGKILLs the group when
+    this process dies. None when called off the main thread, where a parent-death signal
+    would follow the calling thread instead of the process (see ``parent_death_hook``)."""
+    death = parent_death_hook(signal.SIGUSR1)
+    if death is None:
+        return None
+
+    def join_group_and_arm() -> None:
+        os.setpgid(0, pgid)
+        death()
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "serving.reaper", str(pgid), str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=join_group_and_arm,
+    )

@@ -126,6 +126,58 @@ def test_cli_serves_prints_endpoints_and_stops_on_sigterm(tmp_path: Path) -> Non
     assert alive == []
 
 
+def _launcher_mid_load(tmp_path: Path) -> tuple[subprocess.Popen[str], list[psutil.Process]]:
+    """``python -m serving`` loading ``slow_load`` (two minutes), with the server and its
+    stub already running: the moment at which a stop used to wait for the load."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model-repository",
+            str(TINY_REPO),
+            *_ports(),
+            "--models=slow_load",
+            f"--log-file={tmp_path / 'log'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not proc.stdout.readline().startswith("loading"):
+        pass
+    family: list[psutil.Process] = []
+    while time.monotonic() < deadline:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        if any("stub" in p.name() for p in family):
+            return proc, family
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the slow_load stub never started")
+
+
+def test_sigterm_while_models_load_stops_everything_within_10s(tmp_path: Path) -> None:
+    proc, family = _launcher_mid_load(tmp_path)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    _gone, alive = psutil.wait_procs(family, timeout=max(0.0, 10 - (time.monotonic() - started)))
+    assert alive == [], f"still running 10 s after SIGTERM: {[p.name() for p in alive]}"
+    assert time.monotonic() - started < 10
+
+
+def test_sigkilled_launcher_leaves_no_process_behind(tmp_path: Path) -> None:
+    proc, family = _launcher_mid_load(tmp_path)
+    started = time.monotonic()
+    proc.kill()
+    proc.wait(timeout=10)
+    _gone, alive = psutil.wait_procs(family, timeout=15)
+    assert alive == [], f"orphans after SIGKILL: {[(p.pid, p.name()) for p in alive]}"
+    assert time.monotonic() - started < 15
+
+
 @pytest.fixture
 def tiny_server(tmp_path: Path) -> Iterator[TritonLauncher]:
     # The supervisor thread is made idle so the test can observe the broken state and
