@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -87,10 +88,9 @@ class TestCliErrors:
         assert "unknown model(s) nope; the repository has broken, echo, echo_twice" in result.stderr
 
 
-def test_cli_serves_prints_endpoints_and_stops_on_sigterm(tmp_path: Path) -> None:
-    ports = _ports()
-    http_port = ports[0].split("=")[1]
-    proc = subprocess.Popen(
+def _cli_process(tmp_path: Path, model: str, ports: list[str], **popen: object) -> Any:
+    """``python -m serving`` on the tiny repository with ``model``, its stdout piped."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -98,14 +98,20 @@ def test_cli_serves_prints_endpoints_and_stops_on_sigterm(tmp_path: Path) -> Non
             "--model-repository",
             str(TINY_REPO),
             *ports,
-            "--models=echo_twice",
+            f"--models={model}",
             f"--log-file={tmp_path / 'log'}",
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        **popen,
     )
+
+
+def test_cli_serves_prints_endpoints_and_stops_on_sigterm(tmp_path: Path) -> None:
+    ports = _ports()
+    http_port = ports[0].split("=")[1]
+    proc = _cli_process(tmp_path, "echo_twice", ports, stderr=subprocess.PIPE)
     banner = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -129,22 +135,7 @@ def test_cli_serves_prints_endpoints_and_stops_on_sigterm(tmp_path: Path) -> Non
 def _launcher_mid_load(tmp_path: Path) -> tuple[subprocess.Popen[str], list[psutil.Process]]:
     """``python -m serving`` loading ``slow_load`` (two minutes), with the server and its
     stub already running: the moment at which a stop used to wait for the load."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving",
-            "--model-repository",
-            str(TINY_REPO),
-            *_ports(),
-            "--models=slow_load",
-            f"--log-file={tmp_path / 'log'}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-    )
+    proc = _cli_process(tmp_path, "slow_load", _ports(), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not proc.stdout.readline().startswith("loading"):
         pass

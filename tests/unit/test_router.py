@@ -135,16 +135,19 @@ PREPROCESSOR = Preprocessor(
 )
 
 
-def make_router(metrics: RouterMetrics | None = None) -> Router:
+def make_router(
+    metrics: RouterMetrics | None = None, workers: int = 2, max_queue: int = 64
+) -> Router:
     return Router(
         name="router",
         policy=POLICY,
         models=RouterModels(classifier="intent_classifier"),
         detokenizer=ByteDetokenizer,
         preprocessor=PREPROCESSOR,
-        workers=2,
+        workers=workers,
         batched=True,
         metrics=metrics,
+        max_queue=max_queue,
     )
 
 
@@ -548,16 +551,7 @@ def test_full_router_queue_answers_overloaded_at_once(bls: dict) -> None:
         return down.classify(inputs)
 
     bls["intent_classifier"] = held_classify
-    router = Router(
-        name="router",
-        policy=POLICY,
-        models=RouterModels(classifier="intent_classifier"),
-        detokenizer=ByteDetokenizer,
-        preprocessor=PREPROCESSOR,
-        workers=1,
-        batched=True,
-        max_queue=1,
-    )
+    router = make_router(workers=1, max_queue=1)
     try:
         running, queued, rejected = (router_request() for _ in range(3))
         router.submit([running, queued])
@@ -576,4 +570,4 @@ def test_full_router_queue_answers_overloaded_at_once(bls: dict) -> None:
         )
     assert router._admitted == 0  # every admitted request gave its place back
     with pytest.raises(ConfigError, match="max_queue_size"):
-        Router("r", POLICY, RouterModels("c"), ByteDetokenizer, PREPROCESSOR, 1, True, None, -1)
+        make_router(max_queue=-1)
