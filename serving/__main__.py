@@ -73,6 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/Ctrl-C, seconds Triton lets requests in flight finish "
+        "(its --exit-timeout-secs)",
+    )
+    parser.add_argument(
         "--gateway",
         action="store_true",
         help="also start the OpenAI-compatible gateway (python -m gateway) on --gateway-port, "
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         tritonserver=args.tritonserver,
         ready_timeout=args.ready_timeout,
         log_verbose=args.log_verbose,
+        drain_timeout=args.drain_timeout,
     )
     # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C, also while models load.
     signal.signal(signal.SIGTERM, _interrupt)

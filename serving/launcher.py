@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -83,6 +84,9 @@ class LaunchOptions:
     ready_timeout: float = 600.0
     supervise_interval: float = 1.0
     log_verbose: int = 0
+    #: On stop, how long Triton lets requests in flight (streams) finish before it exits
+    #: (its --exit-timeout-secs); Kubernetes' terminationGracePeriodSeconds must exceed it.
+    drain_timeout: float = 30.0
     extra_args: list[str] = field(default_factory=list)
 
     @classmethod
@@ -167,7 +171,10 @@ class TritonLauncher:
             f"--grpc-port={o.grpc_port}",
             f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
-            "--allow-gpu-metrics=false",
+            # GPU metrics (nv_gpu_utilization, nv_gpu_memory_used_bytes, ...) only where
+            # there are GPUs: the CPU profile would only log NVML/DCGM failures.
+            f"--allow-gpu-metrics={'false' if o.profile == DEFAULT_PROFILE else 'true'}",
+            f"--exit-timeout-secs={math.ceil(o.drain_timeout)}",
             f"--log-verbose={o.log_verbose}",
         ]
         if o.profile != DEFAULT_PROFILE:
@@ -241,8 +248,13 @@ class TritonLauncher:
         if problems:
             raise LaunchError("refusing to serve the h100 profile:\n  " + "\n  ".join(problems))
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop supervision, then the server and its stubs (the whole process group)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop supervision, then the server and its stubs (the whole process group).
+
+        Triton gets its drain time (``drain_timeout``) plus a margin before SIGKILL.
+        """
+        if timeout is None:
+            timeout = self.options.drain_timeout + 10.0
         with self._lock:
             if self.supervisor:
                 self.supervisor.stop()
