@@ -253,26 +253,15 @@ DOCKER = ROOT / "docker"
 REFERENCE_NODE = ROOT / "tests" / "fixtures" / "topologies" / "8x-h100-sxm.txt"
 
 
-def test_compose_and_kubernetes_gpus_match_the_plan() -> None:
+def test_compose_gpus_match_the_plan() -> None:
     result = plan_tiers(load_topology(REFERENCE_NODE))
     compose = yaml.safe_load((DOCKER / "compose.h100.yaml").read_text())
     for service in ("triton", "build"):
         devices = compose["services"][service]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["device_ids"] == [str(g) for g in result.used_gpus]
-    deployment = next(yaml.safe_load_all((DOCKER / "k8s" / "triton-h100.yaml").read_text()))
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == len(result.used_gpus)
 
 
-@pytest.mark.parametrize("manifest", ["triton-h100.yaml", "triton-cpu.yaml"])
-def test_kubernetes_probes_use_deep_readiness_and_triton_liveness(manifest: str) -> None:
-    deployment = next(yaml.safe_load_all((DOCKER / "k8s" / manifest).read_text()))
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    ready = container["readinessProbe"]["httpGet"]
-    live = container["livenessProbe"]["httpGet"]
-    assert (ready["path"], ports[ready["port"]]) == ("/health/ready", 8003)
-    assert (live["path"], ports[live["port"]]) == ("/v2/health/live", 8000)
+# The Kubernetes manifests' GPUs and probes: tests/unit/test_kubernetes.py.
 
 
 def test_h100_tiers_bound_their_queue() -> None:
