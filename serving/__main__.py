@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--log-file", type=Path, help="server log (default: a file in $TMPDIR)")
     parser.add_argument(
+        "--log-stdout",
+        action="store_true",
+        help="also copy the server log to stdout (containers: docker/kubectl logs show it)",
+    )
+    parser.add_argument(
         "--tritonserver",
         type=Path,
         help="use this tritonserver binary (e.g. /opt/tritonserver/bin/tritonserver "
@@ -192,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         ready_timeout=args.ready_timeout,
         log_verbose=args.log_verbose,
         drain_timeout=args.drain_timeout,
+        echo_log=args.log_stdout,
     )
     # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C, also while models load.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
 
 from serving.errors import ConfigError
 from serving.repository import DEFAULT_PROFILE, ModelEntry, dependents, load_order, load_repository
@@ -87,6 +89,10 @@ class LaunchOptions:
     #: On stop, how long Triton lets requests in flight (streams) finish before it exits
     #: (its --exit-timeout-secs); Kubernetes' terminationGracePeriodSeconds must exceed it.
     drain_timeout: float = 30.0
+    #: Also copy the server log to this process's stdout, line by line (containers:
+    #: `kubectl logs` shows what only the log file held). The file stays the source for
+    #: the error excerpts LaunchError quotes.
+    echo_log: bool = False
     extra_args: list[str] = field(default_factory=list)
 
     @classmethod
@@ -116,6 +122,8 @@ class TritonLauncher:
         self.supervisor: Supervisor | None = None
         self._health: ThreadingHTTPServer | None = None
         self._log_file = None
+        self._echo: threading.Thread | None = None
+        self._echo_stop = threading.Event()
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- addresses
@@ -227,6 +235,10 @@ class TritonLauncher:
             # killed with SIGKILL: the kernel sends it SIGTERM then.
             preexec_fn=parent_death_hook(),
         )
+        if o.echo_log:
+            self._echo_stop.clear()
+            self._echo = threading.Thread(target=self._echo_log, name="log-echo", daemon=True)
+            self._echo.start()
         try:
             self._wait_server_ready(time.monotonic() + o.ready_timeout)
             self.wanted = [m for wave in waves for m in wave]
@@ -277,9 +289,27 @@ class TritonLauncher:
         if self.supervisor:
             self.supervisor.clean_shm()
             self.supervisor = None
+        if self._echo is not None:
+            self._echo_stop.set()  # it copies what is left, then returns
+            self._echo.join(timeout=5)
+            self._echo = None
         if self._log_file:
             self._log_file.close()
             self._log_file = None
+
+    def _echo_log(self, out: BinaryIO | None = None) -> None:
+        """Copy the server log to ``out`` (stdout) as it grows, until stopped and drained."""
+        out = out or sys.stdout.buffer
+        with open(self.log_path, "rb") as log_file:
+            while True:
+                line = log_file.readline()
+                if line:
+                    out.write(line)
+                    out.flush()
+                elif self._echo_stop.is_set():
+                    return
+                else:
+                    self._echo_stop.wait(0.2)
 
     def __enter__(self) -> TritonLauncher:
         self.start()

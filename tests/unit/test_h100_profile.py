@@ -270,3 +270,23 @@ def test_h100_tiers_bound_their_queue() -> None:
         config = parse_config(REPO / tier / "configs" / f"{PROFILE}.pbtxt")
         size = config.dynamic_batching.default_queue_policy.max_queue_size
         assert size == SPECS[tier].triton.max_queue_size > 0
+
+
+def test_trtllm_image_tag_bundles_the_pinned_tensorrt_llm() -> None:
+    """Dockerfile.trtllm's default TRITON_TAG, its TRTLLM_VERSION check and the pin agree."""
+    import re
+
+    from build_engines.releases import bundled_trtllm
+
+    dockerfile = (DOCKER / "Dockerfile.trtllm").read_text()
+    tag = re.search(r"^ARG TRITON_TAG=(\S+)$", dockerfile, re.M).group(1)
+    checked = re.search(r"^ARG TRTLLM_VERSION=(\S+)$", dockerfile, re.M).group(1)
+    # (tomllib is 3.11+; the project supports 3.10)
+    (pin,) = re.findall(r'^trtllm = \["([^"]+)"\]$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert pin == f"tensorrt-llm=={checked}"
+    assert bundled_trtllm(tag) == checked, (
+        f"Triton {tag} bundles TensorRT-LLM {bundled_trtllm(tag)}, the project pins {checked}"
+    )
+    # and the table can say no: the old default would fail here
+    assert bundled_trtllm("26.02") != checked
+    assert '"tritonclient[all]' not in dockerfile  # its deps would replace the image's protobuf

@@ -219,3 +219,35 @@ class TestPortsAndOptions:
             launcher.start()
         assert "llm_small" in str(info.value)
         assert launcher.process is None
+
+
+class TestContainerOptions:
+    """What the cluster manifests rely on: a drain window, GPU metrics, the log on stdout."""
+
+    INSTALL = runtime.TritonInstall(Path("/bin/tritonserver"), None, Path("/backends"))
+
+    def test_drain_timeout_is_tritons_exit_timeout(self) -> None:
+        cmd = TritonLauncher(LaunchOptions(drain_timeout=179.5))._command(self.INSTALL)
+        assert "--exit-timeout-secs=180" in cmd
+
+    @pytest.mark.parametrize(("profile", "flag"), [("cpu", "false"), ("h100", "true")])
+    def test_gpu_metrics_only_in_the_gpu_profile(self, profile: str, flag: str) -> None:
+        cmd = TritonLauncher(LaunchOptions(profile=profile))._command(self.INSTALL)
+        assert f"--allow-gpu-metrics={flag}" in cmd
+
+    def test_log_echo_copies_what_is_written_then_stops(self, tmp_path: Path) -> None:
+        import io
+        import threading
+
+        log = tmp_path / "server.log"
+        log.write_bytes(b"I0101 first\n")
+        launcher = TritonLauncher(LaunchOptions(log_path=log, echo_log=True))
+        out = io.BytesIO()
+        thread = threading.Thread(target=launcher._echo_log, args=(out,))
+        thread.start()
+        with log.open("ab") as f:
+            f.write(b"E0101 second\n")
+        launcher._echo_stop.set()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+        assert out.getvalue() == b"I0101 first\nE0101 second\n"
