@@ -290,3 +290,30 @@ def test_trtllm_image_tag_bundles_the_pinned_tensorrt_llm() -> None:
     # and the table can say no: the old default would fail here
     assert bundled_trtllm("26.02") != checked
     assert '"tritonclient[all]' not in dockerfile  # its deps would replace the image's protobuf
+
+
+def test_embedding_sits_on_the_planned_shared_gpu_and_intent_head_on_the_host() -> None:
+    """Not GPU 0 (the 405B tier's first rank): the plan's GPU, rewritten by `configure`."""
+    from google.protobuf import text_format
+
+    from build_engines.render import aux_config, relative
+
+    result = plan_tiers(load_topology(REFERENCE_NODE))
+    path = REPO / "embedding" / "configs" / f"{PROFILE}.pbtxt"
+    text = path.read_text()
+    (group,) = parse_config(path).instance_group
+    assert list(group.gpus) == [result.aux_gpu] and result.aux_gpu not in (0, 1, 2, 3)
+    assert aux_config(text, result.aux_gpu, f"planned on {relative(REFERENCE_NODE)}") == text
+    moved = aux_config(text, 7, "elsewhere")
+    (moved_group,) = text_format.Parse(moved, model_config_pb2.ModelConfig()).instance_group
+    assert list(moved_group.gpus) == [7]
+    (head,) = parse_config(REPO / "intent_head" / "configs" / f"{PROFILE}.pbtxt").instance_group
+    assert head.kind == head.KIND_CPU
+    assert any("intent_head stays KIND_CPU" in n for n in result.notes)
+
+
+def test_tiers_kv_cache_is_the_planners_budget() -> None:
+    for tier, spec in SPECS.items():
+        config = parse_config(REPO / tier / "configs" / f"{PROFILE}.pbtxt")
+        tokens = config.parameters["max_tokens_in_paged_kv_cache"].string_value
+        assert int(tokens) == spec.serving.target_concurrency * spec.serving.target_context
