@@ -73,7 +73,29 @@ def _launcher_args(pool: PoolSpec, profile: str) -> list[str]:
     if profile == "h100":
         args += ["--tritonserver", "/opt/tritonserver/bin/tritonserver"]
         args += ["--model-repository", "/opt/triton-llm-stack/model_repository"]
+        # The pod sees only its own GPUs, numbered from 0: the node-wide plan's ids in the
+        # configs (llm_small on 6;7, embedding on 4) would name GPUs it does not have.
+        for model, ids in pod_gpu_ids(pool).items():
+            args += ["--gpu-device-ids", f"{model}={ids}"]
     return args
+
+
+def pod_gpu_ids(pool: PoolSpec) -> dict[str, str]:
+    """Per GPU model of the pool, its GPUs inside one pod: a tier's TP group from 0."""
+    tp = tier_tp()
+    ids = {}
+    for model in pool.models:
+        if model in tp:
+            ids[model] = ",".join(str(g) for g in range(tp[model]))
+        elif model == "embedding":
+            ids[model] = "0"  # KIND_GPU instances share the pod's first GPU
+    return ids
+
+
+def tier_tp() -> dict[str, int]:
+    from build_engines.spec import tier_specs
+
+    return {spec.tier: spec.tp * spec.pp for spec in tier_specs()}
 
 
 def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
@@ -226,9 +248,7 @@ class GpuShape:
 def gpu_shapes(topology: Topology) -> dict[str, GpuShape]:
     """GPUs per pod of each pool on H100: a tier's TP from its spec; embedding and the
     classifier share one GPU. The 405B tier lives on nodes of its own (whole-node pods)."""
-    from build_engines.spec import tier_specs
-
-    tp = {spec.tier: spec.tp * spec.pp for spec in tier_specs()}
+    tp = tier_tp()
     shapes = {}
     for pool in topology.pools:
         gpus = max((tp.get(m, 1) for m in pool.models), default=1)

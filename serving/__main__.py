@@ -21,6 +21,13 @@ from serving.launcher import (
 )
 
 
+def _model_ids(text: str) -> tuple[str, str]:
+    model, sep, ids = text.partition("=")
+    if not sep or not model or not ids:
+        raise argparse.ArgumentTypeError(f"expected MODEL=IDS (e.g. llm_medium=0,1), got {text!r}")
+    return model, ids
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m serving",
@@ -77,6 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for the server and the models",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    parser.add_argument(
+        "--gpu-device-ids",
+        action="append",
+        default=[],
+        type=_model_ids,
+        metavar="MODEL=IDS",
+        help="place a TensorRT-LLM tier's instances on these GPUs as this container sees "
+        "them (e.g. llm_medium=0,1), replacing its config's gpu_device_ids; repeatable",
+    )
     parser.add_argument(
         "--drain-timeout",
         type=float,
@@ -198,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         log_verbose=args.log_verbose,
         drain_timeout=args.drain_timeout,
         echo_log=args.log_stdout,
+        gpu_device_ids=dict(args.gpu_device_ids),
     )
     # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C, also while models load.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import BinaryIO
+
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
 
 from serving.errors import ConfigError
 from serving.repository import DEFAULT_PROFILE, ModelEntry, dependents, load_order, load_repository
@@ -93,6 +97,10 @@ class LaunchOptions:
     #: `kubectl logs` shows what only the log file held). The file stays the source for
     #: the error excerpts LaunchError quotes.
     echo_log: bool = False
+    #: Per model, the GPUs its instances use *as this process sees them* (a container or
+    #: pod given GPUs 2 and 3 sees them as 0 and 1): replaces the config's gpu_device_ids
+    #: when the model is loaded, so one repository serves every pool layout.
+    gpu_device_ids: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
 
     @classmethod
@@ -104,6 +112,40 @@ class LaunchOptions:
             for name in ("http_port", "grpc_port", "metrics_port", "health_port")
         }
         return cls(**{**ports, **kwargs})
+
+
+def gpu_override(config: model_config_pb2.ModelConfig, ids: str) -> dict:
+    """``config`` as Triton's JSON load override, with its instances on ``ids``.
+
+    A TensorRT-LLM tier takes ``ids`` in its ``gpu_device_ids`` syntax (GPUs of one
+    instance joined by ``,``, instances by ``;``); the backend places the instances itself,
+    so only the instance count and (for several instances) the orchestrator worker follow.
+    A ``KIND_GPU`` model (embedding) takes a ``,`` list for its instance groups' ``gpus``.
+    """
+    data = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    groups = data.get("instance_group", [])
+    if "gpu_device_ids" in config.parameters:
+        if not re.fullmatch(r"\d+(,\d+)*(;\d+(,\d+)*)*", ids):
+            raise LaunchError(f"gpu_device_ids {ids!r} is not like '0,1;2,3'")
+        params = data["parameters"]
+        params["gpu_device_ids"] = {"string_value": ids}
+        instances = ids.count(";") + 1
+        for group in groups:
+            group["count"] = instances
+        if instances == 1:
+            params.pop("executor_worker_path", None)
+        return data
+    gpu_groups = [g for g in groups if g.get("kind") == "KIND_GPU"]
+    if not gpu_groups:
+        raise LaunchError(
+            f"model '{config.name}' has no gpu_device_ids parameter and no KIND_GPU instances: "
+            "it runs on no GPU to place"
+        )
+    if not re.fullmatch(r"\d+(,\d+)*", ids):
+        raise LaunchError(f"GPUs {ids!r} for '{config.name}' are not like '0' or '0,1'")
+    for group in gpu_groups:
+        group["gpus"] = [int(g) for g in ids.split(",")]
+    return data
 
 
 class TritonLauncher:
@@ -354,7 +396,11 @@ class TritonLauncher:
             raise LaunchError("\n".join(errors))
 
     def _load_one(self, model: str) -> str | None:
-        status, body = self._request("POST", f"/v2/repository/models/{model}/load")
+        override = None
+        if model in self.options.gpu_device_ids and model in self.models:
+            config = gpu_override(self.models[model].config, self.options.gpu_device_ids[model])
+            override = {"parameters": {"config": json.dumps(config)}}
+        status, body = self._request("POST", f"/v2/repository/models/{model}/load", override)
         if status == 200:
             return None
         return f"model '{model}' failed to load: {body.get('error', status)}" + self._log_lines(

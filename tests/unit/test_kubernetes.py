@@ -201,6 +201,16 @@ def test_h100_pods_hold_their_tiers_gpus_and_never_surge() -> None:
             assert strategy == {"type": "Recreate"}
         else:
             assert strategy["rollingUpdate"]["maxSurge"] == 0
+        # every GPU model is placed on GPUs the pod has (it sees them as 0..n-1)
+        args = container(deployment)["args"]
+        placed = dict(
+            args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--gpu-device-ids"
+        )
+        gpu_models = {m for m in pool.models if m in tp or m == "embedding"}
+        assert set(placed) == gpu_models
+        for ids in placed.values():
+            used = {int(g) for g in ids.replace(";", ",").split(",")}
+            assert used <= set(range(int(limits["nvidia.com/gpu"])))
         for volume in deployment["spec"]["template"]["spec"]["volumes"]:
             if "persistentVolumeClaim" in volume:
                 assert volume["persistentVolumeClaim"]["claimName"] in claims

@@ -251,3 +251,60 @@ class TestContainerOptions:
         thread.join(timeout=5)
         assert not thread.is_alive()
         assert out.getvalue() == b"I0101 first\nE0101 second\n"
+
+
+class TestGpuOverride:
+    """--gpu-device-ids: a pool's container places a tier on the GPUs it sees."""
+
+    def config(self):
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        from build_engines.render import tier_config
+        from build_engines.spec import tier_specs
+
+        spec = next(s for s in tier_specs() if s.tier == "llm_small")
+        text = tier_config(spec, "6;7")
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+    def test_one_instance_on_the_containers_gpus(self) -> None:
+        from serving.launcher import gpu_override
+
+        base = self.config()
+        assert base.instance_group[0].count == 2 and "executor_worker_path" in base.parameters
+        data = gpu_override(base, "0,1")
+        assert data["parameters"]["gpu_device_ids"] == {"string_value": "0,1"}
+        assert data["instance_group"][0]["count"] == 1
+        assert "executor_worker_path" not in data["parameters"]
+        assert data["name"] == "llm_small" and data["backend"] == "tensorrtllm"
+
+    def test_rejects_models_without_gpus_and_bad_ids(self) -> None:
+        from tritonclient.grpc import model_config_pb2
+
+        from serving.launcher import gpu_override
+
+        with pytest.raises(LaunchError, match="no GPU to place"):
+            gpu_override(model_config_pb2.ModelConfig(name="intent_head"), "0")
+        with pytest.raises(LaunchError, match="not like"):
+            gpu_override(self.config(), "0;;1")
+
+    def test_embedding_instances_move_to_the_containers_gpu(self) -> None:
+        from serving.launcher import gpu_override
+        from serving.repository import parse_config
+
+        root = Path(__file__).resolve().parents[2] / "model_repository"
+        embedding = parse_config(root / "embedding" / "configs" / "h100.pbtxt")
+        assert list(embedding.instance_group[0].gpus) == [4]  # the node-wide plan
+        data = gpu_override(embedding, "0")
+        assert data["instance_group"][0]["gpus"] == [0]
+        assert data["instance_group"][0]["count"] == 4  # instances kept
+        with pytest.raises(LaunchError, match="not like"):
+            gpu_override(embedding, "0;1")
+
+    def test_cli_parses_and_refuses_malformed_pairs(self) -> None:
+        from serving.__main__ import parse_args
+
+        args = parse_args(["--gpu-device-ids", "llm_medium=0,1", "--gpu-device-ids", "llm_small=2"])
+        assert dict(args.gpu_device_ids) == {"llm_medium": "0,1", "llm_small": "2"}
+        with pytest.raises(SystemExit):
+            parse_args(["--gpu-device-ids", "llm_medium"])
