@@ -383,6 +383,110 @@ def compose_pools(topology: Topology) -> str:
     return header + yaml.safe_dump({"services": services}, sort_keys=False, width=100)
 
 
+#: The field layout of issue 12: one tier, two replicas, each on an NVLink pair the planner
+#: picks, behind the gateway (the seed case: 2x TP2 beat 1x TP4 on bridged H100 PCIe).
+PAIRS_NODE = REPO_ROOT / "tests" / "fixtures" / "topologies" / "4x-h100-pcie-nvlink-bridge.txt"
+PAIRS_TIER = "llm_medium"
+PAIRS_POOLS = ("front", "medium")
+
+
+def pairs_plan() -> Any:
+    from build_engines.planner import PlanOptions, Target, plan
+    from build_engines.spec import tier_specs
+    from build_engines.topology import load_topology
+
+    spec = next(s for s in tier_specs() if s.tier == PAIRS_TIER)
+    return plan(load_topology(PAIRS_NODE), [Target.from_spec(spec)], PlanOptions(max_replicas=2))
+
+
+def _gpu_devices(gpus: list[int]) -> dict[str, Any]:
+    device = {"driver": "nvidia", "device_ids": [str(g) for g in gpus], "capabilities": ["gpu"]}
+    return {"resources": {"reservations": {"devices": [device]}}}
+
+
+def compose_h100_pairs(topology: Topology) -> str:
+    """docker/compose.h100-pairs.yaml: the planner's NVLink pairs, one Triton each."""
+    result = pairs_plan()
+    tplan = result.for_target(PAIRS_TIER)
+    pools = {p.name: p for p in topology.pools}
+    health = (
+        "import urllib.request; urllib.request.urlopen("
+        f"'http://127.0.0.1:{HEALTH_PORT}/health/ready', timeout=5)"
+    )
+    common = {
+        "image": IMAGES["h100"],
+        "shm_size": "2g",
+        "ulimits": {"memlock": -1, "stack": 67108864},
+        "volumes": [
+            "${MODELS_DIR:-/srv/models}:/models:ro",
+            "${ENGINES_DIR:-/srv/engines}:/engines:ro",
+        ],
+        "stop_grace_period": f"{GRACE_S}s",
+        "healthcheck": {
+            "test": ["CMD", "python3", "-c", health],
+            "interval": "15s",
+            "timeout": "5s",
+            "start_period": f"{STARTUP_S['h100']}s",
+            "retries": 3,
+        },
+    }
+    services: dict[str, Any] = {}
+    medium = pools["medium"]
+    assert medium.dns is not None and pools["front"].dns is not None
+    for n, replica in enumerate(tplan.replicas):
+        local = ",".join(str(i) for i in range(len(replica.gpus)))
+        services[f"medium-{chr(97 + n)}"] = {
+            **common,
+            "command": ["--models", ",".join(medium.models), "--drain-timeout", str(DRAIN_S),
+                        "--gpu-device-ids", f"{PAIRS_TIER}={local}"],
+            # both replicas answer the pool's DNS name, as a headless Service's pods do
+            "networks": {"default": {"aliases": [medium.dns.name]}},
+            "deploy": _gpu_devices(replica.gpus),
+        }  # fmt: skip
+    front = pools["front"]
+    services["front"] = {
+        **common,
+        "command": ["--models", ",".join(front.models), "--drain-timeout", str(DRAIN_S),
+                    "--gpu-device-ids", "embedding=0"],
+        "networks": {"default": {"aliases": [front.dns.name]}},
+        "deploy": _gpu_devices([result.aux_gpu]),
+    }  # fmt: skip
+    services["gateway"] = {
+        "image": IMAGES["cpu"],
+        "entrypoint": [".venv/bin/python", "-m", "gateway"],
+        "command": ["--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+                    "--topology", "/etc/gateway/topology.yaml",
+                    "--api-keys", "/etc/gateway/keys.yaml", "--drain-timeout", str(DRAIN_S)],
+        "volumes": ["./topology.h100-pairs.yaml:/etc/gateway/topology.yaml:ro",
+                    "${API_KEYS:-./k8s/overlays/cpu/keys.yaml}:/etc/gateway/keys.yaml:ro"],
+        "ports": [f"127.0.0.1:{GATEWAY_PORT}:{GATEWAY_PORT}"],
+        "stop_grace_period": f"{GRACE_S}s",
+        "depends_on": {name: {"condition": "service_healthy"} for name in services},
+    }  # fmt: skip
+    pairs = ", ".join("+".join(f"GPU{g}" for g in r.gpus) for r in tplan.replicas)
+    header = _HEADER + (
+        f"# The field layout: {PAIRS_TIER} TP{tplan.tp} x{len(tplan.replicas)} on the NVLink pairs\n"
+        f"# the planner picks on {PAIRS_NODE.relative_to(REPO_ROOT)} ({pairs}), one Triton each,\n"
+        f"# behind the gateway; embedding + the classifier share GPU{result.aux_gpu}.\n"
+        "#   docker compose -f docker/compose.h100-pairs.yaml up -d\n"
+    )
+    return header + yaml.dump({"services": services}, Dumper=_NoAliases, sort_keys=False, width=100)
+
+
+class _NoAliases(yaml.SafeDumper):
+    """Shared sub-dicts written out in full (compose files read better without anchors)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def pairs_topology(topology: Topology) -> str:
+    """The gateway's topology for compose.h100-pairs.yaml: the same pools, fewer of them."""
+    raw = yaml.safe_load(TOPOLOGY.read_text())
+    raw["pools"] = [p for p in raw["pools"] if p["name"] in PAIRS_POOLS]
+    return _HEADER + yaml.safe_dump(raw, sort_keys=False, width=100)
+
+
 _HEADER = (
     "# GENERATED by `python -m gateway.manifests` from docker/k8s/base/topology.yaml and\n"
     "# build_engines/specs: do not edit; edit those and regenerate.\n"
@@ -394,6 +498,8 @@ def outputs(topology_path: Path = TOPOLOGY) -> dict[Path, str]:
     files = {
         BASE / "pools.yaml": base_pools(topology),
         REPO_ROOT / "docker" / "compose.pools.yaml": compose_pools(topology),
+        REPO_ROOT / "docker" / "compose.h100-pairs.yaml": compose_h100_pairs(topology),
+        REPO_ROOT / "docker" / "topology.h100-pairs.yaml": pairs_topology(topology),
     }
     for profile in PROFILES:
         files[K8S / "overlays" / profile / "pools-patch.yaml"] = overlay_patch(topology, profile)

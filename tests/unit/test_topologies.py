@@ -56,3 +56,28 @@ def test_single_topology_compose_files_use_the_launcher_ports_and_deep_health(na
     published = {int(p.split(":")[-1].split()[0]) for p in triton["ports"]}
     ports = (DEFAULTS.http_port, DEFAULTS.grpc_port, DEFAULTS.metrics_port, DEFAULTS.health_port)
     assert published == set(ports)
+
+
+def test_h100_pairs_compose_is_the_planners_nvlink_pairs_behind_the_gateway() -> None:
+    result = manifests.pairs_plan()
+    tplan = result.for_target(manifests.PAIRS_TIER)
+    assert len(tplan.replicas) == 2 and all(r.nvlink for r in tplan.replicas)
+    services = compose("compose.h100-pairs.yaml")["services"]
+    replicas = [s for name, s in services.items() if name.startswith("medium-")]
+    assert len(replicas) == 2
+    pairs = Topology.load(DOCKER / "topology.h100-pairs.yaml")
+    medium = pairs.pool("medium")
+    for service, replica in zip(replicas, tplan.replicas, strict=True):
+        devices = service["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        assert devices == [str(g) for g in replica.gpus]
+        args = service["command"]
+        local = args[args.index("--gpu-device-ids") + 1]
+        assert local == f"{manifests.PAIRS_TIER}=0,1"  # the pair as the container sees it
+        assert args[args.index("--models") + 1].split(",") == list(medium.models)
+        assert service["networks"]["default"]["aliases"] == [medium.dns.name]
+    gateway = services["gateway"]
+    assert "./topology.h100-pairs.yaml:/etc/gateway/topology.yaml:ro" in gateway["volumes"]
+    assert set(gateway["depends_on"]) == set(services) - {"gateway"}
+    # the pools it keeps are the Kubernetes topology's, unchanged
+    for pool in pairs.pools:
+        assert pool == TOPOLOGY.pool(pool.name)
