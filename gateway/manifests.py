@@ -322,6 +322,36 @@ def overlay_patch(topology: Topology, profile: str) -> str:
 COMPOSE_REPLICAS = {"small": 2}
 
 
+def _compose_healthcheck(profile: str) -> dict[str, Any]:
+    """The launcher's deep readiness, checked from inside the container."""
+    probe = (
+        "import urllib.request; urllib.request.urlopen("
+        f"'http://127.0.0.1:{HEALTH_PORT}/health/ready', timeout=5)"
+    )
+    return {
+        "test": ["CMD", "python3", "-c", probe],
+        "interval": "15s",
+        "timeout": "6s",
+        "start_period": f"{STARTUP_S[profile]}s",
+        "retries": 3,
+    }
+
+
+def _compose_gateway(topology: str, keys: str, depends_on: list[str]) -> dict[str, Any]:
+    """The gateway service, reading the topology and key files mounted from the host."""
+    return {
+        "image": IMAGES["cpu"],
+        "entrypoint": [".venv/bin/python", "-m", "gateway"],
+        "command": ["--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
+                    "--topology", "/etc/gateway/topology.yaml",
+                    "--api-keys", "/etc/gateway/keys.yaml", "--drain-timeout", str(DRAIN_S)],
+        "volumes": [f"{topology}:/etc/gateway/topology.yaml:ro", f"{keys}:/etc/gateway/keys.yaml:ro"],
+        "ports": [f"127.0.0.1:{GATEWAY_PORT}:{GATEWAY_PORT}"],
+        "stop_grace_period": f"{GRACE_S}s",
+        "depends_on": {name: {"condition": "service_healthy"} for name in depends_on},
+    }  # fmt: skip
+
+
 def compose_pools(topology: Topology) -> str:
     """docker/compose.pools.yaml: the same pools on one Docker host (CPU profile).
 
@@ -329,10 +359,6 @@ def compose_pools(topology: Topology) -> str:
     gateway's lookups with every replica's address, exactly as Kubernetes does: the
     gateway reads the very same topology.yaml.
     """
-    health = (
-        "import urllib.request; urllib.request.urlopen("
-        f"'http://127.0.0.1:{HEALTH_PORT}/health/ready', timeout=5)"
-    )
     services: dict[str, Any] = {}
     for pool in topology.pools:
         assert pool.dns is not None, f"{pool.name}: compose pools are found through DNS"
@@ -342,40 +368,12 @@ def compose_pools(topology: Topology) -> str:
             "command": _launcher_args(pool, "cpu")[2:],  # the entrypoint sets --profile
             "shm_size": "1g",
             "stop_grace_period": f"{GRACE_S}s",
-            "healthcheck": {
-                "test": ["CMD", "python3", "-c", health],
-                "interval": "15s",
-                "timeout": "6s",
-                "start_period": f"{STARTUP_S['cpu']}s",
-                "retries": 3,
-            },
+            "healthcheck": _compose_healthcheck("cpu"),
             "deploy": {"replicas": COMPOSE_REPLICAS.get(pool.name, 1)},
         }
-    services["gateway"] = {
-        "image": IMAGES["cpu"],
-        "entrypoint": [".venv/bin/python", "-m", "gateway"],
-        "command": [
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(GATEWAY_PORT),
-            "--topology",
-            "/etc/gateway/topology.yaml",
-            "--api-keys",
-            "/etc/gateway/keys.yaml",
-            "--drain-timeout",
-            str(DRAIN_S),
-        ],
-        "volumes": [
-            "./k8s/base/topology.yaml:/etc/gateway/topology.yaml:ro",
-            "./k8s/overlays/cpu/keys.yaml:/etc/gateway/keys.yaml:ro",
-        ],
-        "ports": [f"127.0.0.1:{GATEWAY_PORT}:{GATEWAY_PORT}"],
-        "stop_grace_period": f"{GRACE_S}s",
-        "depends_on": {
-            p.dns.name: {"condition": "service_healthy"} for p in topology.pools if p.dns
-        },
-    }
+    services["gateway"] = _compose_gateway(
+        "./k8s/base/topology.yaml", "./k8s/overlays/cpu/keys.yaml", list(services)
+    )
     header = _HEADER + (
         "# The `pools` topology on one Docker host: docker compose -f docker/compose.pools.yaml up\n"
         "# then the OpenAI API is at http://127.0.0.1:8080/v1 (key sk-local-demo).\n"
@@ -409,10 +407,6 @@ def compose_h100_pairs(topology: Topology) -> str:
     result = pairs_plan()
     tplan = result.for_target(PAIRS_TIER)
     pools = {p.name: p for p in topology.pools}
-    health = (
-        "import urllib.request; urllib.request.urlopen("
-        f"'http://127.0.0.1:{HEALTH_PORT}/health/ready', timeout=5)"
-    )
     common = {
         "image": IMAGES["h100"],
         "shm_size": "2g",
@@ -422,47 +416,27 @@ def compose_h100_pairs(topology: Topology) -> str:
             "${ENGINES_DIR:-/srv/engines}:/engines:ro",
         ],
         "stop_grace_period": f"{GRACE_S}s",
-        "healthcheck": {
-            "test": ["CMD", "python3", "-c", health],
-            "interval": "15s",
-            "timeout": "5s",
-            "start_period": f"{STARTUP_S['h100']}s",
-            "retries": 3,
-        },
+        "healthcheck": _compose_healthcheck("h100"),
     }
-    services: dict[str, Any] = {}
-    medium = pools["medium"]
-    assert medium.dns is not None and pools["front"].dns is not None
-    for n, replica in enumerate(tplan.replicas):
-        local = ",".join(str(i) for i in range(len(replica.gpus)))
-        services[f"medium-{chr(97 + n)}"] = {
+    medium, front = pools["medium"], pools["front"]
+    assert medium.dns is not None and front.dns is not None
+    # One Triton per NVLink pair, both answering the pool's DNS name (a network alias), as
+    # a headless Service's pods do; each sees its pair as GPUs 0 and 1.
+    placed = [(f"medium-{chr(97 + n)}", medium, r.gpus) for n, r in enumerate(tplan.replicas)]
+    placed.append(("front", front, [result.aux_gpu]))
+    services: dict[str, Any] = {
+        name: {
             **common,
-            "command": ["--models", ",".join(medium.models), "--drain-timeout", str(DRAIN_S),
-                        "--gpu-device-ids", f"{PAIRS_TIER}={local}"],
-            # both replicas answer the pool's DNS name, as a headless Service's pods do
-            "networks": {"default": {"aliases": [medium.dns.name]}},
-            "deploy": _gpu_devices(replica.gpus),
-        }  # fmt: skip
-    front = pools["front"]
-    services["front"] = {
-        **common,
-        "command": ["--models", ",".join(front.models), "--drain-timeout", str(DRAIN_S),
-                    "--gpu-device-ids", "embedding=0"],
-        "networks": {"default": {"aliases": [front.dns.name]}},
-        "deploy": _gpu_devices([result.aux_gpu]),
-    }  # fmt: skip
-    services["gateway"] = {
-        "image": IMAGES["cpu"],
-        "entrypoint": [".venv/bin/python", "-m", "gateway"],
-        "command": ["--host", "0.0.0.0", "--port", str(GATEWAY_PORT),
-                    "--topology", "/etc/gateway/topology.yaml",
-                    "--api-keys", "/etc/gateway/keys.yaml", "--drain-timeout", str(DRAIN_S)],
-        "volumes": ["./topology.h100-pairs.yaml:/etc/gateway/topology.yaml:ro",
-                    "${API_KEYS:-./k8s/overlays/cpu/keys.yaml}:/etc/gateway/keys.yaml:ro"],
-        "ports": [f"127.0.0.1:{GATEWAY_PORT}:{GATEWAY_PORT}"],
-        "stop_grace_period": f"{GRACE_S}s",
-        "depends_on": {name: {"condition": "service_healthy"} for name in services},
-    }  # fmt: skip
+            "command": _launcher_args(pool, "h100")[2:],  # the entrypoint sets --profile
+            "networks": {"default": {"aliases": [pool.dns.name]}},
+            "deploy": _gpu_devices(gpus),
+        }
+        for name, pool, gpus in placed
+        if pool.dns is not None
+    }
+    services["gateway"] = _compose_gateway(
+        "./topology.h100-pairs.yaml", "${API_KEYS:-./k8s/overlays/cpu/keys.yaml}", list(services)
+    )
     pairs = ", ".join("+".join(f"GPU{g}" for g in r.gpus) for r in tplan.replicas)
     header = _HEADER + (
         f"# The field layout: {PAIRS_TIER} TP{tplan.tp} x{len(tplan.replicas)} on the NVLink pairs\n"
