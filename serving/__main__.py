@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from serving.launcher import (
     LaunchOptions,
     TritonLauncher,
 )
+from serving.runtime import run_foreground
 
 
 def _model_ids(text: str) -> tuple[str, str]:
@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         echo_log=args.log_stdout,
         gpu_device_ids=dict(args.gpu_device_ids),
     )
-    # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C, also while models load.
-    signal.signal(signal.SIGTERM, _interrupt)
     launcher = TritonLauncher(options)
     gateway: subprocess.Popen[bytes] | None = None
-    try:
+
+    def serve() -> int:
+        nonlocal gateway
         launcher.start(on_progress=lambda msg: print(msg, flush=True))
         print(banner(launcher), flush=True)
         if args.gateway:
@@ -234,13 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
         print("error: tritonserver exited unexpectedly:\n" + launcher.log_tail(), file=sys.stderr)
         return 1
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping ...", flush=True)
-        return 0
-    finally:
+
+    def stop() -> None:
         # The gateway first: it stops accepting and lets streams finish while Triton
         # still serves them.
         if gateway is not None:
@@ -249,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway_process.stop(gateway)
         launcher.stop()
 
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
+    return run_foreground(serve, stop, (LaunchError,))
 
 
 if __name__ == "__main__":

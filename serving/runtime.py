@@ -154,3 +154,33 @@ def parent_death_hook() -> Callable[[], None] | None:
     pool) would be killed when that thread ends, long before the process does.
     """
     return die_with_parent if threading.current_thread() is threading.main_thread() else None
+
+
+def run_foreground(
+    body: Callable[[], int],
+    cleanup: Callable[[], None],
+    errors: tuple[type[BaseException], ...],
+) -> int:
+    """Run a foreground command's ``body`` the way every CLI here stops.
+
+    SIGTERM (docker stop, Kubernetes) acts like Ctrl-C, also during start-up: exit code 0.
+    One of ``errors`` prints one ``error:`` line and exits 1. ``cleanup`` always runs, and a
+    second Ctrl-C does not interrupt it.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return body()
+    except errors as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stdout.write("stopping ...\n")
+        sys.stdout.flush()
+        return 0
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            cleanup()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

@@ -38,10 +38,14 @@ def local_topology(
 
 
 def start_replicas(
-    source: dict[str, Any], workdir: Path, progress: Callable[[str], None]
-) -> dict[str, list[TritonLauncher]]:
-    """Start every pool's replicas, one after the other (two cores are shared)."""
-    started: dict[str, list[TritonLauncher]] = {}
+    source: dict[str, Any],
+    workdir: Path,
+    progress: Callable[[str], None],
+    started: dict[str, list[TritonLauncher]],
+) -> None:
+    """Start every pool's replicas into ``started``, one after the other (two cores are
+    shared). Each launcher is recorded before it starts, so the caller stops whatever did
+    start when a later one fails."""
     for raw in source["pools"]:
         name = raw["name"]
         started[name] = []
@@ -54,7 +58,6 @@ def start_replicas(
             progress(f"pool {name} replica {n}: starting ({', '.join(raw['models'])})")
             launcher.start()
             progress(f"pool {name} replica {n}: ready, gRPC {launcher.grpc_url}")
-    return started
 
 
 def stop_all(replicas: dict[str, list[TritonLauncher]]) -> None:

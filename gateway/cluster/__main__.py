@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -16,6 +15,7 @@ from gateway import manifests
 from gateway import process as gateway_process
 from gateway.cluster import local_topology, start_replicas, stop_all
 from serving.launcher import LaunchError, TritonLauncher, free_port
+from serving.runtime import run_foreground
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     args = parser.parse_args(argv)
     source = yaml.safe_load(args.topology.read_text())
-    signal.signal(signal.SIGTERM, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="triton-cluster-"))
     replicas: dict[str, list[TritonLauncher]] = {}
-    gateway = None
-    try:
-        replicas = start_replicas(source, workdir, lambda msg: print(msg, flush=True))
+    gateway: subprocess.Popen[bytes] | None = None
+
+    def serve() -> int:
+        nonlocal gateway
+        start_replicas(source, workdir, lambda msg: print(msg, flush=True), replicas)
         topology = workdir / "topology.yaml"
         topology.write_text(yaml.safe_dump(local_topology(source, replicas), sort_keys=False))
         port = args.port or free_port()
@@ -46,21 +47,13 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
         print(f"error: the gateway exited (code {gateway.returncode})", file=sys.stderr)
         return 1
-    except (LaunchError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping ...", flush=True)
-        return 0
-    finally:
-        with contextlib.suppress(KeyboardInterrupt):
-            if gateway is not None:
-                gateway_process.stop(gateway)
-            stop_all(replicas)
 
+    def stop() -> None:
+        if gateway is not None:
+            gateway_process.stop(gateway)
+        stop_all(replicas)
 
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
+    return run_foreground(serve, stop, (LaunchError, RuntimeError))
 
 
 if __name__ == "__main__":

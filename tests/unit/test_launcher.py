@@ -308,3 +308,44 @@ class TestGpuOverride:
         assert dict(args.gpu_device_ids) == {"llm_medium": "0,1", "llm_small": "2"}
         with pytest.raises(SystemExit):
             parse_args(["--gpu-device-ids", "llm_medium"])
+
+
+class TestRunForeground:
+    """How python -m serving and make cluster stop: errors, Ctrl-C, SIGTERM, cleanup."""
+
+    def run(self, body):
+        import signal as signal_module
+
+        from serving.runtime import run_foreground
+
+        cleaned = []
+        previous = signal_module.getsignal(signal_module.SIGTERM)
+        try:
+            code = run_foreground(body, lambda: cleaned.append(True), (LaunchError,))
+            handler = signal_module.getsignal(signal_module.SIGTERM)
+        finally:
+            signal_module.signal(signal_module.SIGTERM, previous)
+        return code, cleaned, handler
+
+    def test_error_is_one_line_and_exit_1(self, capsys: pytest.CaptureFixture[str]) -> None:
+        def body() -> int:
+            raise LaunchError("port 8001 is already in use")
+
+        code, cleaned, _ = self.run(body)
+        assert (code, cleaned) == (1, [True])
+        assert capsys.readouterr().err == "error: port 8001 is already in use\n"
+
+    def test_sigterm_stops_like_ctrl_c(self) -> None:
+        import os
+        import signal as signal_module
+
+        def body() -> int:
+            os.kill(os.getpid(), signal_module.SIGTERM)
+            return 5  # not reached: the handler raises KeyboardInterrupt
+
+        code, cleaned, handler = self.run(body)
+        assert (code, cleaned) == (0, [True])
+        assert handler is not signal_module.SIG_DFL
+
+    def test_body_result_is_the_exit_code(self) -> None:
+        assert self.run(lambda: 3)[:2] == (3, [True])
