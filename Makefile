@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 SERVE_ARGS ?=
 
-.PHONY: venv serve test unit integration lint format bench-embedding bench-llm bench-routing bench-balancing
+.PHONY: venv serve test unit integration lint format manifests k8s cluster bench-embedding bench-llm bench-routing bench-balancing
 
 venv:
 	@scripts/bootstrap.sh
@@ -20,6 +20,20 @@ lint: venv
 format: venv
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
+
+# Regenerate what follows docker/k8s/base/topology.yaml (pools, overlays, compose files).
+manifests: venv
+	$(PY) -m gateway.manifests
+
+# Render and validate every Kubernetes overlay offline (no cluster needed).
+k8s: venv
+	$(PY) -m gateway.manifests --check
+	$(PY) -m pytest tests/unit/test_kubernetes.py tests/unit/test_topologies.py tests/unit/test_dashboard.py -q
+
+# The pools topology on this machine: a Triton per pool replica (two of llm_small) on free
+# loopback ports, the gateway in front; prints the OpenAI base URL, Ctrl-C stops it all.
+cluster: venv
+	$(PY) -m gateway.cluster
 
 unit: venv
 	$(PY) -m pytest tests/unit -q

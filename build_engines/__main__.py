@@ -3,6 +3,7 @@
 plan       place models on a node's GPUs (recorded or live nvidia-smi) and explain why
 build      build one tier's engine from its spec, with manifest and configs/h100.pbtxt
 configure  write every tier's configs/h100.pbtxt from the specs and a plan (no build)
+capacity   GPUs, replicas and cost per tier for a traffic description
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from build_engines.architectures import ARCHITECTURES, architecture
 from build_engines.build import dry_run_text, make_flow, placement, plan_tiers
 from build_engines.planner import PlanOptions, Target, plan
 from build_engines.render import (
+    AUX_MODEL,
     REPO_ROOT,
+    aux_config,
+    h100_config_path,
     plan_report,
     relative,
     tier_config,
@@ -165,6 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _topology_arg(c)
     c.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
+
+    k = sub.add_parser(
+        "capacity",
+        help="GPUs, replicas, TP and cost per tier for a traffic description",
+        description="Size each tier for a month of traffic at its TTFT target from published "
+        "TensorRT-LLM throughput (docs/capacity.md explains the model and its assumptions).",
+    )
+    k.add_argument(
+        "traffic",
+        type=Path,
+        nargs="?",
+        default=Path(__file__).with_name("traffic") / "400m.yaml",
+        help="traffic description (default: the 400M requests/month case)",
+    )
+    k.add_argument(
+        "--topology",
+        type=Path,
+        default=REPO_ROOT / "tests" / "fixtures" / "topologies" / "8x-h100-sxm.txt",
+        help="the node whose planner decides each tier's TP (default: 8x H100 SXM)",
+    )
+    k.add_argument("--gpu-hour-price", type=float, default=None, metavar="USD")
+    k.add_argument("--plot", type=Path, default=None, help="write cost vs TTFT target (PNG)")
+    k.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
 
@@ -274,13 +301,55 @@ def cmd_configure(args: argparse.Namespace, console: Console) -> None:
         console.print(
             f"{path}: gpu_device_ids={tplan.gpu_device_ids}", markup=False, highlight=False
         )
+    if result.aux_gpu is not None:
+        path = h100_config_path(args.repository, AUX_MODEL)
+        path.write_text(
+            aux_config(path.read_text(), result.aux_gpu, f"planned on {topology.source}")
+        )
+        console.print(f"{path}: gpus=[{result.aux_gpu}]", markup=False, highlight=False)
+
+
+def cmd_capacity(args: argparse.Namespace, console: Console) -> None:
+    from dataclasses import replace
+
+    from build_engines import capacity
+
+    traffic = capacity.load_traffic(args.traffic)
+    if args.gpu_hour_price is not None:
+        _positive("gpu-hour-price", args.gpu_hour_price)
+        traffic = replace(traffic, gpu_hour_price=args.gpu_hour_price)
+    throughput = capacity.load_throughput()
+    tp = capacity.planner_tp(args.topology)
+    result = capacity.plan_capacity(traffic, throughput, tp)
+    if args.json:
+        data = {
+            "traffic": asdict(traffic),
+            "tiers": [asdict(t) for t in result.tiers],
+            "gpus": result.gpus,
+            "monthly_cost": result.monthly_cost,
+            "cost_per_million_requests": result.cost_per_million_requests,
+            "cost_per_million_tokens": result.cost_per_million_tokens,
+        }
+        console.print_json(json.dumps(data))
+    else:
+        console.print(capacity.report(result), markup=False, highlight=False)
+    if args.plot:
+        scales = [0.25, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
+        points = capacity.cost_curve(traffic, throughput, tp, scales)
+        capacity.plot_cost_curve(traffic, points, args.plot)
+        console.print(f"plot: {args.plot}", markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     console = Console(soft_wrap=True)
-    command = {"plan": cmd_plan, "build": cmd_build, "configure": cmd_configure}[args.command]
+    command = {
+        "plan": cmd_plan,
+        "build": cmd_build,
+        "configure": cmd_configure,
+        "capacity": cmd_capacity,
+    }[args.command]
     errors = Console(stderr=True, soft_wrap=True)
     try:
         command(args, console)

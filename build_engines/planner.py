@@ -346,6 +346,12 @@ def estimate(topology: Topology, tplan: TargetPlan, options: PlanOptions) -> Est
     return Estimate(single, batch, cost)
 
 
+AUX_NOTE = (
+    "intent_head stays KIND_CPU (one numpy [n,769]x[769,3] product: a GPU would spend "
+    "longer copying than computing)"
+)
+
+
 def _aux_gpu(
     topology: Topology, result: Plan, free: list[int], options: PlanOptions
 ) -> tuple[int | None, str]:
@@ -354,7 +360,10 @@ def _aux_gpu(
         return None, "no GPU for embedding / intent_head"
     if free:
         gpu = min(free)
-        return gpu, (f"embedding + intent_head: KIND_GPU instances on GPU{gpu} (otherwise idle)")
+        return gpu, (
+            f"embedding + intent_head: embedding's KIND_GPU instances on GPU{gpu} (otherwise "
+            f"idle); {AUX_NOTE}"
+        )
     spare = {}
     for tplan in result.targets:
         for r in tplan.replicas:
@@ -363,9 +372,13 @@ def _aux_gpu(
                 spare[g] = topology.gpu(g).memory_gib * options.headroom - need
     gpu = max(spare, key=lambda g: (spare[g], -g))
     note = (
-        f"embedding + intent_head: KIND_GPU instances share GPU{gpu} "
-        f"({spare[gpu]:.1f} GiB spare after its LLM replica, {options.aux_gib:g} GiB needed)"
+        f"embedding + intent_head: embedding's KIND_GPU instances share GPU{gpu} "
+        f"({spare[gpu]:.1f} GiB spare after its LLM replica, {options.aux_gib:g} GiB needed); "
+        f"{AUX_NOTE}"
     )
     if spare[gpu] < options.aux_gib:
-        note += "; WARNING: not enough spare memory, lower that tier's kv fraction"
+        note += (
+            "; WARNING: not enough spare memory, lower that tier's KV budget "
+            "(serving.target_concurrency x target_context in its spec)"
+        )
     return gpu, note

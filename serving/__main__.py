@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,14 @@ from serving.launcher import (
     LaunchOptions,
     TritonLauncher,
 )
+from serving.runtime import run_foreground
+
+
+def _model_ids(text: str) -> tuple[str, str]:
+    model, sep, ids = text.partition("=")
+    if not sep or not model or not ids:
+        raise argparse.ArgumentTypeError(f"expected MODEL=IDS (e.g. llm_medium=0,1), got {text!r}")
+    return model, ids
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--log-file", type=Path, help="server log (default: a file in $TMPDIR)")
     parser.add_argument(
+        "--log-stdout",
+        action="store_true",
+        help="also copy the server log to stdout (containers: docker/kubectl logs show it)",
+    )
+    parser.add_argument(
         "--tritonserver",
         type=Path,
         help="use this tritonserver binary (e.g. /opt/tritonserver/bin/tritonserver "
@@ -72,6 +84,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for the server and the models",
     )
     parser.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    parser.add_argument(
+        "--gpu-device-ids",
+        action="append",
+        default=[],
+        type=_model_ids,
+        metavar="MODEL=IDS",
+        help="place a TensorRT-LLM tier's instances on these GPUs as this container sees "
+        "them (e.g. llm_medium=0,1), replacing its config's gpu_device_ids; repeatable",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/Ctrl-C, seconds Triton lets requests in flight finish "
+        "(its --exit-timeout-secs)",
+    )
     parser.add_argument(
         "--gateway",
         action="store_true",
@@ -184,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         tritonserver=args.tritonserver,
         ready_timeout=args.ready_timeout,
         log_verbose=args.log_verbose,
+        drain_timeout=args.drain_timeout,
+        echo_log=args.log_stdout,
+        gpu_device_ids=dict(args.gpu_device_ids),
     )
-    # SIGTERM (docker stop, Kubernetes) shuts down like Ctrl-C, also while models load.
-    signal.signal(signal.SIGTERM, _interrupt)
     launcher = TritonLauncher(options)
     gateway: subprocess.Popen[bytes] | None = None
-    try:
+
+    def serve() -> int:
+        nonlocal gateway
         launcher.start(on_progress=lambda msg: print(msg, flush=True))
         print(banner(launcher), flush=True)
         if args.gateway:
@@ -203,13 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
         print("error: tritonserver exited unexpectedly:\n" + launcher.log_tail(), file=sys.stderr)
         return 1
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping ...", flush=True)
-        return 0
-    finally:
+
+    def stop() -> None:
         # The gateway first: it stops accepting and lets streams finish while Triton
         # still serves them.
         if gateway is not None:
@@ -218,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway_process.stop(gateway)
         launcher.stop()
 
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
+    return run_foreground(serve, stop, (LaunchError,))
 
 
 if __name__ == "__main__":

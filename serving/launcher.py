@@ -10,10 +10,13 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -23,6 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
+
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
 
 from serving.errors import ConfigError
 from serving.repository import DEFAULT_PROFILE, ModelEntry, dependents, load_order, load_repository
@@ -87,6 +94,17 @@ class LaunchOptions:
     ready_timeout: float = 600.0
     supervise_interval: float = 1.0
     log_verbose: int = 0
+    #: On stop, how long Triton lets requests in flight (streams) finish before it exits
+    #: (its --exit-timeout-secs); Kubernetes' terminationGracePeriodSeconds must exceed it.
+    drain_timeout: float = 30.0
+    #: Also copy the server log to this process's stdout, line by line (containers:
+    #: `kubectl logs` shows what only the log file held). The file stays the source for
+    #: the error excerpts LaunchError quotes.
+    echo_log: bool = False
+    #: Per model, the GPUs its instances use *as this process sees them* (a container or
+    #: pod given GPUs 2 and 3 sees them as 0 and 1): replaces the config's gpu_device_ids
+    #: when the model is loaded, so one repository serves every pool layout.
+    gpu_device_ids: dict[str, str] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
 
     @classmethod
@@ -98,6 +116,40 @@ class LaunchOptions:
             for name in ("http_port", "grpc_port", "metrics_port", "health_port")
         }
         return cls(**{**ports, **kwargs})
+
+
+def gpu_override(config: model_config_pb2.ModelConfig, ids: str) -> dict:
+    """``config`` as Triton's JSON load override, with its instances on ``ids``.
+
+    A TensorRT-LLM tier takes ``ids`` in its ``gpu_device_ids`` syntax (GPUs of one
+    instance joined by ``,``, instances by ``;``); the backend places the instances itself,
+    so only the instance count and (for several instances) the orchestrator worker follow.
+    A ``KIND_GPU`` model (embedding) takes a ``,`` list for its instance groups' ``gpus``.
+    """
+    data = json_format.MessageToDict(config, preserving_proto_field_name=True)
+    groups = data.get("instance_group", [])
+    if "gpu_device_ids" in config.parameters:
+        if not re.fullmatch(r"\d+(,\d+)*(;\d+(,\d+)*)*", ids):
+            raise LaunchError(f"gpu_device_ids {ids!r} is not like '0,1;2,3'")
+        params = data["parameters"]
+        params["gpu_device_ids"] = {"string_value": ids}
+        instances = ids.count(";") + 1
+        for group in groups:
+            group["count"] = instances
+        if instances == 1:
+            params.pop("executor_worker_path", None)
+        return data
+    gpu_groups = [g for g in groups if g.get("kind") == "KIND_GPU"]
+    if not gpu_groups:
+        raise LaunchError(
+            f"model '{config.name}' has no gpu_device_ids parameter and no KIND_GPU instances: "
+            "it runs on no GPU to place"
+        )
+    if not re.fullmatch(r"\d+(,\d+)*", ids):
+        raise LaunchError(f"GPUs {ids!r} for '{config.name}' are not like '0' or '0,1'")
+    for group in gpu_groups:
+        group["gpus"] = [int(g) for g in ids.split(",")]
+    return data
 
 
 class TritonLauncher:
@@ -117,6 +169,8 @@ class TritonLauncher:
         self.supervisor: Supervisor | None = None
         self._health: ThreadingHTTPServer | None = None
         self._log_file = None
+        self._echo: threading.Thread | None = None
+        self._echo_stop = threading.Event()
         self._lock = threading.RLock()
 
     # ----------------------------------------------------------------- addresses
@@ -172,7 +226,10 @@ class TritonLauncher:
             f"--grpc-port={o.grpc_port}",
             f"--metrics-address={o.host}",
             f"--metrics-port={o.metrics_port}",
-            "--allow-gpu-metrics=false",
+            # GPU metrics (nv_gpu_utilization, nv_gpu_memory_used_bytes, ...) only where
+            # there are GPUs: the CPU profile would only log NVML/DCGM failures.
+            f"--allow-gpu-metrics={'false' if o.profile == DEFAULT_PROFILE else 'true'}",
+            f"--exit-timeout-secs={math.ceil(o.drain_timeout)}",
             f"--log-verbose={o.log_verbose}",
         ]
         if o.profile != DEFAULT_PROFILE:
@@ -229,6 +286,10 @@ class TritonLauncher:
         )
         # SIGKILLs tritonserver's whole group (its stubs too) if this process dies unasked.
         self._reaper = start_group_reaper(self.process.pid)
+        if o.echo_log:
+            self._echo_stop.clear()
+            self._echo = threading.Thread(target=self._echo_log, name="log-echo", daemon=True)
+            self._echo.start()
         try:
             self._wait_server_ready(time.monotonic() + o.ready_timeout)
             self.wanted = [m for wave in waves for m in wave]
@@ -252,8 +313,13 @@ class TritonLauncher:
         if problems:
             raise LaunchError("refusing to serve the h100 profile:\n  " + "\n  ".join(problems))
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop supervision, then the server and its stubs (the whole process group)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop supervision, then the server and its stubs (the whole process group).
+
+        Triton gets its drain time (``drain_timeout``) plus a margin before SIGKILL.
+        """
+        if timeout is None:
+            timeout = self.options.drain_timeout + 10.0
         with self._lock:
             if self.supervisor:
                 self.supervisor.stop()
@@ -281,9 +347,27 @@ class TritonLauncher:
         if self.supervisor:
             self.supervisor.clean_shm()
             self.supervisor = None
+        if self._echo is not None:
+            self._echo_stop.set()  # it copies what is left, then returns
+            self._echo.join(timeout=5)
+            self._echo = None
         if self._log_file:
             self._log_file.close()
             self._log_file = None
+
+    def _echo_log(self, out: BinaryIO | None = None) -> None:
+        """Copy the server log to ``out`` (stdout) as it grows, until stopped and drained."""
+        out = out or sys.stdout.buffer
+        with open(self.log_path, "rb") as log_file:
+            while True:
+                line = log_file.readline()
+                if line:
+                    out.write(line)
+                    out.flush()
+                elif self._echo_stop.is_set():
+                    return
+                else:
+                    self._echo_stop.wait(0.2)
 
     def __enter__(self) -> TritonLauncher:
         self.start()
@@ -334,7 +418,11 @@ class TritonLauncher:
             raise LaunchError("\n".join(errors))
 
     def _load_one(self, model: str) -> str | None:
-        status, body = self._request("POST", f"/v2/repository/models/{model}/load")
+        override = None
+        if model in self.options.gpu_device_ids and model in self.models:
+            config = gpu_override(self.models[model].config, self.options.gpu_device_ids[model])
+            override = {"parameters": {"config": json.dumps(config)}}
+        status, body = self._request("POST", f"/v2/repository/models/{model}/load", override)
         if status == 200:
             return None
         return f"model '{model}' failed to load: {body.get('error', status)}" + self._log_lines(

@@ -190,3 +190,33 @@ def start_group_reaper(pgid: int) -> subprocess.Popen[bytes] | None:
         stdout=subprocess.DEVNULL,
         preexec_fn=join_group_and_arm,
     )
+
+
+def run_foreground(
+    body: Callable[[], int],
+    cleanup: Callable[[], None],
+    errors: tuple[type[BaseException], ...],
+) -> int:
+    """Run a foreground command's ``body`` the way every CLI here stops.
+
+    SIGTERM (docker stop, Kubernetes) acts like Ctrl-C, also during start-up: exit code 0.
+    One of ``errors`` prints one ``error:`` line and exits 1. ``cleanup`` always runs, and a
+    second Ctrl-C does not interrupt it.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return body()
+    except errors as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stdout.write("stopping ...\n")
+        sys.stdout.flush()
+        return 0
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            cleanup()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

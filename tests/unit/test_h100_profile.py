@@ -253,26 +253,15 @@ DOCKER = ROOT / "docker"
 REFERENCE_NODE = ROOT / "tests" / "fixtures" / "topologies" / "8x-h100-sxm.txt"
 
 
-def test_compose_and_kubernetes_gpus_match_the_plan() -> None:
+def test_compose_gpus_match_the_plan() -> None:
     result = plan_tiers(load_topology(REFERENCE_NODE))
     compose = yaml.safe_load((DOCKER / "compose.h100.yaml").read_text())
     for service in ("triton", "build"):
         devices = compose["services"][service]["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["device_ids"] == [str(g) for g in result.used_gpus]
-    deployment = next(yaml.safe_load_all((DOCKER / "k8s" / "triton-h100.yaml").read_text()))
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == len(result.used_gpus)
 
 
-@pytest.mark.parametrize("manifest", ["triton-h100.yaml", "triton-cpu.yaml"])
-def test_kubernetes_probes_use_deep_readiness_and_triton_liveness(manifest: str) -> None:
-    deployment = next(yaml.safe_load_all((DOCKER / "k8s" / manifest).read_text()))
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    ready = container["readinessProbe"]["httpGet"]
-    live = container["livenessProbe"]["httpGet"]
-    assert (ready["path"], ports[ready["port"]]) == ("/health/ready", 8003)
-    assert (live["path"], ports[live["port"]]) == ("/v2/health/live", 8000)
+# The Kubernetes manifests' GPUs and probes: tests/unit/test_kubernetes.py.
 
 
 def test_h100_tiers_bound_their_queue() -> None:
@@ -281,3 +270,50 @@ def test_h100_tiers_bound_their_queue() -> None:
         config = parse_config(REPO / tier / "configs" / f"{PROFILE}.pbtxt")
         size = config.dynamic_batching.default_queue_policy.max_queue_size
         assert size == SPECS[tier].triton.max_queue_size > 0
+
+
+def test_trtllm_image_tag_bundles_the_pinned_tensorrt_llm() -> None:
+    """Dockerfile.trtllm's default TRITON_TAG, its TRTLLM_VERSION check and the pin agree."""
+    import re
+
+    from build_engines.releases import bundled_trtllm
+
+    dockerfile = (DOCKER / "Dockerfile.trtllm").read_text()
+    tag = re.search(r"^ARG TRITON_TAG=(\S+)$", dockerfile, re.M).group(1)
+    checked = re.search(r"^ARG TRTLLM_VERSION=(\S+)$", dockerfile, re.M).group(1)
+    # (tomllib is 3.11+; the project supports 3.10)
+    (pin,) = re.findall(r'^trtllm = \["([^"]+)"\]$', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert pin == f"tensorrt-llm=={checked}"
+    assert bundled_trtllm(tag) == checked, (
+        f"Triton {tag} bundles TensorRT-LLM {bundled_trtllm(tag)}, the project pins {checked}"
+    )
+    # and the table can say no: the old default would fail here
+    assert bundled_trtllm("26.02") != checked
+    assert '"tritonclient[all]' not in dockerfile  # its deps would replace the image's protobuf
+
+
+def test_embedding_sits_on_the_planned_shared_gpu_and_intent_head_on_the_host() -> None:
+    """Not GPU 0 (the 405B tier's first rank): the plan's GPU, rewritten by `configure`."""
+    from google.protobuf import text_format
+
+    from build_engines.render import aux_config, relative
+
+    result = plan_tiers(load_topology(REFERENCE_NODE))
+    path = REPO / "embedding" / "configs" / f"{PROFILE}.pbtxt"
+    text = path.read_text()
+    (group,) = parse_config(path).instance_group
+    assert list(group.gpus) == [result.aux_gpu] and result.aux_gpu not in (0, 1, 2, 3)
+    assert aux_config(text, result.aux_gpu, f"planned on {relative(REFERENCE_NODE)}") == text
+    moved = aux_config(text, 7, "elsewhere")
+    (moved_group,) = text_format.Parse(moved, model_config_pb2.ModelConfig()).instance_group
+    assert list(moved_group.gpus) == [7]
+    (head,) = parse_config(REPO / "intent_head" / "configs" / f"{PROFILE}.pbtxt").instance_group
+    assert head.kind == head.KIND_CPU
+    assert any("intent_head stays KIND_CPU" in n for n in result.notes)
+
+
+def test_tiers_kv_cache_is_the_planners_budget() -> None:
+    for tier, spec in SPECS.items():
+        config = parse_config(REPO / tier / "configs" / f"{PROFILE}.pbtxt")
+        tokens = config.parameters["max_tokens_in_paged_kv_cache"].string_value
+        assert int(tokens) == spec.serving.target_concurrency * spec.serving.target_context

@@ -219,3 +219,133 @@ class TestPortsAndOptions:
             launcher.start()
         assert "llm_small" in str(info.value)
         assert launcher.process is None
+
+
+class TestContainerOptions:
+    """What the cluster manifests rely on: a drain window, GPU metrics, the log on stdout."""
+
+    INSTALL = runtime.TritonInstall(Path("/bin/tritonserver"), None, Path("/backends"))
+
+    def test_drain_timeout_is_tritons_exit_timeout(self) -> None:
+        cmd = TritonLauncher(LaunchOptions(drain_timeout=179.5))._command(self.INSTALL)
+        assert "--exit-timeout-secs=180" in cmd
+
+    @pytest.mark.parametrize(("profile", "flag"), [("cpu", "false"), ("h100", "true")])
+    def test_gpu_metrics_only_in_the_gpu_profile(self, profile: str, flag: str) -> None:
+        cmd = TritonLauncher(LaunchOptions(profile=profile))._command(self.INSTALL)
+        assert f"--allow-gpu-metrics={flag}" in cmd
+
+    def test_log_echo_copies_what_is_written_then_stops(self, tmp_path: Path) -> None:
+        import io
+        import threading
+
+        log = tmp_path / "server.log"
+        log.write_bytes(b"I0101 first\n")
+        launcher = TritonLauncher(LaunchOptions(log_path=log, echo_log=True))
+        out = io.BytesIO()
+        thread = threading.Thread(target=launcher._echo_log, args=(out,))
+        thread.start()
+        with log.open("ab") as f:
+            f.write(b"E0101 second\n")
+        launcher._echo_stop.set()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+        assert out.getvalue() == b"I0101 first\nE0101 second\n"
+
+
+class TestGpuOverride:
+    """--gpu-device-ids: a pool's container places a tier on the GPUs it sees."""
+
+    def config(self):
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        from build_engines.render import tier_config
+        from build_engines.spec import tier_specs
+
+        spec = next(s for s in tier_specs() if s.tier == "llm_small")
+        text = tier_config(spec, "6;7")
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+    def test_one_instance_on_the_containers_gpus(self) -> None:
+        from serving.launcher import gpu_override
+
+        base = self.config()
+        assert base.instance_group[0].count == 2 and "executor_worker_path" in base.parameters
+        data = gpu_override(base, "0,1")
+        assert data["parameters"]["gpu_device_ids"] == {"string_value": "0,1"}
+        assert data["instance_group"][0]["count"] == 1
+        assert "executor_worker_path" not in data["parameters"]
+        assert data["name"] == "llm_small" and data["backend"] == "tensorrtllm"
+
+    def test_rejects_models_without_gpus_and_bad_ids(self) -> None:
+        from tritonclient.grpc import model_config_pb2
+
+        from serving.launcher import gpu_override
+
+        with pytest.raises(LaunchError, match="no GPU to place"):
+            gpu_override(model_config_pb2.ModelConfig(name="intent_head"), "0")
+        with pytest.raises(LaunchError, match="not like"):
+            gpu_override(self.config(), "0;;1")
+
+    def test_embedding_instances_move_to_the_containers_gpu(self) -> None:
+        from serving.launcher import gpu_override
+        from serving.repository import parse_config
+
+        root = Path(__file__).resolve().parents[2] / "model_repository"
+        embedding = parse_config(root / "embedding" / "configs" / "h100.pbtxt")
+        assert list(embedding.instance_group[0].gpus) == [4]  # the node-wide plan
+        data = gpu_override(embedding, "0")
+        assert data["instance_group"][0]["gpus"] == [0]
+        assert data["instance_group"][0]["count"] == 4  # instances kept
+        with pytest.raises(LaunchError, match="not like"):
+            gpu_override(embedding, "0;1")
+
+    def test_cli_parses_and_refuses_malformed_pairs(self) -> None:
+        from serving.__main__ import parse_args
+
+        args = parse_args(["--gpu-device-ids", "llm_medium=0,1", "--gpu-device-ids", "llm_small=2"])
+        assert dict(args.gpu_device_ids) == {"llm_medium": "0,1", "llm_small": "2"}
+        with pytest.raises(SystemExit):
+            parse_args(["--gpu-device-ids", "llm_medium"])
+
+
+class TestRunForeground:
+    """How python -m serving and make cluster stop: errors, Ctrl-C, SIGTERM, cleanup."""
+
+    def run(self, body):
+        import signal as signal_module
+
+        from serving.runtime import run_foreground
+
+        cleaned = []
+        previous = signal_module.getsignal(signal_module.SIGTERM)
+        try:
+            code = run_foreground(body, lambda: cleaned.append(True), (LaunchError,))
+            handler = signal_module.getsignal(signal_module.SIGTERM)
+        finally:
+            signal_module.signal(signal_module.SIGTERM, previous)
+        return code, cleaned, handler
+
+    def test_error_is_one_line_and_exit_1(self, capsys: pytest.CaptureFixture[str]) -> None:
+        def body() -> int:
+            raise LaunchError("port 8001 is already in use")
+
+        code, cleaned, _ = self.run(body)
+        assert (code, cleaned) == (1, [True])
+        assert capsys.readouterr().err == "error: port 8001 is already in use\n"
+
+    def test_sigterm_stops_like_ctrl_c(self) -> None:
+        import os
+        import signal as signal_module
+
+        def body() -> int:
+            os.kill(os.getpid(), signal_module.SIGTERM)
+            return 5  # not reached: the handler raises KeyboardInterrupt
+
+        code, cleaned, handler = self.run(body)
+        assert (code, cleaned) == (0, [True])
+        assert handler is not signal_module.SIG_DFL
+
+    def test_body_result_is_the_exit_code(self) -> None:
+        assert self.run(lambda: 3)[:2] == (3, [True])
