@@ -145,7 +145,13 @@ def banner(launcher: TritonLauncher) -> str:
     return "\n".join(lines)
 
 
-EXAMPLE_PROMPT = "Summarize: Triton batches requests so GPUs stay busy."
+#: The prompt format the classifier is trained on (instruction, blank line, text). The
+#: shorter "Summarize: Triton batches requests so GPUs stay busy." makes SmolLM2-135M loop
+#: "SmolLM: SmolLM: ..." under greedy decoding, in transformers' own float32 too.
+EXAMPLE_PROMPT = (
+    "Summarize the following text in one sentence.\n\n"
+    "The city council voted on Tuesday to expand the bike lane network by 40 km."
+)
 
 
 def gateway_banner(base_url: str) -> str:
@@ -173,7 +179,7 @@ def gateway_banner(base_url: str) -> str:
             f"{sys.executable} - <<'EOF'",
             "from openai import OpenAI",
             f'client = OpenAI(base_url="{base_url}", api_key="unused-on-loopback")',
-            f'messages = [{{"role": "user", "content": "{EXAMPLE_PROMPT}"}}]',
+            f'messages = [{{"role": "user", "content": {json.dumps(EXAMPLE_PROMPT)}}}]',
             'for chunk in client.chat.completions.create(model="auto", messages=messages, max_tokens=48, stream=True):',
             '    print(chunk.choices[0].delta.content or "", end="", flush=True)',
             "EOF",
