@@ -130,40 +130,56 @@ def onnx_path(model_dir: Path) -> Path:
 
 
 def export_onnx(model_dir: Path) -> Path:
-    """Export the pooled model to ONNX once; safe when several instances start together.
+    """Export the pooled model to ONNX once (see :func:`export_once`)."""
+    import torch
+
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
+    return export_once(
+        onnx_path(model_dir),
+        lambda: pooled_module(model_dir),
+        (ids, (ids != 0).to(torch.int64)),
+        ["input_ids", "attention_mask"],
+        "embedding",
+    )
+
+
+def export_once(
+    target: Path,
+    build: Callable[[], object],
+    example: tuple,
+    input_names: list[str],
+    output_name: str,
+) -> Path:
+    """Export ``build()`` (a torch module) to ONNX at ``target`` once; safe when several
+    instances start together.
 
     An exclusive file lock serialises exporters, the file is written beside its final
     name and renamed into place, so a reader never sees a partial file and the second
-    instance reuses the first one's export instead of redoing it.
+    instance reuses the first one's export instead of redoing it. Inputs are
+    ``[batch, seq]`` tensors, the output ``[batch, ...]``.
     """
     import torch
 
-    target = onnx_path(model_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_file():
             return target
-        log.info("exporting %s to ONNX at %s", model_dir.name, target)
-        module = pooled_module(model_dir)
-        ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
-        mask = (ids != 0).to(torch.int64)
+        log.info("exporting to ONNX at %s", target)
+        module = build()
         tmp = target.with_suffix(f".tmp{os.getpid()}")
+        axes = {name: {0: "batch", 1: "seq"} for name in input_names}
         with torch.no_grad(), warnings.catch_warnings():
             # The tracer warns about shape-dependent Python branches in transformers; the
-            # unit tests check the export against PyTorch at several batch shapes.
+            # unit tests check the exports against PyTorch at several batch shapes.
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
-                (ids, mask),
+                example,
                 str(tmp),
-                input_names=["input_ids", "attention_mask"],
-                output_names=["embedding"],
-                dynamic_axes={
-                    "input_ids": {0: "batch", 1: "seq"},
-                    "attention_mask": {0: "batch", 1: "seq"},
-                    "embedding": {0: "batch"},
-                },
+                input_names=input_names,
+                output_names=[output_name],
+                dynamic_axes={**axes, output_name: {0: "batch"}},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
@@ -171,7 +187,7 @@ def export_onnx(model_dir: Path) -> Path:
     return target
 
 
-def onnx_encoder(path: Path, threads: int) -> Encoder:
+def onnx_session(path: Path, threads: int):  # -> onnxruntime.InferenceSession
     """An ONNX Runtime session bounded to ``threads`` and not spinning when idle."""
     import onnxruntime as ort
 
@@ -182,13 +198,32 @@ def onnx_encoder(path: Path, threads: int) -> Encoder:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Every model's stub shares the same cores: idle spinning would steal them.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_encoder(path: Path, threads: int) -> Encoder:
+    """The exported pooled model in an :func:`onnx_session`."""
+    session = onnx_session(path, threads)
 
     def encode(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         return session.run(["embedding"], feed)[0]
 
     return encode
+
+
+def length_chunks(lengths: Sequence[int], chunk_tokens: int, max_rows: int) -> list[list[int]]:
+    """Row indices grouped by similar length, each group's padded size bounded."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        # Sorted ascending, so the new row is the longest of its group.
+        if group is None or len(group) >= max_rows or (len(group) + 1) * lengths[i] > chunk_tokens:
+            groups.append([i])
+        else:
+            group.append(i)
+    return groups
 
 
 class Embedder:
@@ -217,20 +252,7 @@ class Embedder:
 
     def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
         """Row indices grouped by similar length, each group's padded size bounded."""
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        groups: list[list[int]] = []
-        for i in order:
-            group = groups[-1] if groups else None
-            # Sorted ascending, so the new row is the longest of its group.
-            if (
-                group is None
-                or len(group) >= self.max_rows
-                or (len(group) + 1) * lengths[i] > self.chunk_tokens
-            ):
-                groups.append([i])
-            else:
-                group.append(i)
-        return groups
+        return length_chunks(lengths, self.chunk_tokens, self.max_rows)
 
     def embed(self, texts: Sequence[str]) -> Embeddings:
         encodings = self.tokenizer.encode_batch(list(texts))

@@ -66,11 +66,20 @@ def split_prompt(text: str) -> PromptParts:
     A prompt with no blank line is all instruction ("Summarize: <text>" on one line is
     classified from all of it). Empty or whitespace-only text is a ValidationError.
     """
+    instruction, context = split_context(text)
+    return PromptParts(instruction, bool(context))
+
+
+def split_context(text: str) -> tuple[str, str]:
+    """The instruction (up to the first blank line) and the context after it ("" if none).
+
+    Empty or whitespace-only text is a ValidationError.
+    """
     stripped = text.strip()
     if not stripped:
         raise ValidationError("'text' is empty or whitespace only")
     parts = _BLANK_LINE.split(stripped, maxsplit=1)
-    return PromptParts(parts[0].strip(), len(parts) == 2 and bool(parts[1].strip()))
+    return parts[0].strip(), parts[1].strip() if len(parts) == 2 else ""
 
 
 def features(embeddings: np.ndarray, has_context: np.ndarray) -> np.ndarray:
@@ -111,6 +120,13 @@ class Prediction:
     confidence: np.ndarray  # float32 [n]: probability of the chosen intent
     probabilities: np.ndarray  # float32 [n, len(LABELS)]
 
+    @classmethod
+    def of(cls, probabilities: np.ndarray) -> Prediction:
+        """The most probable intent of each row and its probability."""
+        probs = np.asarray(probabilities, dtype=np.float32)
+        best = probs.argmax(axis=1)
+        return cls([LABELS[i] for i in best], probs[np.arange(len(best)), best], probs)
+
 
 @dataclass(frozen=True)
 class IntentHead:
@@ -143,13 +159,7 @@ class IntentHead:
 
     def predict(self, x: np.ndarray) -> Prediction:
         """Intent, confidence and probabilities for rows of :func:`features`."""
-        probs = self.probabilities(x)
-        best = probs.argmax(axis=1)
-        return Prediction(
-            intents=[LABELS[i] for i in best],
-            confidence=probs[np.arange(len(best)), best].astype(np.float32),
-            probabilities=probs.astype(np.float32),
-        )
+        return Prediction.of(self.probabilities(x))
 
 
 def check_embeddings(embeddings: np.ndarray) -> np.ndarray:
