@@ -203,3 +203,68 @@ def report_markdown(truth: Sequence[int], predicted: Sequence[int]) -> str:
         cells = " | ".join(str(v) for v in matrix[i])
         lines.append(f"| {label} | {cells} | {recall:.3f} |")
     return "\n".join(lines)
+
+
+#: A class needs this many rows: some held out for the report, the rest to train on.
+MIN_ROWS_PER_CLASS = 10
+
+
+def labelled_rows(path: Path, min_per_class: int = MIN_ROWS_PER_CLASS) -> list[tuple[str, int]]:
+    """A team's ``{"text", "intent"}`` JSONL as (text, label) rows, or a ValidationError.
+
+    Checked before any training, and every problem is listed with its line number:
+    malformed JSON, a row that is not an object with string ``text`` and ``intent``, an
+    intent that is not one of :data:`LABELS`, empty text, the same text twice (duplicates
+    would land on both sides of the held-out split and inflate the report; the same
+    text with two labels is contradictory), and a class with fewer than
+    ``min_per_class`` rows.
+    """
+    from serving.errors import ValidationError
+
+    problems: list[str] = []
+    rows: list[tuple[str, int]] = []
+    seen: dict[str, int] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValidationError(f"{path}: cannot read: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: not JSON ({exc.msg})")
+            continue
+        if not isinstance(row, dict) or not all(
+            isinstance(row.get(k), str) for k in ("text", "intent")
+        ):
+            problems.append(f'line {number}: expected {{"text": "...", "intent": "..."}}')
+            continue
+        text, intent = row["text"], row["intent"]
+        if intent not in LABELS:
+            problems.append(
+                f"line {number}: unknown intent {intent!r} (one of {', '.join(LABELS)})"
+            )
+            continue
+        if not text.strip():
+            problems.append(f"line {number}: empty text")
+            continue
+        key = " ".join(text.lower().split())
+        if key in seen:
+            problems.append(f"line {number}: duplicate of line {seen[key]} (same text)")
+            continue
+        seen[key] = number
+        rows.append((text, LABELS.index(intent)))
+    counts = np.bincount([y for _, y in rows], minlength=len(LABELS))
+    for label, count in zip(LABELS, counts, strict=True):
+        if count < min_per_class:
+            problems.append(f"intent {label!r}: {count} rows, at least {min_per_class} needed")
+    if problems:
+        shown = problems[:20] + (
+            [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+        )
+        raise ValidationError(
+            f"{path}: bad training data, nothing trained:\n  " + "\n  ".join(shown)
+        )
+    return rows
