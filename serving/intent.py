@@ -1,17 +1,18 @@
-"""The intent head: which kind of task a prompt is, from its instruction's MiniLM embedding.
+"""Intent labels, the prompt format, and the frozen-feature head (the baseline).
 
 A prompt is an instruction, optionally followed by a blank line and a context
-(:func:`prompt_text`). The head sees the embedding of the instruction alone and whether a
-context follows (:func:`split_prompt`): a mean-pooled embedding of instruction + context is
-mostly the context, which says little about the task. It is a multinomial logistic
-regression with one set of weights for prompts with a context and one for prompts
-without (2 x 384 + 1 features -> 3), trained by ``scripts/train_intent_head.py`` on
-Databricks Dolly 15k prompts (CC BY-SA 3.0, see ``serving/data/LICENSE-dolly.md``).
-It lives here, not in the model, so the ``intent_split`` and ``intent_head`` models, the
-router's tests and the training script share one definition of the labels, the text and
-the maths.
+(:func:`prompt_text`, :func:`split_context`). The labels, the Dolly category mapping and
+:class:`Prediction` are shared by the served fine-tuned encoder
+(:mod:`serving.intent_encoder`), the training scripts and the router's tests.
 
-Training lives in :mod:`serving.intent_training`; serving needs only numpy.
+The frozen-feature head is what ``intent_classifier`` served before the fine-tuned
+encoder: a multinomial logistic regression on the instruction's MiniLM embedding, with
+one set of weights for prompts with a context and one for prompts without
+(2 x 384 + 1 features -> 3), trained by ``scripts/train_intent_head.py`` on Databricks
+Dolly 15k prompts (CC BY-SA 3.0, see ``serving/data/LICENSE-dolly.md``). It stays as the
+baseline ``scripts/train_intent_encoder.py`` measures the encoder against.
+
+Training lives in :mod:`serving.intent_training`; this module needs only numpy.
 """
 
 from __future__ import annotations

@@ -254,6 +254,11 @@ class IntentEncoder:
             )
         return probs
 
+    @classmethod
+    def load(cls, path: Path | None, threads: int) -> IntentEncoder:
+        """The encoder of a weights file (None: the committed one) on ONNX Runtime."""
+        return cls(EncoderWeights.load(path), threads)
+
     def predict(self, texts: Sequence[str]) -> Prediction:
         return Prediction.of(self.probabilities(texts))
 

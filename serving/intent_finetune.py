@@ -42,6 +42,13 @@ class FinetuneOptions:
     max_tokens: int = MAX_TOKENS
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bar: training loads MiniLM once per fit."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class LowerCache:
     """Hidden states after the frozen layers, per text, computed once and reused.
 

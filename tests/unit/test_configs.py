@@ -55,19 +55,8 @@ CLASSIFIER_OUTPUTS: Tensors = {
 CONTRACTS: dict[str, tuple[Tensors, Tensors, Tensors, bool | None]] = {
     "embedding": ({"text": (DT.TYPE_STRING, [1])}, {}, {"embedding": (DT.TYPE_FP32, [384])}, False),
     "intent_classifier": ({"text": (DT.TYPE_STRING, [1])}, {}, CLASSIFIER_OUTPUTS, None),
-    # the classifier's steps (not in DESIGN.md's contracts; the ensemble depends on them)
-    "intent_split": (
-        {"text": (DT.TYPE_STRING, [1])},
-        {},
-        {"instruction": (DT.TYPE_STRING, [1]), "has_context": (DT.TYPE_BOOL, [1])},
-        False,
-    ),
-    "intent_head": (
-        {"embedding": (DT.TYPE_FP32, [384]), "has_context": (DT.TYPE_BOOL, [1])},
-        {},
-        CLASSIFIER_OUTPUTS,
-        False,
-    ),
+    # the classifier's step (not in DESIGN.md's contracts; the ensemble depends on it)
+    "intent_encoder": ({"text": (DT.TYPE_STRING, [1])}, {}, CLASSIFIER_OUTPUTS, False),
     **{
         f"llm_{tier}": (LLM_INPUTS, LLM_OPTIONAL, LLM_OUTPUTS, True)
         for tier in ("small", "medium", "large")
@@ -174,3 +163,23 @@ def test_contract(path: Path) -> None:
     if decoupled is not None:
         assert config.model_transaction_policy.decoupled == decoupled, "decoupled mode"
     assert problems == []
+
+
+@pytest.mark.parametrize(
+    ("profile", "kind", "runtime"),
+    [("config.pbtxt", "KIND_CPU", "onnx"), ("configs/h100.pbtxt", "KIND_GPU", "torch")],
+)
+def test_intent_encoder_batches_keeps_two_versions_and_fits_its_device(
+    profile, kind, runtime
+) -> None:
+    """Dynamic batching; the previous version stays loaded for rollback; ONNX on CPU, GPU on H100."""
+    config = parse_config(REPO / "intent_encoder" / profile)
+    assert config.HasField("dynamic_batching")
+    assert config.version_policy.latest.num_versions == 2
+    assert {
+        model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group
+    } == {kind}
+    assert config.parameters["runtime"].string_value == runtime
+    ensemble = parse_config(REPO / "intent_classifier" / profile)
+    steps = ensemble.ensemble_scheduling.step
+    assert [(s.model_name, s.model_version) for s in steps] == [("intent_encoder", -1)]

@@ -9,7 +9,6 @@ from serving.embedding import DIM
 from serving.errors import ConfigError, ValidationError
 from serving.intent import (
     CATEGORY_TO_INTENT,
-    DEFAULT_WEIGHTS,
     FEATURES,
     LABELS,
     IntentHead,
@@ -35,7 +34,7 @@ from serving.intent_training import (
     stratified_folds,
     train_logistic,
 )
-from tests.conftest import ROOT, FakeRequest, TritonError, load_model_module, model_args
+from tests.conftest import ROOT
 
 DOLLY = ROOT.parent / "shared" / "data" / "dolly_sample.jsonl"
 OWN = ROOT / "serving" / "data" / "intent_extra.jsonl"
@@ -235,82 +234,6 @@ def test_report_has_accuracy_and_confusion_matrix():
     text = report_markdown([0, 1, 2, 2], [0, 2, 2, 2])
     assert "**0.750** (3/4)" in text
     assert "| summarization | 0 | 0 | 1 | 0.000 |" in text
-
-
-@pytest.fixture(scope="module")
-def model():
-    instance = load_model_module("intent_head").TritonPythonModel()
-    instance.initialize(model_args("intent_head"))
-    return instance
-
-
-def test_model_classifies_rows_and_isolates_bad_requests(model):
-    x, _ = _toy(1)
-    flags = np.array([[True], [False]])
-    requests = [
-        FakeRequest({"embedding": x[:2].astype(np.float32), "has_context": flags}),
-        FakeRequest({"embedding": np.full((1, DIM), np.inf, np.float32), "has_context": flags[:1]}),
-        FakeRequest({"embedding": x[2:].astype(np.float64), "has_context": flags[:1]}),
-        FakeRequest({"embedding": x[2:].astype(np.float32), "has_context": flags}),
-        FakeRequest({"embedding": x[2:].astype(np.float32)}),
-        FakeRequest({"embedding": x[2:].astype(np.float32), "has_context": flags[:1]}),
-    ]
-    responses = model.execute(requests)
-    assert len(responses) == 6
-    for bad, needle in [
-        (1, "NaN or infinite"),
-        (2, "must be FP32"),
-        (3, "one flag per embedding (1), got 2"),
-        (4, "'has_context' is required"),
-    ]:
-        assert responses[bad].error().code() == TritonError.INVALID_ARG
-        assert needle in responses[bad].error().message()
-    out = {t.name(): t.as_numpy() for t in responses[0].output_tensors()}
-    assert out["probabilities"].shape == (2, 3)
-    assert out["confidence"].shape == (2, 1)
-    assert out["intent"].shape == (2, 1)
-    expected = IntentHead.load(DEFAULT_WEIGHTS).predict(features(x[:2], flags))
-    assert [v.decode() for v in out["intent"].reshape(-1)] == expected.intents
-    assert not responses[5].has_error()
-
-
-def test_split_model_splits_rows_and_isolates_bad_requests():
-    split = load_model_module("intent_split").TritonPythonModel()
-    split.initialize(model_args("intent_split"))
-    rows = np.array([[b"Summarize this.\n\nSome text."], [b"Write a poem."]], dtype=object)
-    requests = [
-        FakeRequest({"text": rows}),
-        FakeRequest({"text": np.array([[b"\xff\xfe"]], dtype=object)}),
-        FakeRequest({"text": np.array([[b"ok"], [b"  "]], dtype=object)}),
-        FakeRequest({"text": np.array([["Who?"]], dtype=object)}),
-    ]
-    responses = split.execute(requests)
-    assert len(responses) == 4
-    for bad, needle in [(1, "'text' is not valid UTF-8"), (2, "'text[1]' is empty")]:
-        assert responses[bad].error().code() == TritonError.INVALID_ARG
-        assert needle in responses[bad].error().message()
-    out = {t.name(): t.as_numpy() for t in responses[0].output_tensors()}
-    assert out["instruction"].reshape(-1).tolist() == [b"Summarize this.", b"Write a poem."]
-    assert out["has_context"].dtype == np.bool_
-    assert out["has_context"].reshape(-1).tolist() == [True, False]
-    assert not responses[3].has_error()
-
-
-def test_model_reports_missing_weights_at_load(tmp_path):
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
-
-    from tests.conftest import TritonModelException
-
-    text = (ROOT / "model_repository/intent_head/config.pbtxt").read_text()
-    cfg = json_format.MessageToDict(
-        text_format.Parse(text, model_config_pb2.ModelConfig()), preserving_proto_field_name=True
-    )
-    cfg["parameters"]["weights"] = {"string_value": str(tmp_path / "none.npz")}
-    with pytest.raises(TritonModelException, match="not found"):
-        load_model_module("intent_head").TritonPythonModel().initialize(
-            model_args("intent_head", cfg)
-        )
 
 
 def test_clear_prompts_get_the_right_intent():
