@@ -57,6 +57,19 @@ class Runtime(str, enum.Enum):
             raise ConfigError(f"runtime must be one of {choices}, got {text!r}") from None
 
 
+def runtime_and_device(params, args: dict[str, str]) -> tuple[Runtime, str]:
+    """The ``runtime`` config parameter (default onnx) and the instance's torch device.
+
+    Shared by the models that run MiniLM (``embedding``, ``intent_encoder``): a
+    ``KIND_GPU`` instance gets ``cuda:<device id>``, anything else the CPU.
+    """
+    runtime = Runtime.parse(params.get("runtime", str, default=Runtime.ONNX.value))
+    device = "cpu"
+    if args.get("model_instance_kind") == "GPU":
+        device = f"cuda:{args.get('model_instance_device_id', '0')}"
+    return runtime, device
+
+
 @dataclass(frozen=True)
 class Embeddings:
     vectors: np.ndarray  # float32 [n, DIM], unit length

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.embedding import EmbeddingRequest, Runtime, load_embedder
+from serving.embedding import EmbeddingRequest, load_embedder, runtime_and_device
 from serving.triton import (
     ModelSetup,
     execute_batch,
@@ -26,10 +26,7 @@ class TritonPythonModel:
         try:
             setup = ModelSetup(args)
             threads = setup.set_torch_threads(default=1)
-            runtime = Runtime.parse(setup.params.get("runtime", str, default=Runtime.ONNX.value))
-            device = "cpu"
-            if args.get("model_instance_kind") == "GPU":
-                device = f"cuda:{args.get('model_instance_device_id', '0')}"
+            runtime, device = runtime_and_device(setup.params, args)
             chunk_tokens = setup.params.get("chunk_tokens", int, default=256)
             self.embedder = load_embedder(runtime, threads, device, chunk_tokens=chunk_tokens)
         except Exception as exc:

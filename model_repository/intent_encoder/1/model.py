@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.embedding import Runtime
+from serving.embedding import runtime_and_device
 from serving.intent_encoder import EncoderWeights, IntentEncoder, weights_for_version
 from serving.text import text_rows
 from serving.triton import (
@@ -33,10 +33,7 @@ class TritonPythonModel:
         try:
             setup = ModelSetup(args)
             threads = setup.set_torch_threads(default=1)
-            runtime = Runtime.parse(setup.params.get("runtime", str, default=Runtime.ONNX.value))
-            device = "cpu"
-            if args.get("model_instance_kind") == "GPU":
-                device = f"cuda:{args.get('model_instance_device_id', '0')}"
+            runtime, device = runtime_and_device(setup.params, args)
             version_dir = Path(args["model_repository"]) / str(args.get("model_version", "1"))
             path = weights_for_version(version_dir, setup.params.get("weights", str, default=""))
             self.encoder = IntentEncoder(EncoderWeights.load(path), threads, runtime, device)
