@@ -100,7 +100,7 @@ def draw_curve(curve, chosen, path: Path) -> None:
     ax.scatter([chosen.share_below], [chosen.accuracy_above], s=120, facecolors="none", ec="red")
     ax.set_xlabel("share of prompts below the threshold (sent to the low-confidence tier)")
     ax.set_ylabel("accuracy of prompts above it")
-    ax.set_title("intent_classifier: confidence threshold (held-out Dolly, calibrated)")
+    ax.set_title("confidence threshold: held-out Dolly, calibrated", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
