@@ -143,9 +143,9 @@ class Engine:
         """``observer(active, waiting)`` is called from the engine thread when they change.
 
         ``cancel_probe_interval``: each sequence's ``is_cancelled`` probe is asked at most
-        this often (seconds). In a Triton stub the probe is an IPC round trip, and asking
-        16 sequences every step cost more than the step's own bookkeeping; a client that
-        goes away is still dropped within one interval plus one step.
+        this often (seconds). In a Triton stub the probe is an IPC round trip, once per
+        sequence per step otherwise (16 per step at 16 streams); a client that goes away
+        is still dropped within one interval plus one step.
         """
         limits.validate()
         self._probe_interval = cancel_probe_interval
