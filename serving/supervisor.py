@@ -45,7 +45,7 @@ class Supervisor:
 
     def broken(self) -> list[str]:
         """Models known broken: marked by a pass, or missing a stub right now."""
-        counts = Counter(s.model for s in self._stubs())
+        counts = _instances(self._stubs())
         dead = {m for m, n in self.expected.items() if counts.get(m, 0) < n}
         return sorted(self._broken | dead)
 
@@ -57,8 +57,7 @@ class Supervisor:
         """Take the current stubs of the wanted models as the healthy baseline."""
         stubs = self._stubs()
         wanted = set(self.launcher.wanted)
-        counts = Counter(s.model for s in stubs if s.model in wanted)
-        self.expected = dict(counts)
+        self.expected = {m: n for m, n in _instances(stubs).items() if m in wanted}
         self.known = {s.pid: s for s in stubs}
 
     def check(self) -> list[str]:
@@ -75,7 +74,7 @@ class Supervisor:
                             stub.instance,
                         )
                     del self.known[pid]
-            counts = Counter(s.model for s in stubs)
+            counts = _instances(stubs)
             dead = sorted(m for m, n in self.expected.items() if counts.get(m, 0) < n)
             self._broken.update(dead)
             revived = []
@@ -111,3 +110,15 @@ class Supervisor:
         for stub in self.known.values():
             remove_shm_region(stub.shm_region)
         self.known.clear()
+
+
+def _instances(stubs: list[Stub]) -> Counter[str]:
+    """Live instances per model: stubs counted by instance name, not by process.
+
+    Loading an ensemble reloads the models it is built from, and the replaced stub can
+    outlive the load call by a moment, so one instance briefly has two stub processes.
+    Counting processes took that moment as the baseline, and the old stub's exit a
+    second later looked like a death: the supervisor reloaded a healthy model and deep
+    health failed meanwhile (seen as 503s from the gateway right after start-up).
+    """
+    return Counter(model for model, _instance in {(s.model, s.instance) for s in stubs})

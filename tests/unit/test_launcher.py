@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -349,3 +350,41 @@ class TestRunForeground:
 
     def test_body_result_is_the_exit_code(self) -> None:
         assert self.run(lambda: 3)[:2] == (3, [True])
+
+
+class TestSupervisor:
+    """Stubs are counted by instance: a replaced stub lingering a moment is not a death."""
+
+    class _Launcher:
+        pid = 100
+
+        def __init__(self) -> None:
+            self.wanted = ["llm_medium", "embedding"]
+            self._lock = threading.RLock()
+            self.reloaded: list[str] = []
+
+        def reload(self, model: str) -> None:
+            self.reloaded.append(model)
+
+    def test_a_replaced_stub_exiting_late_is_not_a_death(self, monkeypatch) -> None:
+        from serving import supervisor as sup
+        from serving.stubs import Stub
+
+        old = Stub(1, "llm_medium", "llm_medium_0_0", "r-old")
+        new = Stub(2, "llm_medium", "llm_medium_0_0", "r-new")
+        emb = [
+            Stub(3, "embedding", "embedding_0_0", "r3"),
+            Stub(4, "embedding", "embedding_0_1", "r4"),
+        ]
+        live = [old, new, *emb]
+        monkeypatch.setattr(sup, "find_stubs", lambda pid: list(live))
+        monkeypatch.setattr(sup, "remove_shm_region", lambda region: True)
+        launcher = self._Launcher()
+        supervisor = sup.Supervisor(launcher)  # type: ignore[arg-type]
+        supervisor.refresh()
+        assert supervisor.expected == {"llm_medium": 1, "embedding": 2}
+        live.remove(old)  # the reload's old stub exits a moment after the load call
+        assert supervisor.check() == [] and supervisor.broken() == []
+        live.remove(emb[1])  # a real death: one of embedding's two instances is gone
+        assert supervisor.broken() == ["embedding"]
+        assert supervisor.check() == ["embedding"] and launcher.reloaded == ["embedding"]
