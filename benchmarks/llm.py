@@ -171,9 +171,9 @@ def engine_runs(engine: Engine, batch: list[list[int]], tokens: int) -> list[Run
 def served_runs(url: str, batch: list[list[int]], tokens: int) -> list[Run]:
     """One gRPC streaming client per prompt, all at once; token times from the client."""
     runs = [Run(0.0) for _ in batch]
-    errors: list[str] = []
 
-    def one(ids: list[int], run: Run) -> None:
+    def one(i: int) -> None:
+        ids, run = batch[i], runs[i]
         client = grpcclient.InferenceServerClient(url)
         results: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -197,8 +197,7 @@ def served_runs(url: str, batch: list[list[int]], tokens: int) -> list[Run]:
                 result, error = results.get(timeout=600)
                 now = time.perf_counter()
                 if error is not None:
-                    errors.append(str(error))
-                    return
+                    raise RuntimeError(str(error))
                 out = result.as_numpy("output_ids")
                 if out is not None and out.size:
                     run.times.append(now)
@@ -209,15 +208,7 @@ def served_runs(url: str, batch: list[list[int]], tokens: int) -> list[Run]:
             client.stop_stream()
             client.close()
 
-    threads = [
-        threading.Thread(target=one, args=(ids, run)) for ids, run in zip(batch, runs, strict=True)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"served requests failed: {errors[:3]}")
+    llm_baselines.on_threads(one, len(batch), "served")
     return runs
 
 

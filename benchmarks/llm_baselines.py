@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,24 +178,33 @@ def openai_stream(url: str, ids: list[int], tokens: int) -> tuple[float, list[fl
     return start, times, used
 
 
-def openai_runs(url: str, batch: list[list[int]], tokens: int, run_type: Any) -> list[Any]:
-    """All of ``batch`` at once, one thread per stream; ``run_type(start, times, tokens)``."""
-    runs: list[Any] = [None] * len(batch)
+def on_threads(fn: Callable[[int], None], count: int, what: str) -> None:
+    """Run ``fn(0..count-1)`` at once, one thread each; raise once all ended if any failed."""
     errors: list[str] = []
 
     def one(i: int) -> None:
         try:
-            runs[i] = run_type(*openai_stream(url, batch[i], tokens))
+            fn(i)
         except Exception as exc:  # reported below, after every thread ended
             errors.append(repr(exc))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(batch))]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError(f"vLLM requests failed: {errors[:3]}")
+        raise RuntimeError(f"{what} requests failed: {errors[:3]}")
+
+
+def openai_runs(url: str, batch: list[list[int]], tokens: int, run_type: Any) -> list[Any]:
+    """All of ``batch`` at once, one thread per stream; ``run_type(start, times, tokens)``."""
+    runs: list[Any] = [None] * len(batch)
+
+    def one(i: int) -> None:
+        runs[i] = run_type(*openai_stream(url, batch[i], tokens))
+
+    on_threads(one, len(batch), "vLLM")
     return runs
 
 
