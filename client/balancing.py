@@ -301,8 +301,18 @@ class AsyncReplicaPool(BaseAsyncClient):
                 self._on_event("retry", replica)
 
     async def stream_tensors(
-        self, model: str, inputs: Tensors, request_id: str = ""
+        self,
+        model: str,
+        inputs: Tensors,
+        request_id: str = "",
+        *,
+        on_replica: Callable[[Replica], None] | None = None,
     ) -> AsyncIterator[Tensors]:
+        """Stream from one replica, retrying another before the first response.
+
+        ``on_replica`` is told which replica answers, just before its first response is
+        yielded (the gateway puts it in a header and its request log).
+        """
         tried: list[Replica] = []
         while True:
             replica = self.pick(tried)
@@ -312,6 +322,8 @@ class AsyncReplicaPool(BaseAsyncClient):
                 with self._lease(replica):
                     async with contextlib.aclosing(stream):
                         async for tensors in stream:
+                            if not started and on_replica is not None:
+                                on_replica(replica)
                             started = True
                             yield tensors
                 return

@@ -175,6 +175,7 @@ def create_app(
                 tier=routed.tier,
                 intent=routed.intent,
                 pool=routed.pool,
+                replica=routed.replica,
                 arm=routed.arm,
                 prompt_tokens=gen.prompt_tokens,
                 completion_tokens=gen.completion_tokens,

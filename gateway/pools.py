@@ -161,8 +161,14 @@ class Pool:
         finally:
             self.admission.release()
 
-    def stream(self, model: str, inputs: Tensors, request_id: str) -> AsyncIterator[Tensors]:
-        return self.replicas.stream_tensors(model, inputs, request_id)
+    def stream(
+        self,
+        model: str,
+        inputs: Tensors,
+        request_id: str,
+        on_replica: Callable[[Replica], None] | None = None,
+    ) -> AsyncIterator[Tensors]:
+        return self.replicas.stream_tensors(model, inputs, request_id, on_replica=on_replica)
 
     async def infer(
         self, model: str, inputs: Tensors, outputs: list[str], request_id: str

@@ -104,9 +104,12 @@ class Routed:
     reason: str = "model"
     arm: str = NO_ARM
     pool: str = ""
+    replica: str = ""  # host:port of the Triton that sent the first response
 
     def headers(self) -> dict[str, str]:
         out = {"x-route-tier": self.tier, "x-route-reason": self.reason}
+        if self.replica:
+            out["x-route-replica"] = self.replica
         if self.intent is not None:
             out["x-route-intent"] = self.intent
         if self.confidence is not None:
@@ -611,7 +614,9 @@ class Gateway:
         stack = contextlib.AsyncExitStack()
         try:
             await stack.enter_async_context(pool.slot(req.priority))
-            stream = pool.stream(model, inputs, req.request_id)
+            stream = pool.stream(
+                model, inputs, req.request_id, lambda r: setattr(routed, "replica", r.url)
+            )
             stack.push_async_callback(stream.aclose)  # type: ignore[attr-defined]
             try:
                 first: Tensors | None = await before(

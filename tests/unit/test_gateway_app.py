@@ -225,6 +225,8 @@ def test_pools_follow_the_policy_fallback_when_a_tier_pool_is_down(tmp_path: Pat
         assert r2.status_code == 200
         served = [s.url for s in servers.values() if any(m == "llm_medium" for m, _, _ in s.calls)]
         assert sorted(served) == ["rest-a:1", "rest-b:1"]  # round robin over the pool
+        # Each answer names the replica that sent it (round robin: one each).
+        assert sorted(x.headers["x-route-replica"] for x in (r, r2)) == served
         r = c.post("/v1/chat/completions", json={**CHAT, "model": "llm_large"})
         assert r.status_code == 503  # a forced tier gets no fallback
         assert (
