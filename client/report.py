@@ -62,8 +62,17 @@ def write_json(
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
-def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -> list[Path]:
-    """``latency_cdf.png`` (TTFT, ITL, e2e) and ``ttft_over_time.png``; returns the paths."""
+def write_plots(
+    directory: Path,
+    records: Sequence[RequestRecord],
+    title: str,
+    marks: Sequence[tuple[float, str]] = (),
+) -> list[Path]:
+    """``latency_cdf.png`` (TTFT, ITL, e2e) and ``ttft_over_time.png``; returns the paths.
+
+    ``marks`` are ``(seconds since the run began, label)`` events (a soak's faults), drawn
+    as labelled vertical lines on the plot over time.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,8 +133,24 @@ def write_plots(directory: Path, records: Sequence[RequestRecord], title: str) -
     ax.set_ylabel("TTFT (ms)")
     ax.set_title(f"TTFT over time: {title}")
     ax.grid(True, alpha=0.3)
+    mark_events(ax, marks)
     _legend(ax)
     return [cdf, _save(fig, directory / "ttft_over_time.png")]
+
+
+def mark_events(ax: Any, marks: Sequence[tuple[float, str]]) -> None:
+    """Labelled vertical lines at ``(x, label)``: faults on a plot over time."""
+    for at, label in marks:
+        ax.axvline(at, color="grey", ls=":", lw=1)
+        ax.annotate(
+            label,
+            (at, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=7,
+        )
 
 
 def _legend(ax: Any) -> None:
