@@ -49,13 +49,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 def _served(replica: Replica) -> float:
     """Requests ``llm_small`` completed on this replica (Triton's own counter)."""
-    with urllib.request.urlopen(replica.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith('nv_inference_request_success{model="llm_small"')
-    )
+    return replica.launcher.requests_succeeded("llm_small")
 
 
 def _load(cluster: LocalCluster, seconds: float, seed: int) -> RunResult:

@@ -11,7 +11,13 @@ import pytest
 
 from serving import runtime
 from serving.errors import ConfigError
-from serving.launcher import LaunchError, LaunchOptions, TritonLauncher, check_port_free
+from serving.launcher import (
+    LaunchError,
+    LaunchOptions,
+    TritonLauncher,
+    check_port_free,
+    requests_succeeded,
+)
 from serving.repository import configured_copy, dependents, load_order, load_repository
 from serving.stubs import find_stubs, parse_cmdline, remove_shm_region
 
@@ -424,3 +430,18 @@ def test_configured_copy_refuses_a_parameter_the_config_does_not_have(tmp_path: 
         )
     with pytest.raises(ConfigError, match="not in the copied repository"):
         configured_copy(DEFAULT_REPOSITORY, tmp_path / "b", instances={"router": 1}, models=[])
+
+
+def test_requests_succeeded_sums_one_models_versions_from_a_metrics_page() -> None:
+    page = "\n".join(
+        [
+            "# HELP nv_inference_request_success Number of successful inference requests",
+            'nv_inference_request_success{model="llm_small",version="1"} 7',
+            'nv_inference_request_success{model="llm_small",version="2"} 3',
+            'nv_inference_request_success{model="llm_small_text",version="1"} 100',
+            'nv_inference_request_failure{model="llm_small",version="1"} 50',
+        ]
+    )
+    assert requests_succeeded(page, "llm_small") == 10
+    assert requests_succeeded(page, "llm_small_text") == 100
+    assert requests_succeeded(page, "embedding") == 0
