@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shlex
-import shutil
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +40,7 @@ from client.loadgen import LoadShape, Target, request_stream, run
 from client.metrics import summarize
 from client.workload import jobs, load_prompts
 from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher
+from serving.repository import configured_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "dolly_sample.jsonl"
@@ -50,34 +49,6 @@ TICKER_REPO = ROOT / "tests" / "fixtures" / "ticker_repo"
 MODEL = "llm_small_text"
 ENGINE = "llm_small"
 console = Console(stderr=True)
-
-
-def _set_param(config: str, key: str, value: str) -> str:
-    pattern = rf'(parameters \{{ key: "{key}",? value: \{{ string_value: ")[^"]*(")'
-    updated, count = re.subn(pattern, rf"\g<1>{value}\g<2>", config)
-    if count != 1:
-        raise SystemExit(f"cannot set parameter {key}: has the config's format changed?")
-    return updated
-
-
-def configured_copy(
-    source: Path, where: Path, params: dict[str, dict[str, str]], models: list[str] | None = None
-) -> Path:
-    """Copy a model repository (or only ``models`` of it), overriding config parameters."""
-    repo = where / "repo"
-    repo.mkdir(parents=True)
-    for model_dir in sorted(p for p in source.iterdir() if p.is_dir()):
-        if models is None or model_dir.name in models:
-            shutil.copytree(
-                model_dir, repo / model_dir.name, ignore=shutil.ignore_patterns("__pycache__")
-            )
-    for model, values in params.items():
-        config = repo / model / "config.pbtxt"
-        text = config.read_text()
-        for key, value in values.items():
-            text = _set_param(text, key, value)
-        config.write_text(text)
-    return repo
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpc_aio
-from balancing import configured_copy
 from rich.console import Console
 from rich.table import Table
 
@@ -45,6 +44,7 @@ from client.sdk import AsyncClient
 from client.transport import Protocol
 from client.workload import jobs
 from serving.launcher import LaunchOptions, TritonLauncher
+from serving.repository import configured_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKER = ROOT / "tests" / "fixtures" / "ticker_repo" / "ticker"

@@ -152,6 +152,17 @@ def gpu_override(config: model_config_pb2.ModelConfig, ids: str) -> dict:
     return data
 
 
+def requests_succeeded(metrics_text: str, model: str) -> float:
+    """Sum of Triton's ``nv_inference_request_success`` for ``model`` (all versions) in a
+    Prometheus text page: how many requests that model completed in that server."""
+    prefix = f'nv_inference_request_success{{model="{model}"'
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith(prefix)
+    )
+
+
 class TritonLauncher:
     """One tritonserver process with explicit model control, a supervisor and a health endpoint."""
 
@@ -500,6 +511,12 @@ class TritonLauncher:
         if status != 200 or not isinstance(body, list):
             raise LaunchError(f"repository index failed: {status}")
         return {m["name"]: m.get("state", "") for m in body}
+
+    def requests_succeeded(self, model: str) -> float:
+        """Requests ``model`` completed in this server so far (its metrics endpoint): which
+        replica served how many, for tests and benchmarks behind a balancer."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            return requests_succeeded(response.read().decode(), model)
 
     # ----------------------------------------------------------------- deep health
     def deep_health(self) -> tuple[bool, dict]:

@@ -6,6 +6,7 @@ reload after a composing model is brought back; the tests use it to check every 
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,3 +115,49 @@ def dependents(models: dict[str, ModelEntry], name: str) -> list[str]:
                 found.append(entry.name)
                 frontier.append(entry.name)
     return found
+
+
+def configured_copy(
+    source: Path,
+    where: Path,
+    params: dict[str, dict[str, str]] | None = None,
+    *,
+    instances: dict[str, int] | None = None,
+    models: list[str] | None = None,
+    profile: str = DEFAULT_PROFILE,
+) -> Path:
+    """Copy a model repository to ``where/repo`` with some configs changed; return the copy.
+
+    ``params`` sets string parameters per model (``{"llm_small": {"torch_threads": "1"}}``),
+    ``instances`` sets every instance group's ``count`` per model, ``models`` copies only
+    those model folders (default: all). Several servers on one machine each serve such a
+    copy, so they share the cores instead of each sizing itself for the whole machine
+    (benchmarks, ``make cluster``). The edited configs are rewritten from Triton's own
+    ``ModelConfig`` protobuf (their comments are dropped); a parameter or model the config
+    does not have is a :class:`ConfigError`, never a silent no-op.
+    """
+    repo = where / "repo"
+    repo.mkdir(parents=True)
+    for model_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        if models is None or model_dir.name in models:
+            shutil.copytree(
+                model_dir, repo / model_dir.name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+    params = params or {}
+    instances = instances or {}
+    for model in sorted(set(params) | set(instances)):
+        if not (repo / model).is_dir():
+            raise ConfigError(f"cannot configure '{model}': not in the copied repository")
+        path = config_path(repo / model, profile)
+        config = parse_config(path)
+        for key, value in params.get(model, {}).items():
+            if key not in config.parameters:
+                raise ConfigError(f"{path}: no parameter '{key}' to set")
+            config.parameters[key].string_value = value
+        if model in instances:
+            if not config.instance_group:
+                raise ConfigError(f"{path}: no instance_group to set a count on")
+            for group in config.instance_group:
+                group.count = instances[model]
+        path.write_text(text_format.MessageToString(config))
+    return repo

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import yaml
 
 from gateway import manifests
-from gateway.cluster import LOCAL_REPLICAS, local_topology
+from gateway.cluster import LOCAL_REPLICAS, LocalCluster, local_topology
 from gateway.config import Topology
 from serving.launcher import LaunchOptions, TritonLauncher
 
@@ -44,3 +47,17 @@ def test_local_topology_keeps_the_pools_and_lists_every_replica() -> None:
         ]
         assert [r.health_url for r in pool.replicas] == [x.health_url for x in launchers]
     assert len(local.pool("small").replicas) == 2
+
+
+def test_a_subset_of_pools_leaves_the_others_out_and_unknown_pools_are_refused(
+    tmp_path: Path,
+) -> None:
+    source = yaml.safe_load(manifests.TOPOLOGY.read_text())
+    launcher = TritonLauncher(LaunchOptions(models=["llm_small"], grpc_port=20001))
+    local = Topology.from_dict(local_topology(source, {"small": [launcher, launcher]}))
+    assert [p.name for p in local.pools] == ["small"]
+    with pytest.raises(ValueError, match="unknown pool"):
+        LocalCluster(pools=["front", "tiny"], workdir=tmp_path)
+    cluster = LocalCluster(pools=["small", "front"], workdir=tmp_path)
+    assert cluster.pool_names == ["front", "small"]  # the topology file's order
+    assert cluster.params["llm_small"]["torch_threads"] == "1"

@@ -26,7 +26,7 @@ PROMQL_WORDS = {
 }  # fmt: skip
 #: Triton metrics its library does not hold as one literal string (the names are assembled),
 #: listed in Triton's docs/user_guide/metrics.md; the first is read from a real server by
-#: tests/integration/test_router.py and test_gateway_pools.py.
+#: tests/integration/test_router.py and test_cluster.py.
 TRITON_ASSEMBLED = {"nv_inference_request_success", "nv_gpu_memory_used_bytes"}
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 

@@ -11,8 +11,14 @@ import pytest
 
 from serving import runtime
 from serving.errors import ConfigError
-from serving.launcher import LaunchError, LaunchOptions, TritonLauncher, check_port_free
-from serving.repository import dependents, load_order, load_repository
+from serving.launcher import (
+    LaunchError,
+    LaunchOptions,
+    TritonLauncher,
+    check_port_free,
+    requests_succeeded,
+)
+from serving.repository import configured_copy, dependents, load_order, load_repository
 from serving.stubs import find_stubs, parse_cmdline, remove_shm_region
 
 PY_MODEL = 'name: "{name}"\nbackend: "python"\nmax_batch_size: 4\n'
@@ -388,3 +394,54 @@ class TestSupervisor:
         live.remove(emb[1])  # a real death: one of embedding's two instances is gone
         assert supervisor.broken() == ["embedding"]
         assert supervisor.check() == ["embedding"] and launcher.reloaded == ["embedding"]
+
+
+def test_configured_copy_sets_parameters_and_instance_counts_of_the_real_repository(
+    tmp_path: Path,
+) -> None:
+    from serving.launcher import DEFAULT_REPOSITORY
+
+    repo = configured_copy(
+        DEFAULT_REPOSITORY,
+        tmp_path,
+        {"llm_small": {"torch_threads": "1", "max_active_sequences": "4"}},
+        instances={"embedding": 1},
+        models=["llm_small", "embedding", "preprocessing"],
+    )
+    assert sorted(p.name for p in repo.iterdir()) == ["embedding", "llm_small", "preprocessing"]
+    models = load_repository(repo)
+    small = models["llm_small"].config
+    assert small.parameters["torch_threads"].string_value == "1"
+    assert small.parameters["max_active_sequences"].string_value == "4"
+    # the rest of the config is kept
+    assert small.parameters["max_output_len"].string_value == "512"
+    assert [g.count for g in models["embedding"].config.instance_group] == [1]
+    original = load_repository(DEFAULT_REPOSITORY)
+    assert models["preprocessing"].config == original["preprocessing"].config
+    assert (repo / "llm_small" / "1" / "model.py").is_file()
+
+
+def test_configured_copy_refuses_a_parameter_the_config_does_not_have(tmp_path: Path) -> None:
+    from serving.launcher import DEFAULT_REPOSITORY
+
+    with pytest.raises(ConfigError, match="no parameter 'torch_thread'"):
+        configured_copy(
+            DEFAULT_REPOSITORY, tmp_path, {"llm_small": {"torch_thread": "1"}}, models=["llm_small"]
+        )
+    with pytest.raises(ConfigError, match="not in the copied repository"):
+        configured_copy(DEFAULT_REPOSITORY, tmp_path / "b", instances={"router": 1}, models=[])
+
+
+def test_requests_succeeded_sums_one_models_versions_from_a_metrics_page() -> None:
+    page = "\n".join(
+        [
+            "# HELP nv_inference_request_success Number of successful inference requests",
+            'nv_inference_request_success{model="llm_small",version="1"} 7',
+            'nv_inference_request_success{model="llm_small",version="2"} 3',
+            'nv_inference_request_success{model="llm_small_text",version="1"} 100',
+            'nv_inference_request_failure{model="llm_small",version="1"} 50',
+        ]
+    )
+    assert requests_succeeded(page, "llm_small") == 10
+    assert requests_succeeded(page, "llm_small_text") == 100
+    assert requests_succeeded(page, "embedding") == 0
