@@ -34,6 +34,7 @@ class RequestRecord:
     error_message: str | None = None
     intent: str | None = None
     model: str | None = None
+    replica: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -76,6 +77,7 @@ async def measure(stream: AsyncIterator[Chunk], started: float, origin: float) -
                 reported = int(chunk.num_output_tokens)
             record.intent = chunk.intent or record.intent
             record.model = chunk.model or record.model
+            record.replica = chunk.replica or record.replica
     except ClientError as exc:
         record.error, record.error_message = exc.kind, str(exc)
     except Exception as exc:

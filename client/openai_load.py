@@ -89,12 +89,16 @@ async def openai_stream(
         options["temperature"] = temperature
     streamed = False
     try:
+        # The raw response carries the gateway's headers: x-route-replica says which
+        # Triton answered, which a soak needs to tie a failure to the replica it hit.
         if endpoint is Api.CHAT:
-            stream = await api.chat.completions.create(
+            raw = await api.chat.completions.with_raw_response.create(
                 messages=[{"role": "user", "content": job.prompt}], **options
             )
         else:
-            stream = await api.completions.create(prompt=job.prompt, **options)
+            raw = await api.completions.with_raw_response.create(prompt=job.prompt, **options)
+        replica = raw.headers.get("x-route-replica")
+        stream = raw.parse()
         async with contextlib.aclosing(stream):  # leaving early closes the HTTP stream
             async for event in stream:
                 text = ""
@@ -105,7 +109,9 @@ async def openai_stream(
                 usage = event.usage.completion_tokens if event.usage else None
                 if text or usage is not None:
                     streamed = streamed or bool(text)
-                    yield Chunk(text=text, model=event.model, num_output_tokens=usage)
+                    yield Chunk(
+                        text=text, model=event.model, num_output_tokens=usage, replica=replica
+                    )
     except openai.OpenAIError as exc:
         raise _error(exc, streamed) from exc
 

@@ -62,6 +62,7 @@ class Chunk:
     confidence: float | None = None
     num_input_tokens: int | None = None
     num_output_tokens: int | None = None
+    replica: str | None = None  # the server that answered, where a frontend says so
 
 
 @dataclass

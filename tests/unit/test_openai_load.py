@@ -77,10 +77,12 @@ def test_a_stream_records_each_delta_and_the_usage_count() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(json.loads(request.content))
         body = _sse(_completion("Hel"), _completion("lo"), _completion(""), _usage(3))
-        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+        headers = {"content-type": "text/event-stream", "x-route-replica": "127.0.0.1:9001"}
+        return httpx.Response(200, content=body, headers=headers)
 
     record = _record(handler)
     assert record.ok and record.model == "llm_small"
+    assert record.replica == "127.0.0.1:9001"  # the gateway's header, kept per request
     assert len(record.token_times) == 2  # two text deltas arrived
     assert record.output_tokens == 3  # the server's usage wins
     assert record.ttft is not None and record.ttft <= record.e2e
