@@ -31,6 +31,7 @@ class Supervisor:
         self.known: dict[int, Stub] = {}
         self._broken: set[str] = set()
         self.reloads: list[str] = []
+        self._server_gone = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stub-supervisor", daemon=True)
 
@@ -60,9 +61,26 @@ class Supervisor:
         self.expected = {m: n for m, n in _instances(stubs).items() if m in wanted}
         self.known = {s.pid: s for s in stubs}
 
+    def server_exited(self) -> int | None:
+        """tritonserver's exit code once it is gone (killed, crashed), else None."""
+        proc = getattr(self.launcher, "process", None)
+        return None if proc is None else proc.poll()
+
     def check(self) -> list[str]:
         """One pass: find models with dead stubs and reload them. Returns the models reloaded."""
         with self.launcher._lock:
+            code = self.server_exited()
+            if code is not None:
+                # Its stubs died with it and there is no server to reload them in: say so
+                # once (deep health already fails), instead of a failed reload per second.
+                if not self._server_gone:
+                    log.error(
+                        "tritonserver exited (code %s); its models come back only when it is "
+                        "started again",
+                        code,
+                    )
+                    self._server_gone = True
+                return []
             stubs = self._stubs()
             alive = {s.pid for s in stubs}
             for pid, stub in list(self.known.items()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -394,6 +395,27 @@ class TestSupervisor:
         live.remove(emb[1])  # a real death: one of embedding's two instances is gone
         assert supervisor.broken() == ["embedding"]
         assert supervisor.check() == ["embedding"] and launcher.reloaded == ["embedding"]
+
+    def test_a_dead_server_is_reported_once_and_nothing_is_reloaded(
+        self, monkeypatch, caplog
+    ) -> None:
+        from serving import supervisor as sup
+        from serving.stubs import Stub
+
+        live = [Stub(1, "llm_medium", "llm_medium_0_0", "r1")]
+        monkeypatch.setattr(sup, "find_stubs", lambda pid: list(live))
+        launcher = self._Launcher()
+        launcher.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(9)"])  # type: ignore[attr-defined]
+        launcher.process.wait()  # type: ignore[attr-defined]
+        supervisor = sup.Supervisor(launcher)  # type: ignore[arg-type]
+        supervisor.refresh()
+        live.clear()  # SIGKILL to tritonserver: its stubs go with it
+        with caplog.at_level("ERROR", logger="serving.supervisor"):
+            assert supervisor.check() == [] and supervisor.check() == []
+        assert launcher.reloaded == []
+        assert [r.getMessage() for r in caplog.records] == [
+            "tritonserver exited (code 9); its models come back only when it is started again"
+        ]
 
 
 def test_configured_copy_sets_parameters_and_instance_counts_of_the_real_repository(
