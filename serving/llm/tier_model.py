@@ -77,6 +77,10 @@ class TierModel:
                 active.set(n_active)
                 waiting.set(n_waiting)
 
+            # Triton hands a new stub the same series a dead one left at its last value
+            # (seen: "active 9" for hours after a stub was killed mid-load): start at 0.
+            observe(0, 0)
+
             # Looked up on the module at call time so tests can put a scripted engine in.
             self.tier = service.build_engine(TierConfig.from_params(setup.params), observe)
         except Exception as exc:

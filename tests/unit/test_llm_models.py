@@ -77,6 +77,24 @@ def tier_model(tokenizer, monkeypatch):
     model.finalize()
 
 
+def test_a_new_instance_resets_the_sequence_gauges_a_dead_stub_left(tokenizer, monkeypatch):
+    """Triton keeps a custom metric's series when its stub dies and hands the same series
+    to the stub that replaces it: the new instance must not report the old load."""
+    left: list = []
+
+    def dead_stubs_series(family, labels=None, **_):
+        metric = pb_utils.Metric(labels or {})
+        metric.value = 9.0  # what the killed stub had active
+        left.append(metric)
+        return metric
+
+    monkeypatch.setattr(pb_utils.MetricFamily, "Metric", dead_stubs_series)
+    monkeypatch.setattr(service, "build_engine", lambda config, observer=None: None)
+    model = TierModel()
+    model.initialize(model_args("llm_small"))
+    assert [(m.labels["state"], m.value) for m in left] == [("active", 0.0), ("waiting", 0.0)]
+
+
 @pytest.mark.parametrize("tier", ["llm_small", "llm_medium", "llm_large"])
 def test_every_tier_serves_the_one_shared_adapter(tier) -> None:
     """The tiers' model.py files are the same import of :class:`TierModel`; none drifts."""
