@@ -61,6 +61,10 @@ class Replica:
     last_error: str = ""
     ejections: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    #: Models whose Python stub died on this server, from the launcher's deep health
+    #: (``STUB_DEAD`` until the supervisor has reloaded them): their requests in flight
+    #: there are lost, since Triton 2.51 never answers them.
+    dead_models: frozenset[str] = frozenset()
 
 
 class Picker:
@@ -110,13 +114,22 @@ def make_picker(strategy: Strategy | str, rng: random.Random | None = None) -> P
     return PowerOfTwo(rng)
 
 
-async def probe_health(session: aiohttp.ClientSession, url: str, timeout: float) -> bool:
-    """True when the deep readiness endpoint answers 200 within ``timeout`` seconds."""
+async def probe_health(
+    session: aiohttp.ClientSession, url: str, timeout: float
+) -> tuple[bool, frozenset[str]]:
+    """Whether the deep readiness endpoint answers 200 within ``timeout`` seconds, and the
+    models its report calls ``STUB_DEAD`` (the launcher's report; empty for any other)."""
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            return response.status == 200
+            try:
+                report = await response.json(content_type=None)
+            except ValueError:
+                report = None
+            models = report.get("models") if isinstance(report, dict) else None
+            dead = frozenset(str(m) for m, state in (models or {}).items() if state == "STUB_DEAD")
+            return response.status == 200, dead
     except (aiohttp.ClientError, TimeoutError):
-        return False
+        return False, frozenset()
 
 
 class AsyncReplicaPool(BaseAsyncClient):
@@ -136,7 +149,8 @@ class AsyncReplicaPool(BaseAsyncClient):
             admission queue keeps the total under the pool's capacity).
         max_attempts: replicas tried for a request that fails before its first response
             (None: every healthy replica once; the gateway retries once, so 2).
-        on_event: called with ``("eject" | "back" | "retry", replica)`` (metrics, logs).
+        on_event: called with ``("eject" | "back" | "retry" | "lost", replica)`` (metrics,
+            logs; ``lost``: a model's stub died there, see ``Replica.dead_models``).
     """
 
     def __init__(
@@ -238,7 +252,11 @@ class AsyncReplicaPool(BaseAsyncClient):
         if replica.health_url is not None:
             if self._session is None:
                 self._session = aiohttp.ClientSession()
-            ok = await probe_health(self._session, replica.health_url, timeout=2.0)
+            ok, dead = await probe_health(self._session, replica.health_url, timeout=2.0)
+            fresh = dead - replica.dead_models
+            replica.dead_models = dead
+            if fresh:
+                self._on_event("lost", replica)
         else:
             try:
                 ok = await self._clients[replica].server_ready()

@@ -136,10 +136,13 @@ def test_deep_readiness_url_ejects_and_readmits() -> None:
 
     from serving.launcher import free_port
 
-    state = {"status": 503}
+    state: dict = {"status": 503, "llm_small": "STUB_DEAD"}
+    events: list[tuple[str, str, frozenset[str]]] = []
 
     async def ready(_: web.Request) -> web.Response:
-        return web.Response(status=state["status"])
+        # The launcher's report: a model whose stub died is STUB_DEAD until reloaded.
+        report = {"server": "ready", "models": {"llm_small": state["llm_small"]}}
+        return web.json_response(report, status=state["status"])
 
     async def scenario() -> None:
         app = web.Application()
@@ -153,11 +156,19 @@ def test_deep_readiness_url_ejects_and_readmits() -> None:
             servers,
             health_urls=[f"http://127.0.0.1:{port}/health/ready", None],
             probe_interval=0.02,
+            on_event=lambda kind, r: events.append((kind, r.url, r.dead_models)),
         )
         try:
             await pool.generate("hi")  # starts probing
             await asyncio.sleep(0.15)
             assert [r.healthy for r in pool.replicas] == [False, True]
+            # Streams of llm_small on a:1 are lost: told once, not at every probe.
+            assert [e for e in events if e[0] == "lost"] == [
+                ("lost", "a:1", frozenset({"llm_small"}))
+            ]
+            state["llm_small"] = "LOADING"  # the supervisor reloads it
+            await asyncio.sleep(0.1)
+            assert pool.replicas[0].dead_models == frozenset()
             before = len(servers["a:1"].requests)
             for _ in range(4):
                 await pool.generate("hi")

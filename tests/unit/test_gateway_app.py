@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi.testclient import TestClient
@@ -318,6 +319,38 @@ def test_an_upstream_silent_mid_stream_ends_with_a_504_event() -> None:
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "upstream_timeout"
         whole = c.post("/v1/chat/completions", json={**CHAT, "model": "llm_small"})
         assert whole.status_code == 504
+        assert c.get("/health/live").status_code == 200
+
+
+def test_a_stream_whose_stub_dies_ends_at_once_with_an_error_event() -> None:
+    """Triton 2.51 never answers the requests a dead stub held: when the replica's deep
+    health reports the model STUB_DEAD, its streams there end with an error event at once
+    instead of hanging until the idle timeout (here an hour)."""
+    import asyncio
+
+    class StubDiesAfterOneToken(FakeTriton):
+        pool: Any = None
+
+        async def stream_tensors(
+            self, model: str, inputs: Tensors, request_id: str = ""
+        ) -> AsyncIterator[Tensors]:
+            ids = tokenizer().encode("Hello there")
+            yield {"output_ids": np.array([[[ids[0]]]], dtype=np.int32)}
+            # What the pool's health probe does when the launcher reports STUB_DEAD.
+            (replica,) = self.pool.replicas.replicas
+            replica.dead_models = frozenset({model})
+            self.pool._on_event("lost", replica)
+            await asyncio.sleep(3600)
+
+    fake = StubDiesAfterOneToken()
+    gateway = make_gateway({"fake:1": fake}, first_token_timeout=3600)
+    (fake.pool,) = gateway.pools.values()
+    with TestClient(create_app(gateway)) as c:
+        r = c.post("/v1/chat/completions", json={**CHAT, "model": "llm_small", "stream": True})
+        events = _events(r.text)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "upstream_lost"
+        assert "llm_small on fake:1 lost its Python stub" in events[-2]["error"]["message"]
+        assert fake.pool._streams == {}  # nothing left registered
         assert c.get("/health/live").status_code == 200
 
 
