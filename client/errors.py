@@ -146,6 +146,8 @@ def translate(exc: BaseException) -> ClientError:
     if isinstance(exc, grpc.RpcError):
         code, details = exc.code(), exc.details() or str(exc.code())
         return error_from_status(str(code), details)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # a TimeoutError, but nothing ran
+        return ServerUnavailable(f"cannot connect: no connection within the timeout ({exc})")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return Timeout("the request did not finish before the client timeout")
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionError):
