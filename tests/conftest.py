@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import time
 import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -285,6 +286,7 @@ def _install() -> types.ModuleType:
             "np",
             "json",
             "sys",
+            "time",
             "types",
             "importlib",
             "inspect",
@@ -323,6 +325,20 @@ def bls() -> dict[str, Callable[[dict[str, np.ndarray]], Any]]:
     BLS_HANDLERS.clear()
     yield BLS_HANDLERS
     BLS_HANDLERS.clear()
+
+
+def eventually(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll an outcome (never a duration): True as soon as it holds, else its last value.
+
+    For effects that land on another thread (a helper thread ending, a metric changing);
+    the bound only keeps a broken build from hanging.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
 
 
 def load_model_module(model: str) -> types.ModuleType:

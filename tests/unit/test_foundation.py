@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from tests.conftest import (
     InferenceResponse,
     Tensor,
     TritonError,
+    eventually,
 )
 
 
@@ -174,16 +174,6 @@ def _gauge(metrics: st.BlsMetrics, model: str) -> float:
     return metrics.abandoned.labels(model=model).value
 
 
-def _eventually(predicate, seconds: float = 10.0) -> bool:
-    """Poll an outcome (not a duration): true as soon as it holds, false after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 class TestBlsDeadlines:
     """A callee that accepts a request and never answers costs the caller a timeout."""
 
@@ -209,7 +199,7 @@ class TestBlsDeadlines:
             assert caller.infer("cls", {}, ["y"])["y"].tolist() == [1]
         finally:
             release.set()
-        assert _eventually(lambda: _gauge(metrics, "llm") == 0)  # it ended: thread gone
+        assert eventually(lambda: _gauge(metrics, "llm") == 0)  # it ended: thread gone
 
     def test_stream_that_stalls_after_its_first_response_times_out(self, bls: dict) -> None:
         release = threading.Event()
@@ -231,7 +221,7 @@ class TestBlsDeadlines:
             release.set()
         assert chunks == [[1]]
         assert metrics.timeouts.labels(model="llm", phase="next_response").value == 1
-        assert _eventually(lambda: _gauge(metrics, "llm") == 0)
+        assert eventually(lambda: _gauge(metrics, "llm") == 0)
 
     def test_infer_times_out_and_passes_the_deadline_to_triton(self, bls: dict) -> None:
         release = threading.Event()
@@ -280,7 +270,7 @@ class TestBlsDeadlines:
             assert _gauge(metrics, "llm") == 1
         finally:
             release.set()
-        assert _eventually(lambda: _gauge(metrics, "llm") == 0)
+        assert eventually(lambda: _gauge(metrics, "llm") == 0)
 
     def test_deadlines_from_params(self) -> None:
         deadlines = st.BlsDeadlines.from_params(

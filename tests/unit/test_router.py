@@ -25,6 +25,7 @@ from tests.conftest import (
     ResponseSender,
     Tensor,
     TritonError,
+    eventually,
 )
 
 FINAL = TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -137,7 +138,10 @@ PREPROCESSOR = Preprocessor(
 
 
 def make_router(
-    metrics: RouterMetrics | None = None, workers: int = 2, max_queue: int = 64
+    metrics: RouterMetrics | None = None,
+    workers: int = 2,
+    max_queue: int = 64,
+    deadlines: BlsDeadlines | None = None,
 ) -> Router:
     return Router(
         name="router",
@@ -149,6 +153,7 @@ def make_router(
         batched=True,
         metrics=metrics,
         max_queue=max_queue,
+        deadlines=deadlines,
     )
 
 
@@ -623,17 +628,7 @@ DEADLINES = BlsDeadlines(first_response=0.5, next_response=0.5)
 
 
 def deadline_router(metrics: RouterMetrics) -> Router:
-    return Router(
-        name="router",
-        policy=POLICY,
-        models=RouterModels(classifier="intent_classifier"),
-        detokenizer=ByteDetokenizer,
-        preprocessor=PREPROCESSOR,
-        workers=2,
-        batched=True,
-        metrics=metrics,
-        deadlines=DEADLINES,
-    )
+    return make_router(metrics, deadlines=DEADLINES)
 
 
 def tier_request_ids(model: str) -> list[str]:
@@ -666,7 +661,7 @@ def test_tier_that_never_answers_times_out_falls_back_and_is_stopped(bls: dict) 
     # The hung request was sent a stop carrying its own request id, which ended it.
     (hung_id, stop_id) = tier_request_ids("llm_small")
     assert hung.stop_ids == [hung_id] and stop_id == hung_id
-    assert _eventually(lambda: abandoned(metrics, "llm_small") == 0)
+    assert eventually(lambda: abandoned(metrics, "llm_small") == 0)
 
 
 def test_forced_tier_that_never_answers_is_unavailable(bls: dict) -> None:
@@ -754,16 +749,6 @@ def test_hung_classifier_is_unavailable_not_a_lost_worker(bls: dict) -> None:
     err = error_of(request)
     assert err.code() == TritonError.UNAVAILABLE
     assert "intent_classifier: timed out: no answer within" in err.message()
-
-
-def _eventually(predicate: Any, seconds: float = 10.0) -> bool:
-    """Poll an outcome (not a duration): true as soon as it holds."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # -- TensorRT-LLM's own error texts (the h100 tiers) ---------------------------------
