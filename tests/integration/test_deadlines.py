@@ -1,6 +1,6 @@
 """A tier that accepts a request and never answers, behind the real router and server.
 
-``tests/fixtures/hung_repo``: the router's own model.py with 1 s deadlines, in front of
+``tests/fixtures/hung_repo``: the router's own model.py with 2 s deadlines, in front of
 ``llm_small`` (holds every request until it is stopped) and ``llm_medium`` (answers).
 The request costs a timeout and a fallback, the hung tier is stopped by the request's
 own id, and the router keeps serving: no worker is lost.
@@ -62,7 +62,7 @@ def test_hung_tier_times_out_falls_back_and_is_stopped(hung: TritonLauncher) -> 
 def test_forced_hung_tier_is_a_clear_unavailable_and_the_router_serves_on(
     hung: TritonLauncher,
 ) -> None:
-    with pytest.raises(StreamError, match="llm_small: timed out: no first response within 1s"):
+    with pytest.raises(StreamError, match="llm_small: timed out: no first response within 2s"):
         grpc_stream(hung, PROMPT, intent="summarization", model="llm_small", max_tokens=4)
     # More requests than the router has workers (2): none of them was lost to the hang.
     for _ in range(3):

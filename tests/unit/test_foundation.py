@@ -189,7 +189,7 @@ class TestBlsDeadlines:
         bls["llm"] = self._hung(release, [])
         bls["cls"] = lambda inputs: InferenceResponse([Tensor("y", np.array([1]))])
         metrics = st.BlsMetrics()
-        caller = st.Bls(st.BlsDeadlines(first_response=0.3, next_response=0.3), metrics)
+        caller = st.Bls(st.BlsDeadlines(first_response=1.0, next_response=1.0), metrics)
         try:
             with pytest.raises(st.DownstreamTimeout, match="llm: timed out: no first response"):
                 list(caller.stream("llm", {}, ["t"], request_id="r-1"))
@@ -248,7 +248,7 @@ class TestBlsDeadlines:
             st._BLS_START.release()
         assert metrics.timeouts.labels(model="cls", phase="start_lock").value == 1
         assert metrics.lock_wait.labels(model="cls").value > 0  # the wait was observed
-        assert caller.infer("cls", {}, ["y"])["y"].tolist() == [3]
+        assert st.Bls().infer("cls", {}, ["y"])["y"].tolist() == [3]  # the lock is free
 
     def test_closing_a_stream_early_does_not_wait_for_the_callee(self, bls: dict) -> None:
         """Dropping 2.51's iterator blocks until the callee's final response; the helper
