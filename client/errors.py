@@ -15,7 +15,7 @@ import aiohttp
 import grpc
 from tritonclient.utils import InferenceServerException
 
-from serving.errors import INVALID_INPUT, OVERLOADED
+from serving.errors import INVALID_INPUT, OVERLOADED, ErrorKind, foreign_kind
 
 
 class ClientError(Exception):
@@ -102,7 +102,15 @@ _MESSAGE_HINTS: tuple[tuple[str, type[ClientError]], ...] = (
 )
 
 
+#: What a backend's own error text (serving.errors.FOREIGN_MESSAGES) means to a client.
+_FOREIGN = {ErrorKind.INVALID_INPUT: InvalidInput, ErrorKind.OVERLOADED: Overloaded}
+
+
 def _by_message(message: str) -> type[ClientError]:
+    if OVERLOADED not in message and INVALID_INPUT not in message:
+        kind = foreign_kind(message)  # the server-side table: TensorRT-LLM, Triton queues
+        if kind in _FOREIGN:
+            return _FOREIGN[kind]
     lowered = message.lower()
     for hint, cls in _MESSAGE_HINTS:
         if hint in lowered:
@@ -138,6 +146,8 @@ def translate(exc: BaseException) -> ClientError:
     if isinstance(exc, grpc.RpcError):
         code, details = exc.code(), exc.details() or str(exc.code())
         return error_from_status(str(code), details)
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # a TimeoutError, but nothing ran
+        return ServerUnavailable(f"cannot connect: no connection within the timeout ({exc})")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return Timeout("the request did not finish before the client timeout")
     if isinstance(exc, aiohttp.ClientConnectorError | ConnectionError):

@@ -248,9 +248,17 @@ class HttpTransport(Transport):
     """HTTP over ``tritonclient.http.aio``; streams use ``/v2/models/<m>/generate_stream``.
 
     tritonclient has no SSE support, so streaming reads the event stream with aiohttp.
+
+    A replica that does not accept the connection (down, or a blackholed address that
+    drops the SYN) fails a stream after ``connect_timeout`` seconds as
+    :class:`client.errors.ServerUnavailable`, so a replica pool retries elsewhere and
+    ejects it, instead of spending the caller's whole first-token deadline on it.
     """
 
     _lib = httpclient
+    #: Seconds to establish a stream's TCP connection (aiohttp's default is 30; its
+    #: default total of 5 minutes is kept).
+    connect_timeout = 5.0
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -260,7 +268,10 @@ class HttpTransport(Transport):
     def _sse_session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # No connection cap: the load generator holds one connection per stream.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=5 * 60, sock_connect=self.connect_timeout),
+            )
         return self._session
 
     async def stream(

@@ -43,18 +43,21 @@ import numpy as np
 
 from serving.errors import (
     ConfigError,
+    ErrorKind,
     OverloadedError,
     UnavailableError,
     ValidationError,
-    is_client_fault,
+    kind_of,
 )
 from serving.routing import Decision, RoutingPolicy
 from serving.text import decode_utf8, new_token_ids
 from serving.triton import (
+    Bls,
+    BlsDeadlines,
+    BlsMetrics,
     DownstreamError,
+    DownstreamTimeout,
     LabelledMetric,
-    bls_infer,
-    bls_stream,
     error_response,
     final_flag,
     get_optional_scalar,
@@ -177,6 +180,7 @@ class RouterMetrics:
             "histogram",
             buckets=CLASSIFIER_BUCKETS_US,
         )
+        self.bls = BlsMetrics()
 
 
 @dataclass(frozen=True)
@@ -224,12 +228,14 @@ class Router:
         batched: bool,
         metrics: RouterMetrics | None = None,
         max_queue: int = 64,
+        deadlines: BlsDeadlines | None = None,
     ) -> None:
         """``workers`` streams run at once; at most ``max_queue`` more wait for a worker.
 
         The bound matters because a decoupled ``execute`` returns at once: Triton's own
         queue limits never see the router's backlog, so without it overload would turn
         into latency without bound instead of a fast UNAVAILABLE ("overloaded: …").
+        ``deadlines`` bound every downstream call (:class:`serving.triton.Bls`).
         """
         if max_queue < 0:
             raise ConfigError(f"{name}: max_queue_size must be >= 0, got {max_queue}")
@@ -245,6 +251,9 @@ class Router:
         # Inputs and outputs carry a batch dimension when the models are batched.
         self._shape = (1, 1) if batched else (1,)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._bls = Bls(deadlines, metrics.bls if metrics is not None else None)
+        self._stoppers: set[threading.Thread] = set()
+        self._stoppers_lock = threading.Lock()
 
     def submit(self, requests: Sequence[Any]) -> None:
         """Parse each request now, then stream it on a worker; ``execute`` returns at once.
@@ -290,8 +299,15 @@ class Router:
         return parsed, sender
 
     def close(self) -> None:
-        """Let in-flight streams finish (each still gets its final flag), then stop."""
+        """Let in-flight streams finish (each still gets its final flag), then stop.
+
+        Stops still being sent to timed-out tiers get one first-response deadline more.
+        """
         self._pool.shutdown(wait=True)
+        with self._stoppers_lock:
+            stoppers = list(self._stoppers)
+        for thread in stoppers:
+            thread.join(self._bls.deadlines.first_response)
 
     # -- one request ---------------------------------------------------------------
 
@@ -311,7 +327,7 @@ class Router:
     def classify(self, text: str) -> tuple[str, float]:
         """Ask the intent classifier; its latency goes to the metrics."""
         start = time.perf_counter()
-        out = bls_infer(
+        out = self._bls.infer(
             self.models.classifier,
             {CLASSIFIER_INPUT: string_array([text], self._shape)},
             CLASSIFIER_OUTPUTS,
@@ -349,31 +365,44 @@ class Router:
         Returns the tier, the request id it was given, its first response(s) and the
         rest of its stream.
 
-        A tier that is not loaded, or fails before its first token, is skipped for the
+        A tier that is not loaded, fails or is full before its first token, or sends no
+        first response within the deadline (it is then asked to stop), is skipped for the
         next candidate (counted in the fallback metric). A rejection of the input itself
         (INVALID_ARG, e.g. a prompt over the context limit) is not the tier's fault and
-        goes straight back to the client.
+        goes straight back to the client. When every candidate was full, the client gets
+        "overloaded" (the gateway's 429), else UNAVAILABLE.
         """
         errors = []
+        kinds = set()
         for i, tier in enumerate(decision.candidates):
             tier_request_id = f"{request_id}-{i}"
-            stream = bls_stream(tier, inputs, TIER_OUTPUTS, request_id=tier_request_id)
+            stream = self._bls.stream(tier, inputs, TIER_OUTPUTS, request_id=tier_request_id)
             try:
                 first = [next(stream)]
             except StopIteration:
                 first = []
-            except DownstreamError as exc:
-                if isinstance(_blame(exc), ValidationError):
-                    raise ValidationError(str(exc)) from exc
+            except DownstreamTimeout as exc:
+                self._stop_later(tier, tier_request_id, inputs)
                 errors.append(str(exc))
+                kinds.add(ErrorKind.UNAVAILABLE)
+                self._count_fallback(decision, i)
+                continue
+            except DownstreamError as exc:
+                blame = _blame(exc)
+                if isinstance(blame, ValidationError):
+                    raise blame from exc
+                errors.append(str(exc))
+                kinds.add(kind_of(str(blame)))
                 self._count_fallback(decision, i)
                 continue
             except Exception as exc:  # exec itself raised: the tier could not run
                 errors.append(f"{tier}: {exc}")
+                kinds.add(ErrorKind.UNAVAILABLE)
                 self._count_fallback(decision, i)
                 continue
             return tier, tier_request_id, first, stream
-        raise UnavailableError(
+        error = OverloadedError if kinds == {ErrorKind.OVERLOADED} else UnavailableError
+        raise error(
             f"no tier could serve this request (tried {', '.join(decision.candidates)}): "
             + "; ".join(errors)
         )
@@ -395,10 +424,26 @@ class Router:
             "streaming": like["streaming"],
         }
         try:
-            for _ in bls_stream(tier, inputs, TIER_OUTPUTS, request_id=request_id):
+            for _ in self._bls.stream(tier, inputs, TIER_OUTPUTS, request_id=request_id):
                 pass
         except Exception as exc:  # best effort: the stream still ends at max_tokens
             log.warning("%s: could not stop %s request %s: %s", self.name, tier, request_id, exc)
+
+    def _stop_later(self, tier: str, request_id: str, like: dict[str, np.ndarray]) -> None:
+        """:meth:`_stop` on its own thread: a tier that timed out may not answer that either,
+        and the request moves on (fallback or error) without waiting for it."""
+
+        def run() -> None:
+            try:
+                self._stop(tier, request_id, like)
+            finally:
+                with self._stoppers_lock:
+                    self._stoppers.discard(thread)
+
+        thread = threading.Thread(target=run, name=f"{self.name}-stop", daemon=True)
+        with self._stoppers_lock:
+            self._stoppers.add(thread)
+        thread.start()
 
     def _route_and_stream(self, sender: Any, parsed: RouterRequest) -> None:
         decision = self.decide(parsed)
@@ -430,8 +475,11 @@ class Router:
                         sender.send(response_of(served.outputs(text)))
                 else:
                     pieces.append(text)
+        except DownstreamTimeout:
+            self._stop_later(tier, tier_request_id, inputs)  # it stalled mid-stream
+            raise
         finally:
-            stream.close()  # drains what the tier still sends (2.51 cannot cancel BLS)
+            stream.close()  # stops reading; the tier's leftovers are dropped off this thread
         tail = detok.flush()
         if parsed.stream:
             sender.send(response_of(served.outputs(tail)), flags=final_flag())
@@ -445,10 +493,15 @@ def _blame(exc: DownstreamError) -> Exception:
 
     Triton 2.51 drops the code of a BLS response's error (everything arrives as
     INTERNAL), so the project's models mark their client faults in the message
-    (:data:`serving.errors.INVALID_INPUT`). Only those are the client's; every other
-    downstream error, anticipated or not, is the model's, so the fallback runs.
+    (:data:`serving.errors.INVALID_INPUT`), and TensorRT-LLM's own texts are in
+    :data:`serving.errors.FOREIGN_MESSAGES`. Only client faults are the client's; a full
+    queue is "overloaded"; every other downstream error, anticipated or not, is the
+    model's, so the fallback runs.
     """
     message = str(exc)
-    if exc.invalid_arg or is_client_fault(message):
+    kind = ErrorKind.INVALID_INPUT if exc.invalid_arg else kind_of(message)
+    if kind is ErrorKind.INVALID_INPUT:
         return ValidationError(message)
+    if kind is ErrorKind.OVERLOADED:
+        return OverloadedError(message)
     return UnavailableError(message)

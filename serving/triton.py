@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -222,55 +225,288 @@ def _check(response: Any, model: str) -> Any:
 #: boost::interprocess::lock_exception in libtriton_python.so) when threads of one stub
 #: make BLS calls at the same time: reproduced within a second by 8 concurrent router
 #: streams (upstream: triton-inference-server/server#8882). Each call holds this lock
-#: until its (first) response is in; reading the rest of a stream stays concurrent.
+#: until its (first) response is in, or until its caller stops waiting for it
+#: (:class:`Bls`); reading the rest of a stream stays concurrent.
 _BLS_START = threading.Lock()
 
-
-def bls_request(
-    model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
-) -> Any:
-    return pb_utils.InferenceRequest(
-        model_name=model,
-        inputs=tensors(inputs),
-        requested_output_names=list(outputs),
-        request_id=request_id,
-    )
+#: Lock-wait buckets, microseconds (Triton's own latency metrics are in us).
+LOCK_WAIT_BUCKETS_US = (10.0, 100.0, 1e3, 5e3, 2e4, 1e5, 5e5, 2e6, 1e7)
 
 
-def bls_infer(
-    model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """Call ``model`` once through BLS and return its outputs; raise on a downstream error."""
-    with _BLS_START:
-        response = _check(bls_request(model, inputs, outputs).exec(), model)
-    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
+class DownstreamTimeout(UnavailableError):
+    """A BLS call got no (next) response within its deadline: UNAVAILABLE to the client."""
+
+    def __init__(self, model: str, what: str, seconds: float) -> None:
+        super().__init__(f"{model}: timed out: {what} within {seconds:g}s")
+        self.model = model
 
 
-def bls_stream(
-    model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str], request_id: str = ""
-) -> Iterator[dict[str, np.ndarray]]:
-    """Stream from a decoupled ``model``; yields each non-empty response's outputs.
+@dataclass(frozen=True)
+class BlsDeadlines:
+    """How long one BLS call may wait, in seconds; ``None`` waits forever (2.51's way).
 
-    Triton 2.51's BLS response iterator has no ``cancel()``: closing this generator early
-    does not stop the downstream model, and dropping the iterator blocks until the
-    downstream sends its final response. To stop a tensorrt_llm-style model, send it a
-    ``stop`` request with the same ``request_id`` (what the router does).
+    ``first_response`` runs from asking for the start lock to the first response (the
+    whole answer of a non-decoupled call); ``next_response`` between two responses of a
+    stream.
     """
-    # next() only: iter() on 2.51's ResponseIterator rewinds it once it is finished, which
-    # would replay a stream whose first response was also its last.
-    with _BLS_START:
-        stream = bls_request(model, inputs, outputs, request_id).exec(decoupled=True)
-        response = next(stream, None)
-    while response is not None:
-        _check(response, model)
-        out = {}
-        for name in outputs:
-            t = pb_utils.get_output_tensor_by_name(response, name)
-            if t is not None:
-                out[name] = t.as_numpy()
-        if out:
-            yield out
-        response = next(stream, None)
+
+    first_response: float | None = None
+    next_response: float | None = None
+
+    @classmethod
+    def from_params(cls, params: Params) -> BlsDeadlines:
+        """``bls_first_response_timeout_s`` / ``bls_next_response_timeout_s``; 0 or empty: none."""
+
+        def seconds(name: str) -> float | None:
+            value = params.get(name, float, default=0.0)
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0 seconds (0: no deadline), got {value}")
+            return value or None
+
+        return cls(seconds("bls_first_response_timeout_s"), seconds("bls_next_response_timeout_s"))
+
+
+class BlsMetrics:
+    """What BLS calls wait for, on Triton's metrics port (label ``model``: the callee)."""
+
+    def __init__(self) -> None:
+        self.lock_wait = LabelledMetric(
+            "bls_start_lock_wait_us",
+            "Time a BLS call waited for its stub's BLS start lock, in microseconds",
+            "histogram",
+            buckets=LOCK_WAIT_BUCKETS_US,
+        )
+        self.timeouts = LabelledMetric(
+            "bls_timeouts_total",
+            "BLS calls that hit a deadline, by callee and phase (start_lock, first_response, "
+            "next_response)",
+            "counter",
+        )
+        self.abandoned = LabelledMetric(
+            "bls_abandoned_calls",
+            "BLS calls whose caller gave up (deadline, early close) that still wait for the "
+            "callee: each holds one thread of this stub until the callee answers or ends",
+            "gauge",
+        )
+
+
+_END = object()
+
+
+class _Call:
+    """One BLS call run on its own thread, so its caller can stop waiting for it.
+
+    A blocking ``exec()`` or ``next()`` on 2.51's response iterator cannot be
+    interrupted, and dropping the iterator blocks until the callee's final response; so
+    the thread that blocks is this helper, never the caller. Responses go through a
+    queue; once the caller gives up, they are dropped as they arrive.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        request: Any,
+        decoupled: bool,
+        metrics: BlsMetrics | None,
+        first_timeout: float | None,
+    ) -> None:
+        self.model = model
+        #: What is left of the first-response deadline once the start lock was taken.
+        self.first_timeout = first_timeout
+        self._request = request
+        self._decoupled = decoupled
+        self._metrics = metrics
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._state = threading.Lock()
+        self._start_held = True  # the caller acquired _BLS_START for this call
+        self._done = False
+        self._abandoned = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name=f"bls-{self.model}", daemon=True).start()
+
+    def release_start(self) -> None:
+        """Give the start lock back, once, whoever comes first (this thread or the caller)."""
+        with self._state:
+            held, self._start_held = self._start_held, False
+        if held:
+            _BLS_START.release()
+
+    def _run(self) -> None:
+        try:
+            if self._decoupled:
+                stream = self._request.exec(decoupled=True)
+                # next() only: iter() on 2.51's ResponseIterator rewinds it once it is
+                # finished, which would replay a stream whose first response was its last.
+                response = next(stream, None)
+            else:
+                stream, response = None, self._request.exec()
+            self.release_start()
+            while response is not None:
+                self._put(response)
+                response = next(stream, None) if stream is not None else None
+            self._put(_END)
+        except BaseException as exc:  # handed to the caller, who decides
+            self.release_start()
+            self._put(exc)
+        finally:
+            self._finish()
+
+    def _put(self, item: Any) -> None:
+        with self._state:
+            if not self._abandoned:
+                self._queue.put(item)
+
+    def _finish(self) -> None:
+        with self._state:
+            self._done = True
+            counted = self._abandoned
+        if counted and self._metrics is not None:
+            self._metrics.abandoned.labels(model=self.model).increment(-1)
+
+    def abandon(self) -> None:
+        """The caller stops reading; the thread (if still waiting) drops what comes."""
+        self.release_start()
+        with self._state:
+            if self._abandoned:
+                return
+            self._abandoned = True
+            waiting = not self._done
+        if waiting and self._metrics is not None:
+            self._metrics.abandoned.labels(model=self.model).increment(1)
+
+    def get(self, timeout: float | None, what: str, phase: str, limit: float | None) -> Any:
+        """The next response, :data:`_END`, or raise (the call's error, or a timeout).
+
+        ``timeout`` is what is left to wait; ``limit`` the deadline the error names.
+        """
+        try:
+            item = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            self.abandon()
+            if self._metrics is not None:
+                self._metrics.timeouts.labels(model=self.model, phase=phase).increment(1)
+            raise DownstreamTimeout(self.model, what, limit or 0.0) from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class Bls:
+    """Calls other models through BLS with deadlines; one per calling model.
+
+    Every call carries ``deadlines``: a callee that accepts a request and never answers
+    costs the caller a :class:`DownstreamTimeout`, not a worker forever. What it still
+    costs is the helper thread of that call (:class:`_Call`), blocked until the callee
+    answers or ends (``bls_abandoned_calls`` counts them), and, when it never sent its
+    first response, one thread of the Python backend's BLS pool in the server (32 per
+    instance by default). Stopping the callee (tensorrt_llm's ``stop`` with the same
+    request id) is the caller's part, and ends both. After a start times out, its start
+    lock is given back while the hung call is still pending: a late first response can
+    then overlap another call's start, the pattern the lock exists to avoid (rare, and a
+    lost stub is what the launcher's supervisor reloads).
+
+    The deadline is also passed as the request's Triton ``timeout``. In 2.51 that bounds
+    only the time the request waits in the callee's scheduler queue, and only when the
+    callee's ``default_queue_policy`` has ``allow_timeout_override`` and a larger
+    ``default_timeout_microseconds`` (Triton core's PolicyQueue); it never bounds
+    execution, hence the helper thread.
+    """
+
+    def __init__(
+        self, deadlines: BlsDeadlines | None = None, metrics: BlsMetrics | None = None
+    ) -> None:
+        self.deadlines = deadlines or BlsDeadlines()
+        self.metrics = metrics
+
+    def request(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        request_id: str = "",
+    ) -> Any:
+        first = self.deadlines.first_response
+        return pb_utils.InferenceRequest(
+            model_name=model,
+            inputs=tensors(inputs),
+            requested_output_names=list(outputs),
+            request_id=request_id,
+            timeout=int(first * 1e6) if first else 0,
+        )
+
+    def _start(self, model: str, request: Any, decoupled: bool) -> _Call:
+        """Take the start lock (the wait is measured) and start the call's thread."""
+        limit = self.deadlines.first_response
+        started = time.perf_counter()
+        acquired = _BLS_START.acquire(timeout=-1 if limit is None else limit)
+        waited = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.lock_wait.labels(model=model).observe(waited * 1e6)
+        if not acquired:
+            if self.metrics is not None:
+                self.metrics.timeouts.labels(model=model, phase="start_lock").increment(1)
+            raise DownstreamTimeout(model, "no turn at this stub's BLS start lock", limit or 0.0)
+        left = None if limit is None else max(0.0, limit - waited)
+        call = _Call(model, request, decoupled, self.metrics, left)
+        try:
+            call.start()
+        except BaseException:
+            call.release_start()
+            raise
+        return call
+
+    def infer(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Call ``model`` once and return its outputs; raise on an error or a timeout."""
+        call = self._start(model, self.request(model, inputs, outputs), decoupled=False)
+        first = call.get(
+            call.first_timeout, "no answer", "first_response", self.deadlines.first_response
+        )
+        response = _check(first, model)
+        return {
+            name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs
+        }
+
+    def stream(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        request_id: str = "",
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Stream from a decoupled ``model``; yields each non-empty response's outputs.
+
+        Triton 2.51's BLS response iterator has no ``cancel()``: closing this generator
+        early stops reading (the helper thread drops the rest) but not the callee. To stop
+        a tensorrt_llm-style model, send it a ``stop`` request with the same
+        ``request_id`` (what the router does).
+        """
+        request = self.request(model, inputs, outputs, request_id)
+        call = self._start(model, request, decoupled=True)
+        item = None
+        try:
+            item = call.get(
+                call.first_timeout,
+                "no first response",
+                "first_response",
+                self.deadlines.first_response,
+            )
+            while item is not _END:
+                _check(item, model)
+                out = {}
+                for name in outputs:
+                    t = pb_utils.get_output_tensor_by_name(item, name)
+                    if t is not None:
+                        out[name] = t.as_numpy()
+                if out:
+                    yield out
+                limit = self.deadlines.next_response
+                item = call.get(limit, "no next response", "next_response", limit)
+        finally:
+            if item is not _END:  # closed early, failed or timed out: stop reading
+                call.abandon()
 
 
 def final_flag() -> int:

@@ -9,10 +9,12 @@ requests whose results a test scripts, loggers and metrics.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import sys
+import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +133,8 @@ class FakeRequest:
         return ""
 
 
-#: BLS handlers tests install: model name -> callable(inputs dict) -> response or list.
+#: BLS handlers tests install: model name -> callable(inputs dict[, request]) -> a response,
+#: a list of them, or a generator of them (a stream whose responses come as it yields).
 BLS_HANDLERS: dict[str, Callable[[dict[str, np.ndarray]], Any]] = {}
 
 
@@ -151,6 +154,8 @@ class InferenceRequest:
         self.inputs = {t.name(): t.as_numpy() for t in inputs}
         self.requested_output_names = requested_output_names
         self.request_id = kwargs.get("request_id", "")
+        #: Triton's per-request timeout, microseconds (0: none), as the real one takes it.
+        self.timeout = kwargs.get("timeout", 0)
         SENT_REQUESTS.append(self)
 
     def exec(self, decoupled: bool = False) -> Any:
@@ -161,33 +166,50 @@ class InferenceRequest:
                 TritonError.NOT_FOUND,
             )
             result: Any = InferenceResponse(error=err)
+        elif len(inspect.signature(handler).parameters) == 2:
+            result = handler(self.inputs, self)  # a handler that reads the request id
         else:
             result = handler(self.inputs)
         if decoupled:
-            return ResponseIterator(result if isinstance(result, list) else [result])
+            lazy = isinstance(result, list | types.GeneratorType)
+            return ResponseIterator(result if lazy else [result])
         return result[0] if isinstance(result, list) else result
 
 
 class ResponseIterator:
     """Triton 2.51's BLS ``ResponseIterator``, faithfully: ``iter()`` on one that has
     finished starts it over (so ``for r in stream`` after a ``next`` replays a stream whose
-    first response was also its last). ``serving.triton.bls_stream`` must use ``next`` only.
+    first response was also its last). ``serving.triton.Bls.stream`` must use ``next`` only.
+
+    A handler may return a generator instead of a list: its responses then arrive as
+    it yields them, so a test can script a tier that stalls in the middle of a stream.
     """
 
-    def __init__(self, responses: list[Any]) -> None:
-        self._responses = responses
+    def __init__(self, responses: Iterable[Any]) -> None:
+        self._source = iter(responses)
+        self._seen: list[Any] = []
+        self._finished = False
         self._index = 0
 
     def __iter__(self) -> ResponseIterator:
-        if self._index >= len(self._responses):
+        if self._finished and self._index >= len(self._seen):
             self._index = 0
         return self
 
     def __next__(self) -> Any:
-        if self._index >= len(self._responses):
+        if self._index < len(self._seen):
+            self._index += 1
+            return self._seen[self._index - 1]
+        if self._finished:
             raise StopIteration
+        try:
+            response = next(self._source)
+        except StopIteration:
+            self._finished = True
+            raise
+        self._seen.append(response)
         self._index += 1
-        return self._responses[self._index - 1]
+        return response
 
 
 class Logger:
@@ -264,8 +286,10 @@ def _install() -> types.ModuleType:
             "np",
             "json",
             "sys",
+            "time",
             "types",
             "importlib",
+            "inspect",
             "Path",
             "ROOT",
         }:
@@ -301,6 +325,20 @@ def bls() -> dict[str, Callable[[dict[str, np.ndarray]], Any]]:
     BLS_HANDLERS.clear()
     yield BLS_HANDLERS
     BLS_HANDLERS.clear()
+
+
+def eventually(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll an outcome (never a duration): True as soon as it holds, else its last value.
+
+    For effects that land on another thread (a helper thread ending, a metric changing);
+    the bound only keeps a broken build from hanging.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
 
 
 def load_model_module(model: str) -> types.ModuleType:

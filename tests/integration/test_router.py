@@ -285,6 +285,14 @@ def test_cancelled_stream_stops_the_tier(server: Any, policy: RoutingPolicy) -> 
             break
         time.sleep(0.5)
     assert delta == 1
+    # The tier really stopped: its engine's active sequences return to zero (bounded poll)
+    # instead of generating the remaining ~198 tokens for nobody.
+    for _ in range(120):
+        active = sample(metrics(server), "llm_engine_sequences", model="llm_medium", state="active")
+        if active == 0:
+            break
+        time.sleep(0.5)
+    assert active == 0
     assert grpc_stream(server, STORY, max_tokens=2)[-1].num_output_tokens == 2
 
 

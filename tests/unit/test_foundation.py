@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -9,7 +12,15 @@ from serving import triton as st
 from serving.errors import ConfigError, ValidationError
 from serving.params import Params
 from serving.text import decode_utf8, require_text
-from tests.conftest import FakeRequest, InferenceRequest, InferenceResponse, Tensor, TritonError
+from tests.conftest import (
+    SENT_REQUESTS,
+    FakeRequest,
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    TritonError,
+    eventually,
+)
 
 
 def _params(**values: str) -> Params:
@@ -125,7 +136,7 @@ class TestExecuteBatch:
 class TestBls:
     def test_infer_returns_outputs(self, bls: dict) -> None:
         bls["cls"] = lambda inputs: InferenceResponse([Tensor("y", inputs["x"] + 1)])
-        out = st.bls_infer("cls", {"x": np.array([1])}, ["y"])
+        out = st.Bls().infer("cls", {"x": np.array([1])}, ["y"])
         assert out["y"].tolist() == [2]
 
     def test_downstream_error_raised_with_code(self, bls: dict) -> None:
@@ -133,12 +144,12 @@ class TestBls:
             error=TritonError("bad x", TritonError.INVALID_ARG)
         )
         with pytest.raises(st.DownstreamError, match="cls: bad x") as info:
-            st.bls_infer("cls", {"x": np.array([1])}, ["y"])
+            st.Bls().infer("cls", {"x": np.array([1])}, ["y"])
         assert info.value.invalid_arg
 
     def test_unknown_model_is_an_error(self, bls: dict) -> None:
         with pytest.raises(st.DownstreamError, match="not found"):
-            st.bls_infer("nope", {}, ["y"])
+            st.Bls().infer("nope", {}, ["y"])
 
     def test_stream_yields_non_empty_responses(self, bls: dict) -> None:
         bls["llm"] = lambda inputs: [
@@ -146,7 +157,7 @@ class TestBls:
             InferenceResponse([]),
             InferenceResponse([Tensor("t", np.array([2]))]),
         ]
-        chunks = [c["t"].tolist() for c in st.bls_stream("llm", {}, ["t"])]
+        chunks = [c["t"].tolist() for c in st.Bls().stream("llm", {}, ["t"])]
         assert chunks == [[1], [2]]
 
     def test_one_response_stream_is_read_once(self, bls: dict) -> None:
@@ -155,5 +166,117 @@ class TestBls:
         bls["llm"] = lambda inputs: [InferenceResponse([Tensor("t", np.array([7]))])]
         stream = InferenceRequest("llm", [], ["t"]).exec(decoupled=True)
         assert [r for r in stream] and [r for r in stream]  # the hazard, as 2.51 has it
-        chunks = [c["t"].tolist() for c in st.bls_stream("llm", {}, ["t"])]
+        chunks = [c["t"].tolist() for c in st.Bls().stream("llm", {}, ["t"])]
         assert chunks == [[7]]
+
+
+def _gauge(metrics: st.BlsMetrics, model: str) -> float:
+    return metrics.abandoned.labels(model=model).value
+
+
+class TestBlsDeadlines:
+    """A callee that accepts a request and never answers costs the caller a timeout."""
+
+    def _hung(self, release: threading.Event, responses: list[Any] | None = None) -> Any:
+        def handler(inputs: dict) -> Any:
+            release.wait(30)
+            return responses if responses is not None else InferenceResponse([])
+
+        return handler
+
+    def test_stream_without_a_first_response_times_out_and_frees_the_lock(self, bls: dict) -> None:
+        release = threading.Event()
+        bls["llm"] = self._hung(release, [])
+        bls["cls"] = lambda inputs: InferenceResponse([Tensor("y", np.array([1]))])
+        metrics = st.BlsMetrics()
+        caller = st.Bls(st.BlsDeadlines(first_response=1.0, next_response=1.0), metrics)
+        try:
+            with pytest.raises(st.DownstreamTimeout, match="llm: timed out: no first response"):
+                list(caller.stream("llm", {}, ["t"], request_id="r-1"))
+            assert metrics.timeouts.labels(model="llm", phase="first_response").value == 1
+            # the hung call still holds its helper thread, but not the start lock:
+            assert _gauge(metrics, "llm") == 1
+            assert caller.infer("cls", {}, ["y"])["y"].tolist() == [1]
+        finally:
+            release.set()
+        assert eventually(lambda: _gauge(metrics, "llm") == 0)  # it ended: thread gone
+
+    def test_stream_that_stalls_after_its_first_response_times_out(self, bls: dict) -> None:
+        release = threading.Event()
+
+        def stalls(inputs: dict) -> Any:
+            yield InferenceResponse([Tensor("t", np.array([1]))])
+            release.wait(30)
+            yield InferenceResponse([Tensor("t", np.array([2]))])
+
+        bls["llm"] = stalls
+        metrics = st.BlsMetrics()
+        caller = st.Bls(st.BlsDeadlines(first_response=5, next_response=0.3), metrics)
+        chunks = []
+        try:
+            with pytest.raises(st.DownstreamTimeout, match=r"no next response within 0\.3s"):
+                for chunk in caller.stream("llm", {}, ["t"]):
+                    chunks.append(chunk["t"].tolist())
+        finally:
+            release.set()
+        assert chunks == [[1]]
+        assert metrics.timeouts.labels(model="llm", phase="next_response").value == 1
+        assert eventually(lambda: _gauge(metrics, "llm") == 0)
+
+    def test_infer_times_out_and_passes_the_deadline_to_triton(self, bls: dict) -> None:
+        release = threading.Event()
+        bls["cls"] = self._hung(release)
+        SENT_REQUESTS.clear()
+        caller = st.Bls(st.BlsDeadlines(first_response=0.25), st.BlsMetrics())
+        try:
+            with pytest.raises(st.DownstreamTimeout, match="cls: timed out: no answer"):
+                caller.infer("cls", {}, ["y"])
+        finally:
+            release.set()
+        # Triton's own per-request timeout, microseconds (it bounds the callee's queue only)
+        assert SENT_REQUESTS[-1].timeout == 250_000
+
+    def test_start_lock_wait_is_measured_and_bounded(self, bls: dict) -> None:
+        bls["cls"] = lambda inputs: InferenceResponse([Tensor("y", np.array([3]))])
+        metrics = st.BlsMetrics()
+        caller = st.Bls(st.BlsDeadlines(first_response=0.2), metrics)
+        assert st._BLS_START.acquire(timeout=5)  # another call's start, still pending
+        try:
+            with pytest.raises(st.DownstreamTimeout, match="BLS start lock"):
+                caller.infer("cls", {}, ["y"])
+        finally:
+            st._BLS_START.release()
+        assert metrics.timeouts.labels(model="cls", phase="start_lock").value == 1
+        assert metrics.lock_wait.labels(model="cls").value > 0  # the wait was observed
+        assert st.Bls().infer("cls", {}, ["y"])["y"].tolist() == [3]  # the lock is free
+
+    def test_closing_a_stream_early_does_not_wait_for_the_callee(self, bls: dict) -> None:
+        """Dropping 2.51's iterator blocks until the callee's final response; the helper
+        thread takes that wait, never the caller."""
+        release = threading.Event()
+
+        def endless(inputs: dict) -> Any:
+            yield InferenceResponse([Tensor("t", np.array([1]))])
+            release.wait(30)
+
+        bls["llm"] = endless
+        metrics = st.BlsMetrics()
+        stream = st.Bls(st.BlsDeadlines(first_response=5, next_response=5), metrics).stream(
+            "llm", {}, ["t"]
+        )
+        try:
+            assert next(stream)["t"].tolist() == [1]
+            stream.close()  # returns at once although the callee has not finished
+            assert _gauge(metrics, "llm") == 1
+        finally:
+            release.set()
+        assert eventually(lambda: _gauge(metrics, "llm") == 0)
+
+    def test_deadlines_from_params(self) -> None:
+        deadlines = st.BlsDeadlines.from_params(
+            _params(bls_first_response_timeout_s="60", bls_next_response_timeout_s="0")
+        )
+        assert deadlines == st.BlsDeadlines(first_response=60.0, next_response=None)
+        assert st.BlsDeadlines.from_params(_params()) == st.BlsDeadlines()
+        with pytest.raises(ConfigError, match="bls_next_response_timeout_s must be >= 0"):
+            st.BlsDeadlines.from_params(_params(bls_next_response_timeout_s="-1"))

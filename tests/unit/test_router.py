@@ -16,6 +16,7 @@ from serving.errors import INVALID_INPUT, ConfigError
 from serving.llm.service import PreprocessConfig, Preprocessor
 from serving.router import Router, RouterMetrics, RouterModels
 from serving.routing import RoutingPolicy
+from serving.triton import BlsDeadlines
 from tests.conftest import (
     SENT_REQUESTS,
     TRITONSERVER_RESPONSE_COMPLETE_FINAL,
@@ -24,6 +25,7 @@ from tests.conftest import (
     ResponseSender,
     Tensor,
     TritonError,
+    eventually,
 )
 
 FINAL = TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -136,7 +138,10 @@ PREPROCESSOR = Preprocessor(
 
 
 def make_router(
-    metrics: RouterMetrics | None = None, workers: int = 2, max_queue: int = 64
+    metrics: RouterMetrics | None = None,
+    workers: int = 2,
+    max_queue: int = 64,
+    deadlines: BlsDeadlines | None = None,
 ) -> Router:
     return Router(
         name="router",
@@ -148,6 +153,7 @@ def make_router(
         batched=True,
         metrics=metrics,
         max_queue=max_queue,
+        deadlines=deadlines,
     )
 
 
@@ -571,3 +577,227 @@ def test_full_router_queue_answers_overloaded_at_once(bls: dict) -> None:
     assert router._admitted == 0  # every admitted request gave its place back
     with pytest.raises(ConfigError, match="max_queue_size"):
         make_router(max_queue=-1)
+
+
+# -- deadlines: a tier that accepts a request and never answers ----------------------
+
+
+class StoppableTier:
+    """A tensorrt_llm-style tier: ``stop`` with a request id ends that request.
+
+    ``hang_first`` makes it accept a request and send nothing; otherwise it streams
+    ``tokens`` and then waits (never ending by itself) until it is stopped. Every stop
+    ends the stopped request with a bare final response, as tensorrt_llm does.
+    """
+
+    def __init__(self, tokens: Sequence[int] = (), hang_first: bool = False) -> None:
+        self.tokens, self.hang_first = list(tokens), hang_first
+        self.stopped: dict[str, threading.Event] = {}
+        self.sent: dict[str, int] = {}
+        self.stop_ids: list[str] = []
+        self._lock = threading.Lock()
+
+    def _event(self, request_id: str) -> threading.Event:
+        with self._lock:
+            return self.stopped.setdefault(request_id, threading.Event())
+
+    def __call__(self, inputs: dict[str, np.ndarray], request: Any) -> Any:
+        stop = self._event(request.request_id)
+        if "stop" in inputs:
+            self.stop_ids.append(request.request_id)
+            stop.set()
+            return [InferenceResponse()]
+        if self.hang_first:
+            stop.wait(30)
+            return [InferenceResponse()]
+        return self._stream(request.request_id, stop)
+
+    def _stream(self, request_id: str, stop: threading.Event) -> Any:
+        for response in token_stream(self.tokens):
+            self.sent[request_id] = self.sent.get(request_id, 0) + 1
+            yield response
+        stop.wait(30)
+        yield InferenceResponse()
+
+    def release(self) -> None:
+        for event in list(self.stopped.values()):
+            event.set()
+
+
+DEADLINES = BlsDeadlines(first_response=1.0, next_response=1.0)
+
+
+def deadline_router(metrics: RouterMetrics) -> Router:
+    return make_router(metrics, deadlines=DEADLINES)
+
+
+def tier_request_ids(model: str) -> list[str]:
+    return [r.request_id for r in SENT_REQUESTS if r.model_name == model]
+
+
+def abandoned(metrics: RouterMetrics, model: str) -> float:
+    return metrics.bls.abandoned.labels(model=model).value
+
+
+def test_tier_that_never_answers_times_out_falls_back_and_is_stopped(bls: dict) -> None:
+    SENT_REQUESTS.clear()
+    down = Downstream(bls, intent="summarization")  # llm_small, then llm_medium
+    hung = StoppableTier(hang_first=True)
+    bls["llm_small"] = hung
+    metrics = RouterMetrics()
+    router = deadline_router(metrics)
+    request = router_request(stream=True)
+    try:
+        serve(router, request)
+    finally:
+        router.close()  # waits for the stop sent in the background
+        hung.release()
+    chunks = request.sender.responses()
+    assert "".join(value(r, "text_output") for r in chunks) == ANSWER
+    assert {value(r, "model") for r in chunks} == {"llm_medium"}
+    assert down.tiers_called() == ["llm_medium"]
+    assert metrics.fallbacks.labels(from_tier="llm_small", to_tier="llm_medium").value == 1
+    assert metrics.bls.timeouts.labels(model="llm_small", phase="first_response").value == 1
+    # The hung request was sent a stop carrying its own request id, which ended it.
+    (hung_id, stop_id) = tier_request_ids("llm_small")
+    assert hung.stop_ids == [hung_id] and stop_id == hung_id
+    assert eventually(lambda: abandoned(metrics, "llm_small") == 0)
+
+
+def test_forced_tier_that_never_answers_is_unavailable(bls: dict) -> None:
+    Downstream(bls)
+    hung = StoppableTier(hang_first=True)
+    bls["llm_large"] = hung
+    router = deadline_router(RouterMetrics())
+    request = router_request(model="llm_large")
+    try:
+        serve(router, request)
+    finally:
+        router.close()
+        hung.release()
+    err = error_of(request)
+    assert err.code() == TritonError.UNAVAILABLE
+    assert "llm_large: timed out: no first response within 1s" in err.message()
+    assert hung.stop_ids  # and it was told to stop
+
+
+def test_tier_that_stalls_mid_stream_ends_the_stream_with_an_error_and_is_stopped(
+    bls: dict,
+) -> None:
+    SENT_REQUESTS.clear()
+    down = Downstream(bls, intent="summarization")
+    stalls = StoppableTier(tokens=b"Hi")
+    bls["llm_small"] = stalls
+    metrics = RouterMetrics()
+    router = deadline_router(metrics)
+    request = router_request(stream=True, max_tokens=50)
+    try:
+        serve(router, request)
+    finally:
+        router.close()
+        stalls.release()
+    resp, flags = request.sender.sent[-1]
+    assert flags & FINAL and resp.has_error()
+    assert resp.error().code() == TritonError.UNAVAILABLE
+    assert "no next response within 1s" in resp.error().message()
+    text = [value(r, "text_output") for r in request.sender.responses() if not r.has_error()]
+    assert "".join(text) == "Hi"
+    assert "llm_medium" not in down.calls  # no fallback once text was sent
+    (request_id, stop_id) = tier_request_ids("llm_small")
+    assert stalls.stop_ids == [request_id] and stop_id == request_id
+    assert metrics.bls.timeouts.labels(model="llm_small", phase="next_response").value == 1
+
+
+def test_cancelled_stream_really_stops_a_tier_that_would_run_on(bls: dict) -> None:
+    """The stop reaches the running request (same id), which ends with fewer tokens than
+    asked, and the router does not wait for more."""
+    SENT_REQUESTS.clear()
+    Downstream(bls, intent="summarization")
+    tier = StoppableTier(tokens=TOKENS)
+    bls["llm_small"] = tier
+    request = router_request(stream=True, max_tokens=64)
+    request.sender = CancelAfter(checks=3)
+    router = deadline_router(RouterMetrics())
+    try:
+        serve(router, request)
+    finally:
+        router.close()
+        tier.release()
+    assert request.sender.closed and not any(r.has_error() for r in request.sender.responses())
+    (running_id, stop_id) = tier_request_ids("llm_small")
+    assert tier.stop_ids == [running_id] and stop_id == running_id
+    assert tier.stopped[running_id].is_set()
+    assert sum(1 for _ in request.sender.responses()) < 64
+
+
+def test_hung_classifier_is_unavailable_not_a_lost_worker(bls: dict) -> None:
+    down = Downstream(bls)
+    release = threading.Event()
+
+    def hung(inputs: dict[str, np.ndarray]) -> InferenceResponse:
+        release.wait(30)
+        return down.classify(inputs)
+
+    bls["intent_classifier"] = hung
+    router = deadline_router(RouterMetrics())
+    request = router_request()
+    try:
+        serve(router, request)
+    finally:
+        release.set()
+        router.close()
+    err = error_of(request)
+    assert err.code() == TritonError.UNAVAILABLE
+    assert "intent_classifier: timed out: no answer within" in err.message()
+
+
+# -- TensorRT-LLM's own error texts (the h100 tiers) ---------------------------------
+
+#: Real messages, as the tensorrtllm backend reports them (the wrapper texts are from
+#: inflight_batcher_llm/src/model_instance_state.cc; the inner ones are quoted in
+#: serving/errors.py with their source files).
+TRTLLM_CLIENT_FAULTS = [
+    "Executor failed process requestId 7 due to the following error: [TensorRT-LLM][ERROR] "
+    "Assertion failed: Prompt length (9000) exceeds maximum input length (8192). Set log "
+    "level to info and check TRTGptModel logs for how maximum input length is set "
+    "(/app/tensorrt_llm/cpp/tensorrt_llm/batch_manager/llmRequest.cpp:123)",
+    "[TensorRT-LLM][ERROR] Streaming is only supported if model is deployed using "
+    "decoupled mode. (/app/inflight_batcher_llm/src/utils.cc:907)",
+    "[TensorRT-LLM][ERROR] input_ids or encoder_input_features is not present in the request.",
+    "request_output_len is not present in the request",
+]
+TRTLLM_CAPACITY = [
+    "[TensorRT-LLM][ERROR] Maximum queue size of 64 has been reached, please try again later "
+    "(/app/tensorrt_llm/cpp/tensorrt_llm/executor/executorImpl.cpp:650)",
+    "[request id: router-1-0] Exceeds maximum queue size",
+]
+
+
+@pytest.mark.parametrize("message", TRTLLM_CLIENT_FAULTS)
+def test_trtllm_client_fault_is_invalid_arg_without_fallback(bls: dict, message: str) -> None:
+    down = Downstream(bls, intent="summarization")
+    bls["llm_small"] = lambda inputs: [error(message)]
+    request = router_request()
+    serve(make_router(), request)
+    err = error_of(request)
+    assert err.code() == TritonError.INVALID_ARG and message in err.message()
+    assert "llm_medium" not in down.calls
+
+
+@pytest.mark.parametrize("message", TRTLLM_CAPACITY)
+def test_trtllm_full_queue_falls_back_and_is_overloaded_when_every_tier_is_full(
+    bls: dict, message: str
+) -> None:
+    down = Downstream(bls, intent="summarization")
+    bls["llm_small"] = lambda inputs: [error(message)]
+    request = router_request()
+    serve(make_router(), request)
+    assert "llm_medium" in down.calls  # the fallback served it
+    assert not any(r.has_error() for r in request.sender.responses())
+
+    bls["llm_medium"] = lambda inputs: [error(message)]
+    request = router_request()
+    serve(make_router(), request)
+    err = error_of(request)
+    assert err.code() == TritonError.UNAVAILABLE
+    assert err.message().startswith("overloaded: no tier could serve this request")

@@ -14,7 +14,7 @@ from serving.llm.tokenizer import TokenBytes, tokenizer_for
 from serving.router import Router, RouterMetrics, RouterModels
 from serving.routing import RoutingPolicy
 from serving.text import TokenText
-from serving.triton import ModelSetup, model_exception
+from serving.triton import BlsDeadlines, ModelSetup, model_exception
 
 
 class TritonPythonModel:
@@ -42,6 +42,7 @@ class TritonPythonModel:
                 max_queue=params.get("max_queue_size", int, default=64),
                 batched=setup.config.get("max_batch_size", 0) > 0,
                 metrics=RouterMetrics(),
+                deadlines=BlsDeadlines.from_params(params),
             )
         except Exception as exc:
             raise model_exception(exc) from exc
