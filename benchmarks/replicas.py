@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,18 @@ async def through_gateway(base_url: str, prompts: list[str], args: argparse.Name
     )
 
 
+def gateway_ejections(metrics_url: str) -> dict[str, int]:
+    """Replica url -> how often the gateway ejected it (its ``gateway_ejections_total``)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_ejections_total{"):
+            replica = line.split('replica="', 1)[1].split('"', 1)[0]
+            out[replica] = out.get(replica, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
 def one_config(
     name: str,
     replicas: list[TritonLauncher],
@@ -145,19 +158,23 @@ def one_config(
             result = asyncio.run(
                 through_gateway(f"http://127.0.0.1:{port}/v1", prompts, args, secs)
             )
+            ejections = gateway_ejections(f"http://127.0.0.1:{port}/metrics")
         finally:
             gateway_process.stop(gateway)
             log.close()
         protocol = "OpenAI chat (SSE) -> gateway -> Triton gRPC"
+        ejected = {r.grpc_url: ejections.get(r.grpc_url, 0) for r in replicas}
     else:
         proxy = Proxy(Balancer(name), [r.http_url for r in replicas], free_port(), where / name)
         with proxy:
             result = asyncio.run(through_proxy(proxy, prompts, args, secs))
         protocol = "Triton HTTP generate_stream (SSE)"
+        ejected = None  # nginx max_fails=0 and Envoy without health checks never eject
     after = [r.requests_succeeded(ENGINE) for r in replicas]
     summary = summarize(result.records, result.wall_time)
     summary["config"] = name
     summary["protocol"] = protocol
+    summary["ejections_per_replica"] = list(ejected.values()) if ejected else None
     summary["requests_per_replica"] = [round(a - b) for a, b in zip(after, before, strict=True)]
     summary["error_examples"] = sorted(
         {f"{r.error}: {r.error_message}"[:200] for r in result.records if not r.ok}
@@ -189,8 +206,8 @@ def markdown(report: dict[str, Any]) -> str:
         "another against the same two servers.",
         "",
         "| configuration | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | ITL p99 | "
-        "tok/s per user p50 | req/s | tok/s | requests per replica | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "tok/s per user p50 | req/s | tok/s | requests per replica | gateway ejections | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in cfg["configs"]:
         s = rows[name]
@@ -200,7 +217,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name} | {_ms(t['p50'])} | {_ms(t['p90'])} | {_ms(t['p99'])} | "
             f"{_ms(i['p50'])} | {_ms(i['p90'])} | {_ms(i['p99'])} | {per_user} | "
             f"{s['requests_per_s']:.2f} | {s['output_tokens_per_s']:.1f} | "
-            f"{s['requests_per_replica']} | {s['errors'] or 'none'} |"
+            f"{s['requests_per_replica']} | {s.get('ejections_per_replica') or '-'} | "
+            f"{s['errors'] or 'none'} |"
         )
     lines += ["", "Latencies in ms. " + report["goal"], ""]
     lines += ["![latency](replicas_latency.png)", "", "![ttft](replicas_ttft.png)", ""]
