@@ -222,7 +222,13 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "Latencies in ms. " + report["goal"], ""]
     lines += ["![latency](replicas_latency.png)", "", "![ttft](replicas_ttft.png)", ""]
-    lines += ["Prompts: Databricks Dolly 15k sample (CC BY-SA 3.0).", ""]
+    lines += [
+        "What the numbers mean, the sizing and the field report: "
+        "[docs/kubernetes.md](../../docs/kubernetes.md#the-replica-experiment-benchmarksreplicaspy).",
+        "",
+        "Prompts: Databricks Dolly 15k sample (CC BY-SA 3.0).",
+        "",
+    ]
     return "\n".join(lines)
 
 
