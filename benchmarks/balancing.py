@@ -38,7 +38,7 @@ from rich.table import Table
 from client.balancing import AsyncReplicaPool, Strategy
 from client.loadgen import LoadShape, Target, request_stream, run
 from client.metrics import summarize
-from client.workload import jobs, load_prompts
+from client.workload import add_closed_loop_arguments, jobs, load_prompts
 from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher
 from serving.repository import configured_copy
 
@@ -172,19 +172,9 @@ def main() -> int:
     parser.add_argument(
         "--capacity", type=float, default=100.0, help="simulated: tokens/s per replica"
     )
-    parser.add_argument("--users", type=int, default=10, help="closed-loop users")
-    parser.add_argument("--duration", type=float, default=75.0, help="seconds per strategy")
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument(
-        "--prewarm", type=float, default=30.0, help="seconds of unrecorded load before the runs"
+    add_closed_loop_arguments(
+        parser, users=10, duration=75.0, output_tokens=[16, 16, 16, 160], per="strategy"
     )
-    parser.add_argument(
-        "--output-tokens",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[16, 16, 16, 160],
-        help="output caps drawn at random per request",
-    )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--output",
         type=Path,

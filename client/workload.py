@@ -5,6 +5,7 @@ Kept apart from the runner so the workload is reproducible from a seed and unit-
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from collections.abc import Iterator, Sequence
@@ -138,3 +139,41 @@ def arrival_gaps(rate: float, burstiness: float, seed: int) -> Iterator[float]:
     scale = 1.0 / (rate * burstiness)
     while True:
         yield float(rng.gamma(burstiness, scale))
+
+
+def output_caps(text: str) -> list[int]:
+    """``"16,16,16,256"`` -> ``[16, 16, 16, 256]`` (an argparse type)."""
+    try:
+        caps = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers like 16,16,256, got {text!r}"
+        ) from None
+    if not caps or min(caps) < 1:
+        raise argparse.ArgumentTypeError(f"output caps must be >= 1, got {text!r}")
+    return caps
+
+
+def add_closed_loop_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    users: int,
+    duration: float,
+    output_tokens: Sequence[int],
+    per: str = "run",
+) -> None:
+    """The closed-loop load options the replica benchmarks share: users, duration per
+    ``per``, warm-up requests, unrecorded pre-warm, mixed output caps, seed."""
+    parser.add_argument("--users", type=int, default=users, help="closed-loop users")
+    parser.add_argument("--duration", type=float, default=duration, help=f"seconds per {per}")
+    parser.add_argument("--warmup", type=int, default=4, help="uncounted warm-up requests")
+    parser.add_argument(
+        "--prewarm", type=float, default=30.0, help="seconds of unrecorded load before the runs"
+    )
+    parser.add_argument(
+        "--output-tokens",
+        type=output_caps,
+        default=list(output_tokens),
+        help="output caps drawn at random per request (short and long mixed)",
+    )
+    parser.add_argument("--seed", type=int, default=0)

@@ -18,10 +18,10 @@ SIGTERM; a child started from a worker thread would instead die with that thread
 Triton.
 
 Faults for tests and the soak: :meth:`LocalCluster.kill` SIGKILLs one replica's
-tritonserver (its stubs exit when they see their server gone; :meth:`restart` reaps them
-and removes their shared memory), and :meth:`LocalCluster.restart` starts that replica
-again on the same ports, so the gateway's static topology sees it come back when its
-deep health answers 200 again.
+tritonserver only (its stubs share its process group; :meth:`LocalCluster.restart` and
+:meth:`LocalCluster.stop` SIGKILL that group and remove the stubs' shared memory), and
+:meth:`LocalCluster.restart` starts that replica again on the same ports, so the
+gateway's static topology sees it come back when its deep health answers 200 again.
 """
 
 from __future__ import annotations

@@ -267,3 +267,19 @@ def test_closed_loop_pauses_after_an_unreachable_server() -> None:
     errors = [r for r in result.records if not r.ok]
     assert {r.error for r in errors} == {"unavailable"}
     assert 2 <= len(errors) <= 7  # about one per 100 ms pause, not thousands
+
+
+def test_closed_loop_arguments_parse_mixed_output_caps() -> None:
+    import argparse
+
+    from client.workload import add_closed_loop_arguments
+
+    parser = argparse.ArgumentParser()
+    add_closed_loop_arguments(parser, users=30, duration=600.0, output_tokens=[16, 256])
+    args = parser.parse_args(["--output-tokens", "16,16,16,256", "--duration", "45"])
+    assert args.output_tokens == [16, 16, 16, 256] and args.duration == 45.0
+    assert (args.users, args.warmup, args.seed) == (30, 4, 0)
+    assert parser.parse_args([]).output_tokens == [16, 256]
+    for bad in ("16,x", "0,16"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--output-tokens", bad])

@@ -19,39 +19,27 @@ def _sse(*events: object) -> bytes:
     return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
 
 
+def _event(kind: str, choices: list[dict], usage: dict | None = None) -> dict:
+    event = {"id": "c", "object": kind, "created": 0, "model": "llm_small", "choices": choices}
+    return event if usage is None else {**event, "usage": usage}
+
+
 def _completion(text: str) -> dict:
-    return {
-        "id": "c",
-        "object": "text_completion",
-        "created": 0,
-        "model": "llm_small",
-        "choices": [{"index": 0, "text": text, "finish_reason": None}],
-    }
+    return _event("text_completion", [{"index": 0, "text": text, "finish_reason": None}])
 
 
 def _chat(text: str) -> dict:
-    return {
-        "id": "c",
-        "object": "chat.completion.chunk",
-        "created": 0,
-        "model": "llm_small",
-        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
-    }
+    choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+    return _event("chat.completion.chunk", [choice])
 
 
 def _usage(completion_tokens: int, kind: str = "text_completion") -> dict:
-    return {
-        "id": "c",
-        "object": kind,
-        "created": 0,
-        "model": "llm_small",
-        "choices": [],
-        "usage": {
-            "prompt_tokens": 3,
-            "completion_tokens": completion_tokens,
-            "total_tokens": 3 + completion_tokens,
-        },
+    usage = {
+        "prompt_tokens": 3,
+        "completion_tokens": completion_tokens,
+        "total_tokens": 3 + completion_tokens,
     }
+    return _event(kind, [], usage)
 
 
 def _api(handler: object) -> openai.AsyncOpenAI:
