@@ -183,6 +183,50 @@ def test_deep_readiness_url_ejects_and_readmits() -> None:
     asyncio.run(scenario())
 
 
+def test_a_slow_health_answer_ejects_only_after_several_in_a_row() -> None:
+    """A saturated but healthy launcher sometimes answers its probe late: one late answer
+    must not eject it; eject_after late answers in a row do."""
+    from aiohttp import web
+
+    from serving.launcher import free_port
+
+    state = {"delay": 0.0}
+
+    async def ready(_: web.Request) -> web.Response:
+        await asyncio.sleep(state["delay"])
+        return web.json_response({"models": {}})
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/health/ready", ready)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        servers = {"a:1": FakeServer("a:1", chunks=text_chunks(b"ok"))}
+        pool = _pool(
+            servers,
+            health_urls=[f"http://127.0.0.1:{port}/health/ready"],
+            probe_timeout=0.05,
+            eject_after=3,
+        )
+        (replica,) = pool.replicas
+        try:
+            state["delay"] = 0.2  # later than the probe waits
+            assert await pool.check(replica) and await pool.check(replica)
+            assert replica.healthy and replica.slow_probes == 2
+            state["delay"] = 0.0  # an answer in time resets the count
+            assert await pool.check(replica) and replica.slow_probes == 0
+            state["delay"] = 0.2
+            results = [await pool.check(replica) for _ in range(3)]
+            assert results == [True, True, False] and not replica.healthy
+        finally:
+            await pool.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
 def test_fast_failing_replica_is_ejected_after_consecutive_errors() -> None:
     """Without outlier ejection, power_of_two would send nearly everything to the replica
     that fails instantly (it never has requests in flight)."""
