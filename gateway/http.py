@@ -27,6 +27,8 @@ from gateway.errors import APIError
 DEFAULT_CLIENT_TIMEOUT = 30.0
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 
+_LINGER = 2.0
+
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
@@ -73,6 +75,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0  # raw bytes of chunks that ended inside the headers
         self._parsed_bytes = 0  # request line and headers as parsed
+        self._rejected = False
 
     @classmethod
     def with_limits(cls, header_timeout: float, max_header_bytes: int) -> type:
@@ -95,10 +98,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._header_timer = None
 
     def _reject(self, error: APIError) -> None:
+        """Answer ``error`` and end the connection.
+
+        Closing a socket with the client's unread bytes in it sends a reset, which can
+        destroy the answer before the client reads it; so the answer is followed by a
+        half-close, what the client still sends is read and dropped, and the socket is
+        closed when the client closes its side (or after ``_LINGER`` seconds).
+        """
         self._disarm()
-        if not self.transport.is_closing():
-            self.logger.info("closing a connection: %s", error.message)
-            self.transport.write(raw_error_response(error))
+        if self._rejected or self.transport.is_closing():
+            return
+        self._rejected = True
+        self.logger.info("closing a connection: %s", error.message)
+        self.transport.write(raw_error_response(error))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(_LINGER, self.transport.close)
+        else:
             self.transport.close()
 
     def _headers_late(self) -> None:
@@ -135,7 +151,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             raise _HeadersTooLarge  # stops the parser; uvicorn's 400 is then skipped
 
     def send_400_response(self, msg: str) -> None:
-        if not self.transport.is_closing():  # not after this protocol's own 408/431
+        if not self._rejected:  # not after this protocol's own 408/431
             super().send_400_response(msg)
 
     def on_headers_complete(self) -> None:
@@ -143,6 +159,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return  # answered already: drop what the client still sends
         reading_headers = self._header_timer is not None
         super().data_received(data)
         # Still in the headers after this chunk: every byte of it was header.
