@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from gateway import process as gateway_process
-from serving.launcher import LaunchOptions, TritonLauncher, free_port
+from serving.launcher import LaunchOptions, TritonLauncher
+from tests.integration.conftest import pools_gateway, replica
 
 TIERS = {"llm_small", "llm_medium", "llm_large"}
 
@@ -34,48 +34,19 @@ def second(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonLauncher]
         launcher.stop()
 
 
-def _replica(launcher: TritonLauncher) -> dict[str, str]:
-    return {"url": launcher.grpc_url, "health_url": launcher.health_url}
-
-
 @pytest.fixture(scope="module")
 def pooled(
     server: TritonLauncher, second: TritonLauncher, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("gateway-pools")
-    topology = {
-        "pools": [
-            {
-                "name": "front",
-                "models": ["intent_classifier", "embedding"],
-                "replicas": [_replica(server)],
-            },
-            {"name": "big", "models": ["llm_medium", "llm_large"], "replicas": [_replica(server)]},
-            {
-                "name": "small",
-                "models": ["llm_small"],
-                "replicas": [_replica(server), _replica(second)],
-                "strategy": "round_robin",
-                "max_in_flight": 4,
-                "gpu_hour_price": 2.5,
-            },
-        ]
+    small = {
+        "replicas": [replica(server), replica(second)],
+        "strategy": "round_robin",
+        "max_in_flight": 4,
+        "gpu_hour_price": 2.5,
     }
-    path = folder / "topology.yaml"
-    path.write_text(json.dumps(topology))  # JSON is YAML
-    port = free_port()
-    log = (folder / "gateway.log").open("wb")
-    proc = gateway_process.start(
-        ["--port", str(port), "--topology", str(path)],
-        f"http://127.0.0.1:{port}/health/ready",
-        stdout=log,
-        stderr=log,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        gateway_process.stop(proc)
-        log.close()
+    with pools_gateway(folder, server, small) as url:
+        yield url
 
 
 def _served_by(launcher: TritonLauncher) -> float:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import uvicorn
 from gateway.app import create_app
 from gateway.http import GuardedHttpToolsProtocol
 from serving.launcher import free_port
+from tests.sockets import send_and_read
 from tests.unit.gateway_fakes import FakeTriton, make_gateway
 
 TIMEOUT = 0.5
@@ -49,17 +49,9 @@ def port() -> Iterator[int]:
 
 def exchange(port: int, data: bytes, wait: float = 5.0) -> tuple[bytes, float]:
     """Send ``data``, read until the server closes; (what came back, seconds it took)."""
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.settimeout(wait)
-        started = time.monotonic()
-        sock.sendall(data)
-        got = b""
-        try:
-            while chunk := sock.recv(65536):
-                got += chunk
-        except ConnectionResetError:
-            pass  # closed with our unread bytes in its buffer: the answer came first
-        return got, time.monotonic() - started
+    started = time.monotonic()
+    got = send_and_read("127.0.0.1", port, data, wait)
+    return got or b"", time.monotonic() - started
 
 
 def request(*headers: bytes, body: bytes = BODY) -> bytes:
