@@ -110,9 +110,16 @@ def _gen(model: str, payload: bytes, status: int, message: str, **kw: Any) -> Ht
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
-ROUTER_TEXT = "failed to parse the request JSON buffer"
+JSON_BUFFER = "failed to parse the request JSON buffer"
+#: Triton 2.51's HTTP front end answers a body it cannot parse (bad JSON, a JSON value
+#: of the wrong type for an input) with 500, not 400: its decision, not a model's.
+TRITON_PARSE = 500
+#: Complete headers (with the API key, so the gateway waits for the body), then no body.
 HEADERS_ONLY = (
-    b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    + b"Authorization: Bearer "
+    + KEY.encode()
+    + b"\r\nContent-Length: 100\r\n\r\n"
 )
 
 ROWS: tuple[Row, ...] = (
@@ -123,25 +130,25 @@ ROWS: tuple[Row, ...] = (
             Http(EMBEDDINGS, b"{model}", 400, "not valid JSON"),
         ),
         triton_http=(
-            _gen("router", b'{"text_input": hi}', 400, ROUTER_TEXT),
-            Http("/v2/models/embedding/infer", b'{"inputs": [}', 400, ROUTER_TEXT),
+            _gen("router", b'{"text_input": hi}', TRITON_PARSE, JSON_BUFFER),
+            Http("/v2/models/embedding/infer", b'{"inputs": [}', TRITON_PARSE, JSON_BUFFER),
         ),
-        note="Triton's HTTP front end parses the JSON itself and answers 400.",
+        note="Triton's HTTP front end parses the JSON itself and answers 500 (seen in 2.51).",
     ),
     Row(
         "truncated-json",
         gateway=(Http(CHAT, chat()[:40], 400, "not valid JSON"),),
-        triton_http=(_gen("llm_small_text", b'{"text_input": "Wha', 400, ROUTER_TEXT),),
+        triton_http=(_gen("llm_small_text", b'{"text_input": "Wha', TRITON_PARSE, JSON_BUFFER),),
     ),
     Row(
         "not-an-object",
         gateway=(Http(COMPLETIONS, b"[1, 2]", 400, "must be a JSON object"),),
-        triton_http=(_gen("router", b"[1, 2]", 400, "object"),),
+        triton_http=(_gen("router", b"[1, 2]", TRITON_PARSE, "non-object"),),
     ),
     Row(
         "deep-nesting",
         gateway=(Http(CHAT, b"[" * 20000, 400, "not valid JSON"),),
-        triton_http=(_gen("router", b'{"text_input": ' + b"[" * 2000, 400, ROUTER_TEXT),),
+        triton_http=(_gen("router", b'{"text_input": ' + b"[" * 2000, TRITON_PARSE, JSON_BUFFER),),
         note="Triton gets 2,000 levels, not 20,000: one session server serves the whole run.",
     ),
     Row(
@@ -154,22 +161,22 @@ ROWS: tuple[Row, ...] = (
             Http(EMBEDDINGS, body(model="embedding", input=[1, 2]), 400, "'input"),
         ),
         triton_http=(
-            _gen("router", body(text_input=QUESTION, max_tokens="ten"), 400, "max_tokens"),
-            _gen("router", body(text_input=5), 400, "text_input"),
+            _gen("router", body(text_input=QUESTION, max_tokens="ten"), TRITON_PARSE, "'data'"),
+            _gen("router", body(text_input=5), TRITON_PARSE, "non-string as string"),
         ),
         triton_grpc=(
             Grpc(
                 "router",
                 {"text_input": text(QUESTION), "max_tokens": np.array([[4.0]], np.float32)},
-                INVALID,
-                "max_tokens",
+                None,
+                "data-type is 'FP32', but model 'router' expects 'INT32'",
             ),
             Grpc("embedding", {"text": int32(5)}, INVALID, "text"),
             Grpc(
                 "llm_small",
                 {**tier_inputs([1, 2, 3]), "input_ids": np.array([[1.0, 2.0]], np.float32)},
-                INVALID,
-                "input_ids",
+                None,
+                "'input_ids' data-type is 'FP32'",
             ),
         ),
     ),
@@ -182,9 +189,12 @@ ROWS: tuple[Row, ...] = (
         ),
         triton_http=(_gen("router", body(max_tokens=4), 400, "text_input"),),
         triton_grpc=(
-            Grpc("router", {"max_tokens": int32(4)}, INVALID, "text_input"),
+            Grpc("router", {"max_tokens": int32(4)}, None, "input 'text_input' is required"),
             Grpc(
-                "llm_small", {"input_ids": np.array([[1, 2]], np.int32)}, INVALID, "input_lengths"
+                "llm_small",
+                {"input_ids": np.array([[1, 2]], np.int32)},
+                None,
+                "missing required input",
             ),
         ),
     ),
@@ -225,7 +235,7 @@ ROWS: tuple[Row, ...] = (
         ),
         triton_http=(
             _gen("router", b'{"text_input": "caf\xc3"}', 400, "UTF-8"),
-            _gen("router", b'{"text_input": "\\ud800"}', 400, "UTF-8"),
+            _gen("router", b'{"text_input": "\\ud800"}', TRITON_PARSE, "surrogate pair"),
         ),
         triton_grpc=(
             Grpc("router", {"text_input": text(b"caf\xc3")}, None, "UTF-8"),
@@ -307,7 +317,7 @@ ROWS: tuple[Row, ...] = (
             Http(EMBEDDINGS, body(model="nope", input="hi"), 404, "does not exist"),
             Http(CHAT, chat(model="embedding"), 400, "embedding model"),
         ),
-        triton_http=(_gen("no_such_model", body(text_input="hi"), 400, "unknown model"),),
+        triton_http=(_gen("no_such_model", body(text_input="hi"), 404, "unknown model"),),
         triton_grpc=(
             Grpc("no_such_model", {"text": text("hi")}, "StatusCode.NOT_FOUND", "unknown model"),
             Grpc(
@@ -368,8 +378,10 @@ ROWS: tuple[Row, ...] = (
         "long-header",
         gateway=(Http(CHAT, chat(), 431, "headers are larger", headers={"x-junk": LONG_HEADER}),),
         triton_http=(
-            _gen("router", body(text_input="hi"), 400, "", headers={"x-junk": LONG_HEADER}),
+            _gen("router", body(text_input="hi"), 0, "", headers={"x-junk": LONG_HEADER}),
         ),
+        note="Triton's HTTP server closes the connection on a 100 KB header, without an "
+        "answer; gRPC refuses the metadata with RESOURCE_EXHAUSTED.",
         triton_grpc=(
             Grpc(
                 "embedding",
