@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gateway.http import DEFAULT_CLIENT_TIMEOUT, DEFAULT_MAX_HEADER_BYTES
 from serving.errors import ConfigError
 
 
@@ -84,6 +85,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=30.0,
         help="on SIGTERM/Ctrl-C, seconds to let streams in flight finish",
     )
+    parser.add_argument(
+        "--client-timeout",
+        type=float,
+        default=DEFAULT_CLIENT_TIMEOUT,
+        help="seconds a client has to send a request's headers, and again its body; "
+        "a client that stalls gets 408 and its connection is closed",
+    )
+    parser.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=DEFAULT_MAX_HEADER_BYTES,
+        help="larger request headers get 431 and the connection is closed",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument(
         "--hash-key",
@@ -124,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.app import JsonFormatter, create_app
     from gateway.auth import KeyStore
     from gateway.config import RoutingSettings, Topology
+    from gateway.http import GuardedHttpToolsProtocol
     from gateway.service import Gateway
     from gateway.tokenizer import load
 
@@ -167,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             }
         },
     )
-    app = create_app(gateway, keys, max_body_bytes=args.max_body_bytes)
+    app = create_app(
+        gateway, keys, max_body_bytes=args.max_body_bytes, client_timeout=args.client_timeout
+    )
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
+        http=GuardedHttpToolsProtocol.with_limits(args.client_timeout, args.max_header_bytes),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=args.drain_timeout,

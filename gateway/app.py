@@ -8,6 +8,7 @@ proper HTTP error (and was retried or fallen back on), never half a stream.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -21,9 +22,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from gateway.auth import ApiKey, KeyStore
 from gateway.errors import APIError, bad_request
+from gateway.http import DEFAULT_CLIENT_TIMEOUT
 from gateway.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse
 from gateway.service import AUTO, NO_ARM, Gateway, Generation, GenRequest
 from gateway.sse import DONE, event
@@ -55,6 +58,7 @@ def create_app(
     keys: KeyStore | None = None,
     *,
     max_body_bytes: int = 1 << 20,
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
 ) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -74,7 +78,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error = APIError(exc.status_code, str(exc.detail), code="not_found")
+        code = _HTTP_CODES.get(exc.status_code, "invalid_request")
+        error = APIError(exc.status_code, str(exc.detail), code=code)
         return JSONResponse(error.body(), status_code=exc.status_code)
 
     def finish(call: Call) -> None:
@@ -136,10 +141,26 @@ def create_app(
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             raise _too_large(max_body_bytes)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise _too_large(max_body_bytes)
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > max_body_bytes:
+                    raise _too_large(max_body_bytes)
+
+        # A client that sends its headers and then nothing (or a byte now and then)
+        # must not hold its connection forever: the whole body has a deadline.
+        try:
+            await asyncio.wait_for(read(), client_timeout)
+        except TimeoutError:
+            raise APIError(
+                408,
+                f"the request body did not arrive within {client_timeout:g}s",
+                code="request_timeout",
+                close=True,
+            ) from None
+        except ClientDisconnect:
+            raise APIError(499, "the client closed the connection", code="cancelled") from None
         return bytes(body)
 
     def priority_of(request: Request, field_value: str | None) -> str:
@@ -328,6 +349,10 @@ class _GenerationStream(StreamingResponse):
         finally:
             await self._gen.close()
             self._finish()
+
+
+#: OpenAI ``code`` for the errors Starlette raises itself (unknown path, wrong method).
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
 def _too_large(limit: int) -> APIError:

@@ -22,8 +22,11 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     499: "cancelled",
     500: "server_error",
     502: "server_error",
@@ -43,6 +46,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after: float | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -50,6 +54,8 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        #: end the connection after this response (the request's body was not all read)
+        self.close = close
 
     @property
     def type(self) -> str:
@@ -66,9 +72,10 @@ class APIError(Exception):
         }
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after + 0.499)))}
+        out = {"Connection": "close"} if self.close else {}
+        if self.retry_after is not None:
+            out["Retry-After"] = str(max(1, round(self.retry_after + 0.499)))
+        return out
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -6,14 +6,17 @@ are accepted, as OpenAI's API does. Extension fields (documented in docs/gateway
 
 - ``intent``: force the intent for ``model: "auto"`` (skips the classifier);
 - ``priority``: ``interactive`` (default) or ``batch`` (also the ``x-priority`` header).
+
+Types are strict, as OpenAI's are: ``"max_tokens": "10"`` or ``true`` is a 400 naming the
+field, not a value quietly coerced into something the client did not write.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import from_json
 
 from gateway.errors import APIError, bad_request
 
@@ -21,12 +24,12 @@ Priority = Literal["interactive", "batch"]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -49,7 +52,7 @@ class Message(BaseModel):
 class _Generation(BaseModel):
     """Options shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -131,7 +134,7 @@ class CompletionRequest(_Generation):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
@@ -149,10 +152,16 @@ class EmbeddingRequest(BaseModel):
 
 
 def parse(model: type[BaseModel], raw: bytes) -> Any:
-    """Decode and validate a body; every problem is a 400 that names the field."""
+    """Decode and validate a body; every problem is a 400 that names the field.
+
+    pydantic-core's JSON reader, not ``json.loads``: the standard library accepts lone
+    surrogate escapes (``"\\ud800"``, text no tokenizer can encode), ``NaN``, and raises
+    RecursionError or ValueError (not a decode error) on 30,000 nested ``[`` or a
+    5,000-digit number, all of which were 500s. This reader refuses each as bad JSON.
+    """
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = from_json(raw, allow_inf_nan=False)
+    except ValueError as exc:
         raise APIError(
             400, f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from None

@@ -1,7 +1,7 @@
 """The gateway in front of the real stack, through the official ``openai`` SDK.
 
-One gateway process (``python -m gateway``, single placement, with an API key file)
-fronts the session's Triton server. Text content from the CPU tiers is not asserted
+The session's gateway (``python -m gateway``, single placement, with an API key file;
+tests/integration/conftest.py) fronts the session's Triton server. Text content from the CPU tiers is not asserted
 (bfloat16 answers differ between CPUs); structure, routing, usage and errors are.
 """
 
@@ -9,50 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
 
-from gateway import process as gateway_process
 from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings
 from gateway.tokenizer import load as load_tokenizer
-from serving.launcher import TritonLauncher, free_port
+from tests.integration.bad_inputs import KEY
 
-KEY = "sk-integration-test"
 TIERS = {"llm_small", "llm_medium", "llm_large"}
 PROMPT = "What is the capital of France?"
 MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def gateway(server: TritonLauncher, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The gateway's base URL (``http://127.0.0.1:<port>/v1``); stopped by its own pid."""
-    folder = tmp_path_factory.mktemp("gateway")
-    keys = folder / "keys.yaml"
-    digest = hashlib.sha256(KEY.encode()).hexdigest()
-    keys.write_text(f"keys:\n  - name: tests\n    sha256: {digest}\n")
-    port = free_port()
-    log = (folder / "gateway.log").open("wb")
-    args = ["--port", str(port), "--triton-grpc", server.grpc_url]
-    args += ["--triton-health", server.health_url, "--api-keys", str(keys)]
-    args += ["--max-body-bytes", "65536"]
-    proc = gateway_process.start(
-        args, f"http://127.0.0.1:{port}/health/ready", stdout=log, stderr=log
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        gateway_process.stop(proc)
-        log.close()
-        if proc.returncode not in (0, -15):
-            print((folder / "gateway.log").read_text()[-4000:])
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from serving.launcher import TritonLauncher
-from tests.integration.conftest import post_json
+from tests.integration.conftest import grpc_input, grpc_stream, post_json, stream_outputs
 
 TIMEOUT = 300
 QUESTION = "What is the capital of France?"
@@ -32,14 +29,7 @@ def _text_inputs(text: str, max_tokens: int, stream: bool) -> list[grpcclient.In
         "temperature": np.array([[0.0]], dtype=np.float32),
         "stream": np.array([[stream]], dtype=np.bool_),
     }
-    return [_input(name, array) for name, array in values.items()]
-
-
-def _input(name: str, array: np.ndarray) -> grpcclient.InferInput:
-    dtype = {"O": "BYTES", "i": "INT32", "f": "FP32", "b": "BOOL", "u": "UINT64"}[array.dtype.kind]
-    tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-    tensor.set_data_from_numpy(array)
-    return tensor
+    return [grpc_input(name, array) for name, array in values.items()]
 
 
 def _tier_inputs(ids: list[int], output_len: int, stream: bool, **extra: np.ndarray) -> list:
@@ -50,45 +40,15 @@ def _tier_inputs(ids: list[int], output_len: int, stream: bool, **extra: np.ndar
         "streaming": np.array([[stream]], dtype=np.bool_),
         **extra,
     }
-    return [_input(name, array) for name, array in values.items()]
-
-
-@contextmanager
-def _stream(
-    server: TritonLauncher,
-) -> Iterator[tuple[grpcclient.InferenceServerClient, queue.Queue]]:
-    """A gRPC client with an open bidirectional stream; results land in the queue."""
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    try:
-        yield client, results
-    finally:
-        client.stop_stream()
-        client.close()
-
-
-def _collect(results: queue.Queue, output: str) -> list[np.ndarray]:
-    """Every response's ``output`` until the final flag; raise on an error response."""
-    outputs = []
-    while True:
-        result, error = results.get(timeout=TIMEOUT)
-        if error is not None:
-            raise error
-        response = result.get_response()
-        array = result.as_numpy(output)
-        if array is not None and array.size:
-            outputs.append(array)
-        if response.parameters["triton_final_response"].bool_param:
-            return outputs
+    return [grpc_input(name, array) for name, array in values.items()]
 
 
 def _stream_text(server: TritonLauncher, model: str, text: str, max_tokens: int, stream: bool):
-    with _stream(server) as (client, results):
+    with grpc_stream(server) as (client, results):
         client.async_stream_infer(
             model, _text_inputs(text, max_tokens, stream), enable_empty_final_response=True
         )
-        chunks = [a.reshape(-1)[0] for a in _collect(results, "text_output")]
+        chunks = [a.reshape(-1)[0] for a in stream_outputs(results, "text_output")]
     return [c.decode("utf-8") for c in chunks]  # strict: a split character fails here
 
 
@@ -130,57 +90,6 @@ def test_http_generate_and_generate_stream(server: TritonLauncher) -> None:
     events = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line]
     assert len(events) > 1
     assert "".join(e["text_output"] for e in events) == whole
-
-
-@pytest.mark.parametrize(
-    ("body", "message"),
-    [
-        ({"text_input": "   "}, "empty"),
-        ({"text_input": "hi", "max_tokens": 0}, "max_tokens"),
-        ({"text_input": "hi", "max_tokens": -4}, "max_tokens"),
-        ({"text_input": "hi", "max_tokens": 1_000_000}, "max_tokens"),
-        ({"text_input": "hi", "temperature": -1.0}, "temperature"),
-        ({"text_input": "word " * 3000}, "shorten the prompt"),
-    ],
-)
-def test_http_bad_input_is_a_clear_400(server: TritonLauncher, body: dict, message: str) -> None:
-    status, text = post_json(server, "/v2/models/llm_small_text/generate", body)
-    assert status == 400
-    assert message in json.loads(text)["error"]
-
-
-@pytest.mark.parametrize(
-    ("inputs", "message"),
-    [
-        (_tier_inputs([], 8, False), "empty"),
-        (_tier_inputs([1] * 3000, 8, False), "shorten the prompt"),
-        (_tier_inputs([1, 2, 3], 0, False), "request_output_len"),
-        (_tier_inputs([1, 2, 3], 5000, False), "request_output_len"),
-        (
-            _tier_inputs([1, 2, 3], 8, False, temperature=np.array([[-1.0]], dtype=np.float32)),
-            "temperature",
-        ),
-    ],
-)
-def test_tier_bad_input_is_invalid_arg(server: TritonLauncher, inputs: list, message: str) -> None:
-    with _stream(server) as (client, results):
-        client.async_stream_infer("llm_small", inputs)
-        with pytest.raises(InferenceServerException, match=message):
-            _collect(results, "output_ids")
-    # The model keeps serving.
-    with _stream(server) as (client, results):
-        client.async_stream_infer("llm_small", _tier_inputs([1, 4093, 198], 4, False))
-        (ids,) = _collect(results, "output_ids")
-    assert ids.shape == (1, 1, 4)
-
-
-def test_wrong_dtype_is_rejected(server: TritonLauncher) -> None:
-    bad = _tier_inputs([1, 2, 3], 4, False)
-    bad[0] = _input("input_ids", np.array([[1, 2, 3]], dtype=np.float32))
-    with _stream(server) as (client, results):
-        client.async_stream_infer("llm_small", bad)
-        with pytest.raises(InferenceServerException, match="input_ids"):
-            _collect(results, "output_ids")
 
 
 def test_eight_concurrent_streams_complete(server: TritonLauncher) -> None:
@@ -241,7 +150,7 @@ def test_cancelled_stream_frees_its_slot_for_the_next(server: TritonLauncher) ->
         client.close()
     assert _wait_for(lambda: _active_sequences(server, model) == 0)
     # The freed slot serves the next request.
-    with _stream(server) as (client, results):
+    with grpc_stream(server) as (client, results):
         client.async_stream_infer(model, _tier_inputs([1, 4093, 198], 4, True))
-        chunks = _collect(results, "output_ids")
+        chunks = stream_outputs(results, "output_ids")
     assert sum(c.size for c in chunks) == 4

@@ -70,6 +70,39 @@ def test_malformed_json_and_non_objects_are_400() -> None:
     assert _error(ChatCompletionRequest, b"\xff\xfe").status == 400
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # each of these was a 500 with json.loads: TypeError/UnicodeEncodeError in the
+        # tokenizer, RecursionError, ValueError (int digits limit)
+        b'{"model": "auto", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+        b"[" * 30000,
+        b'{"model": "auto", "max_tokens": 1' + b"0" * 5000 + b"}",
+        b'{"model": "auto", "temperature": NaN}',
+    ],
+    ids=["lone-surrogate", "deep-nesting", "5000-digit-number", "nan"],
+)
+def test_json_that_python_accepts_or_chokes_on_is_a_400(raw: bytes) -> None:
+    error = _error(ChatCompletionRequest, raw)
+    assert error.status == 400 and error.code == "invalid_json"
+    assert error.message.startswith("the request body is not valid JSON")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 2.0}, "max_tokens"),
+        ({"stream": "yes"}, "stream"),
+        ({"seed": "7"}, "seed"),
+    ],
+)
+def test_wrong_types_are_refused_not_coerced(extra: dict, param: str) -> None:
+    error = _error(ChatCompletionRequest, {**CHAT, **extra})
+    assert error.status == 400 and error.param == param
+
+
 def test_valid_requests_keep_their_options() -> None:
     body = {
         **CHAT,
