@@ -289,10 +289,15 @@ async def read_streams(kind: str, url: str, streams: int, tokens: int, duration:
 
     ``tritonclient``: ``tritonclient.grpc.aio``'s ``stream_infer`` and ``as_numpy``, what
     the transport used before; ``transport``: ``client.AsyncClient.stream_tensors``, the
-    transport the SDK and the gateway use now.
+    transport the SDK and the gateway use now; ``minimal``: the least any grpc.aio reader
+    does (``call.read()``, decode ``output_ids`` only), the floor of grpc.aio itself.
     """
+    import grpc
     import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as grpc_aio
+    from tritonclient.grpc import service_pb2_grpc
+
+    from client.transport import infer_request
 
     inputs = {
         "input_ids": np.array([1, 2, 3], dtype=np.int32),
@@ -331,12 +336,34 @@ async def read_streams(kind: str, url: str, streams: int, tokens: int, duration:
             async for _ in client.stream_tensors("llm_small", inputs):
                 count += 1
 
-    client: Any = (
-        grpc_aio.InferenceServerClient(url) if kind == "tritonclient" else AsyncClient(url)
-    )
-    worker = with_tritonclient if kind == "tritonclient" else with_transport
+    async def minimal(stub: Any) -> None:
+        nonlocal count
+        batched = {name: array[np.newaxis] for name, array in inputs.items()}
+        while time.perf_counter() < stop_at:
+            request = infer_request("llm_small", batched)
+            request.parameters["triton_enable_empty_final_response"].bool_param = True
+            call = stub.ModelStreamInfer(iter((request,)))
+            while True:
+                message = await call.read()
+                response = message.infer_response
+                if response.outputs:
+                    np.frombuffer(response.raw_output_contents[0], dtype=np.int32)
+                    count += 1
+                elif response.parameters["triton_final_response"].bool_param:
+                    break
+
+    client: Any
+    if kind == "tritonclient":
+        client = grpc_aio.InferenceServerClient(url)
+        worker, target = with_tritonclient, client
+    elif kind == "minimal":
+        client = grpc.aio.insecure_channel(url)
+        worker, target = minimal, service_pb2_grpc.GRPCInferenceServiceStub(client)
+    else:
+        client = AsyncClient(url)
+        worker, target = with_transport, client
     start, cpu0 = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker(client) for _ in range(streams)))
+    await asyncio.gather(*(worker(target) for _ in range(streams)))
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
     await client.close()
     return {
@@ -468,6 +495,15 @@ def relay_once(
     }
 
 
+#: The bare readers a gRPC relay run measures beside the gateway: (kind, event loop).
+READERS = [
+    ("tritonclient", "asyncio"),
+    ("transport", "asyncio"),
+    ("transport", "uvloop"),
+    ("minimal", "uvloop"),
+]
+
+
 def mean_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The headline of several runs of one variant: their means (not the best run)."""
     keys = ("duration_s", "requests", "sse_events_per_s", "token_chunks_per_s", "gateway_cpu_s")
@@ -512,7 +548,7 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
             runs = []
             readers = []
             if grpc_port is not None:
-                for kind in ("tritonclient", "transport"):
+                for kind, loop in READERS:
                     out = subprocess.run(
                         [
                             sys.executable,
@@ -526,6 +562,7 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
                             str(args.streams),
                             "--tokens",
                             str(args.tokens),
+                            *(["--uvloop"] if loop == "uvloop" else []),
                         ],
                         preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}),
                         capture_output=True,
@@ -625,12 +662,12 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [
                 "Bare readers on the gateway's core, same fake and streams (no HTTP, no gateway):",
                 "",
-                "| reader | stream messages/s | CPU share | CPU µs per message |",
-                "|---|---|---|---|",
+                "| reader | loop | stream messages/s | CPU share | CPU µs per message |",
+                "|---|---|---|---|---|",
             ]
             for reader in r["readers"]:
                 lines.append(
-                    f"| {reader['reader']} | {reader['messages_per_s']:,} | "
+                    f"| {reader['reader']} | {reader.get('loop', 'asyncio')} | {reader['messages_per_s']:,} | "
                     f"{reader['cpu_share']:.0%} | {reader['us_per_message']} |"
                 )
             lines.append("")
@@ -669,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
     relay.add_argument("--rounds", type=int, default=1, help="runs of each variant, alternated")
     sub.add_parser("_markdown")  # gateway.md again from gateway.json (after editing a note)
     read = sub.add_parser("_read")  # a bare reader of `relay --backend grpc`, pinned
-    read.add_argument("--kind", choices=["tritonclient", "transport"], required=True)
+    read.add_argument("--kind", choices=["tritonclient", "transport", "minimal"], required=True)
+    read.add_argument("--uvloop", action="store_true", help="run on uvloop (the gateway's loop)")
     read.add_argument("--port", type=int, required=True)
     read.add_argument("--streams", type=int, default=64)
     read.add_argument("--tokens", type=int, default=256)
@@ -690,8 +728,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.what == "_read":
         url = f"127.0.0.1:{args.port}"
+        if args.uvloop:
+            import uvloop
+
+            uvloop.install()
         result = asyncio.run(read_streams(args.kind, url, args.streams, args.tokens, args.duration))
-        print(json.dumps(result))
+        print(json.dumps({**result, "loop": "uvloop" if args.uvloop else "asyncio"}))
         return 0
     if args.what == "_serve_grpc":
         serve_grpc_instant(args.port)
