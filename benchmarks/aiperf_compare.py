@@ -77,11 +77,14 @@ def _timed(command: list[str], core: int, log: Path) -> tuple[float, float]:
     return wall, cpu
 
 
+def payload_template(tokens: int) -> str:
+    """aiperf's request body for Triton's generate endpoint (Jinja, ``text`` is the prompt)."""
+    return '{"text_input": {{ text|tojson }}, "max_tokens": ' + str(tokens) + ', "stream": true}'
+
+
 def run_aiperf(args: argparse.Namespace, url: str, tokenizer: Path, out: Path) -> dict[str, Any]:
     template = out / "payload.jinja"
-    template.write_text(
-        '{"text_input": {{ text|tojson }}, "max_tokens": ' + str(args.tokens) + ', "stream": true}'
-    )
+    template.write_text(payload_template(args.tokens))
     command = [
         args.aiperf,
         "profile",
@@ -221,7 +224,9 @@ def markdown(report: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "Exact commands:",
+        "Exact commands (aiperf from its own virtualenv, `python -m venv "
+        "~/.cache/triton-llm-stack/aiperf-venv && ~/.cache/triton-llm-stack/aiperf-venv/bin/pip "
+        f"install aiperf==0.13.0`, never the project's; `payload.jinja` holds `{payload_template(cfg['tokens'])}`):",
         "",
         "```bash",
         report["runs"][0]["aiperf"]["command"],
