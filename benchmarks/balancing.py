@@ -8,7 +8,7 @@ which the engine is cut down to share the machine fairly (``torch_threads`` 1 an
 compute), which isolates the balancing decision from the replicas' fight for 2 cores. Then the same closed-loop load, Dolly prompts
 with a mix of short and long output caps (the seed workload, where long answers pile up
 on one replica), is driven once per strategy through :class:`client.AsyncReplicaPool`,
-and p50/p99 TTFT and ITL are reported per strategy.
+and p50/p99 TTFT and ICL (inter-chunk latency) are reported per strategy.
 
 Results: ``benchmarks/results/balancing[.simulated].{json,md}``. Run under the lock::
 
@@ -138,12 +138,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"{cfg['output_tokens']} (short and long mixed), temperature 0; strategies run one "
         "after another against the same servers.",
         "",
-        "| strategy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | "
+        "| strategy | TTFT p50 | TTFT p90 | TTFT p99 | ICL p50 | ICL p99 | e2e p50 | e2e p99 | "
         "req/s | tok/s | requests per replica | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["strategies"]:
-        t, i, e = s["ttft_ms"], s["itl_ms"], s["e2e_ms"]
+        t, i, e = s["ttft_ms"], s["inter_chunk_latency_ms"], s["e2e_ms"]
         lines.append(
             f"| {s['strategy']} | {t['p50']:.0f} | {t['p90']:.0f} | {t['p99']:.0f} | "
             f"{i['p50']:.0f} | {i['p99']:.0f} | {e['p50']:.0f} | {e['p99']:.0f} | "
@@ -248,8 +248,8 @@ def main() -> int:
         "strategy",
         "TTFT p50",
         "TTFT p99",
-        "ITL p50",
-        "ITL p99",
+        "ICL p50",
+        "ICL p99",
         "req/s",
         "per replica",
     ):
@@ -259,8 +259,8 @@ def main() -> int:
             s["strategy"],
             f"{s['ttft_ms']['p50']:.0f}",
             f"{s['ttft_ms']['p99']:.0f}",
-            f"{s['itl_ms']['p50']:.0f}",
-            f"{s['itl_ms']['p99']:.0f}",
+            f"{s['inter_chunk_latency_ms']['p50']:.0f}",
+            f"{s['inter_chunk_latency_ms']['p99']:.0f}",
             f"{s['requests_per_s']:.2f}",
             str(s["requests_per_replica"]),
         )

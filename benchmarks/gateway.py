@@ -284,6 +284,96 @@ def serve_grpc_instant(port: int) -> None:
     asyncio.run(run())
 
 
+async def read_streams(kind: str, url: str, streams: int, tokens: int, duration: float) -> dict:
+    """Stream messages/s one bare reader takes from the fake Triton (no gateway around it).
+
+    ``tritonclient``: ``tritonclient.grpc.aio``'s ``stream_infer`` and ``as_numpy``, what
+    the transport used before; ``transport``: ``client.AsyncClient.stream_tensors``, the
+    transport the SDK and the gateway use now; ``minimal``: the least any grpc.aio reader
+    does (``call.read()``, decode ``output_ids`` only), the floor of grpc.aio itself.
+    """
+    import grpc
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as grpc_aio
+    from tritonclient.grpc import service_pb2_grpc
+
+    from client.transport import infer_request
+
+    inputs = {
+        "input_ids": np.array([1, 2, 3], dtype=np.int32),
+        "request_output_len": np.array([tokens], dtype=np.int32),
+    }
+    count = 0
+    stop_at = time.perf_counter() + duration
+
+    async def with_tritonclient(client: Any) -> None:
+        nonlocal count
+        while time.perf_counter() < stop_at:
+            tensors = []
+            for name, array in inputs.items():
+                item = grpcclient.InferInput(name, [1, *array.shape], "INT32")
+                item.set_data_from_numpy(array[np.newaxis])
+                tensors.append(item)
+
+            async def requests(tensors: list = tensors) -> Any:
+                yield {
+                    "model_name": "llm_small",
+                    "inputs": tensors,
+                    "parameters": {"triton_enable_empty_final_response": True},
+                }
+
+            async for result, _ in client.stream_infer(requests()):
+                response = result.get_response()
+                if response.outputs:
+                    result.as_numpy("output_ids")
+                    count += 1
+                if response.parameters["triton_final_response"].bool_param:
+                    break
+
+    async def with_transport(client: Any) -> None:
+        nonlocal count
+        while time.perf_counter() < stop_at:
+            async for _ in client.stream_tensors("llm_small", inputs):
+                count += 1
+
+    async def minimal(stub: Any) -> None:
+        nonlocal count
+        batched = {name: array[np.newaxis] for name, array in inputs.items()}
+        while time.perf_counter() < stop_at:
+            request = infer_request("llm_small", batched)
+            request.parameters["triton_enable_empty_final_response"].bool_param = True
+            call = stub.ModelStreamInfer(iter((request,)))
+            while True:
+                message = await call.read()
+                response = message.infer_response
+                if response.outputs:
+                    np.frombuffer(response.raw_output_contents[0], dtype=np.int32)
+                    count += 1
+                elif response.parameters["triton_final_response"].bool_param:
+                    break
+
+    client: Any
+    if kind == "tritonclient":
+        client = grpc_aio.InferenceServerClient(url)
+        worker, target = with_tritonclient, client
+    elif kind == "minimal":
+        client = grpc.aio.insecure_channel(url)
+        worker, target = minimal, service_pb2_grpc.GRPCInferenceServiceStub(client)
+    else:
+        client = AsyncClient(url)
+        worker, target = with_transport, client
+    start, cpu0 = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker(target) for _ in range(streams)))
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    await client.close()
+    return {
+        "reader": kind,
+        "messages_per_s": round(count / elapsed),
+        "cpu_share": round(cpu / elapsed, 2),
+        "us_per_message": round(1e6 * cpu / count, 1),
+    }
+
+
 async def relay_load(base: str, streams: int, tokens: int, duration: float) -> dict[str, Any]:
     body = json.dumps(
         {
@@ -318,29 +408,55 @@ async def relay_load(base: str, streams: int, tokens: int, duration: float) -> d
     return {"chunks": chunks, "requests": requests, "elapsed_s": elapsed}
 
 
-def run_relay(args: argparse.Namespace) -> dict[str, Any]:
+def baseline_tree(rev: str, where: Path) -> Path:
+    """The project's packages as of git ``rev``, extracted under ``where`` (for before/after)."""
+    import subprocess
+    import tarfile
+
+    archive = where / "baseline.tar"
+    with archive.open("wb") as out:
+        subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "archive",
+                rev,
+                "client",
+                "gateway",
+                "serving",
+                "model_repository",
+            ],
+            stdout=out,
+            check=True,
+        )
+    tree = where / "baseline"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+def relay_once(
+    args: argparse.Namespace, cores: tuple[int, int], grpc_port: int | None, code: Path | None
+) -> dict[str, Any]:
+    """One relay measurement; ``code`` runs the gateway from another tree (a baseline)."""
     import subprocess
 
+    gateway_core = cores[0]
     port = free_port()
-    cores = sorted(os.sched_getaffinity(0))
-    gateway_core, load_core = cores[0], cores[-1]
-    fake = None
-    if args.backend == "grpc":
-        grpc_port = free_port()
-        fake = subprocess.Popen(
-            [sys.executable, __file__, "_serve_grpc", "--port", str(grpc_port)],
-            preexec_fn=lambda: (
-                die_with_parent(),
-                os.sched_setaffinity(0, {load_core}),
-            ),
-        )
+    env = None
+    if grpc_port is not None:
         command = [sys.executable, "-m", "gateway", "--port", str(port), "--log-level", "warning"]
         command += ["--triton-grpc", f"127.0.0.1:{grpc_port}", "--triton-health", ""]
+        if code is not None:
+            env = {**os.environ, "PYTHONPATH": str(code)}
     else:
         command = [sys.executable, __file__, "_serve_instant", "--port", str(port)]
         command += ["--tokens", str(args.tokens)]
     child = subprocess.Popen(
         command,
+        cwd=str(code) if code is not None else None,
+        env=env,
         preexec_fn=lambda: (
             die_with_parent(),
             os.sched_setaffinity(0, {gateway_core}),
@@ -358,7 +474,6 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
                 if time.monotonic() > deadline or child.poll() is not None:
                     raise RuntimeError("the instant gateway did not start") from None
                 time.sleep(0.3)
-        os.sched_setaffinity(0, {load_core})
         base = f"http://127.0.0.1:{port}/v1"
         asyncio.run(relay_load(base, args.streams, args.tokens, 3.0))  # warm-up
         cpu0 = cpu_seconds(child.pid)
@@ -366,15 +481,10 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
         cpu = cpu_seconds(child.pid) - cpu0
     finally:
         gateway_process.stop(child, drain=5)
-        if fake is not None:
-            gateway_process.stop(fake, drain=5)
     # Each stream's chunks: a role chunk, one per token, the finish chunk, [DONE].
     per_request_overhead = 3
     token_chunks = result["chunks"] - per_request_overhead * result["requests"]
     return {
-        "backend": args.backend,
-        "streams": args.streams,
-        "tokens_per_request": args.tokens,
         "duration_s": round(result["elapsed_s"], 1),
         "requests": result["requests"],
         "sse_events_per_s": round(result["chunks"] / result["elapsed_s"]),
@@ -382,6 +492,102 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
         "gateway_cpu_s": round(cpu, 1),
         "gateway_cpu_share": round(cpu / result["elapsed_s"], 2),
         "token_chunks_per_cpu_s": round(token_chunks / cpu) if cpu else None,
+    }
+
+
+#: The bare readers a gRPC relay run measures beside the gateway: (kind, event loop).
+READERS = [
+    ("tritonclient", "asyncio"),
+    ("transport", "asyncio"),
+    ("transport", "uvloop"),
+    ("minimal", "uvloop"),
+]
+
+
+def mean_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The headline of several runs of one variant: their means (not the best run)."""
+    keys = ("duration_s", "requests", "sse_events_per_s", "token_chunks_per_s", "gateway_cpu_s")
+    out: dict[str, Any] = {k: round(statistics.mean(r[k] for r in runs), 1) for k in keys}
+    out["gateway_cpu_share"] = round(out["gateway_cpu_s"] / out["duration_s"], 2)
+    out["token_chunks_per_cpu_s"] = round(
+        statistics.mean(r["token_chunks_per_cpu_s"] for r in runs if r["token_chunks_per_cpu_s"])
+    )
+    out["token_chunks_per_s"] = round(out["token_chunks_per_s"])
+    out["sse_events_per_s"] = round(out["sse_events_per_s"])
+    return out
+
+
+def run_relay(args: argparse.Namespace) -> dict[str, Any]:
+    """The relay ceiling; with ``--compare REV``, the gateway of REV and of this tree
+    alternately, ``--rounds`` times each, in one run (same fake upstream, same load)."""
+    import subprocess
+    import tempfile
+
+    cores = sorted(os.sched_getaffinity(0))
+    gateway_core, load_core = cores[0], cores[-1]
+    load_average = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    fake = None
+    grpc_port = None
+    with tempfile.TemporaryDirectory(prefix="relay-") as tmp:
+        variants: list[tuple[str, Path | None]] = [("this tree", None)]
+        if args.compare:
+            if args.backend != "grpc":
+                raise SystemExit("--compare needs --backend grpc (the gateway runs as -m gateway)")
+            variants.insert(0, (args.compare, baseline_tree(args.compare, Path(tmp))))
+        try:
+            if args.backend == "grpc":
+                grpc_port = free_port()
+                fake = subprocess.Popen(
+                    [sys.executable, __file__, "_serve_grpc", "--port", str(grpc_port)],
+                    preexec_fn=lambda: (
+                        die_with_parent(),
+                        os.sched_setaffinity(0, {load_core}),
+                    ),
+                )
+            os.sched_setaffinity(0, {load_core})
+            runs = []
+            readers = []
+            if grpc_port is not None:
+                for kind, loop in READERS:
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "_read",
+                            "--kind",
+                            kind,
+                            "--port",
+                            str(grpc_port),
+                            "--streams",
+                            str(args.streams),
+                            "--tokens",
+                            str(args.tokens),
+                            *(["--uvloop"] if loop == "uvloop" else []),
+                        ],
+                        preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}),
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    readers.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    print(json.dumps(readers[-1]), flush=True)
+            for round_ in range(args.rounds):
+                for label, code in variants:
+                    run = relay_once(args, (gateway_core, load_core), grpc_port, code)
+                    run = {"variant": label, "round": round_ + 1, **run}
+                    print(json.dumps(run), flush=True)
+                    runs.append(run)
+        finally:
+            if fake is not None:
+                gateway_process.stop(fake, drain=5)
+    return {
+        "backend": args.backend,
+        "streams": args.streams,
+        "tokens_per_request": args.tokens,
+        **mean_run([r for r in runs if r["variant"] == "this tree"]),
+        "runs": runs,
+        "readers": readers,
+        "load_average": load_average,
         "cores": {"gateway": gateway_core, "load": load_core},
     }
 
@@ -428,13 +634,44 @@ def markdown(report: dict[str, Any]) -> str:
             f"Command: `{r['command']}`",
             "",
             f"- {r['streams']} concurrent streams of {r['tokens_per_request']} tokens, {r['duration_s']} s, {r['requests']} requests",
-            f"- **{r['token_chunks_per_s']:,} token chunks/s** relayed ({r['sse_events_per_s']:,} SSE events/s including role, finish and [DONE])",
+            ("- mean of this tree's runs: " if len(r.get("runs", [])) > 1 else "- ")
+            + f"**{r['token_chunks_per_s']:,} token chunks/s** relayed ({r['sse_events_per_s']:,} SSE events/s including role, finish and [DONE])",
             f"- gateway CPU: {r['gateway_cpu_s']} s in {r['duration_s']} s ({r['gateway_cpu_share']:.0%} of its core); {r['token_chunks_per_cpu_s']:,} chunks per CPU-second",
-            f"- gateway pinned to core {r['cores']['gateway']}, load generator to core {r['cores']['load']}",
-            "",
-            r.get("note", ""),
+            f"- gateway pinned to core {r['cores']['gateway']}, load generator to core {r['cores']['load']}"
+            + (f"; load average at the start: {r['load_average']}" if "load_average" in r else ""),
             "",
         ]
+        if len(r.get("runs", [])) > 1:
+            lines += [
+                "| variant | round | token chunks/s | gateway CPU share | chunks per CPU-second |",
+                "|---|---|---|---|---|",
+            ]
+            for run in r["runs"]:
+                lines.append(
+                    f"| {run['variant']} | {run['round']} | {run['token_chunks_per_s']:,} | "
+                    f"{run['gateway_cpu_share']:.0%} | {run['token_chunks_per_cpu_s']:,} |"
+                )
+            for variant in dict.fromkeys(run["variant"] for run in r["runs"]):
+                m = mean_run([run for run in r["runs"] if run["variant"] == variant])
+                lines.append(
+                    f"| **{variant}, mean** | | **{m['token_chunks_per_s']:,}** | "
+                    f"{m['gateway_cpu_share']:.0%} | {m['token_chunks_per_cpu_s']:,} |"
+                )
+            lines.append("")
+        if r.get("readers"):
+            lines += [
+                "Bare readers on the gateway's core, same fake and streams (no HTTP, no gateway):",
+                "",
+                "| reader | loop | stream messages/s | CPU share | CPU µs per message |",
+                "|---|---|---|---|---|",
+            ]
+            for reader in r["readers"]:
+                lines.append(
+                    f"| {reader['reader']} | {reader.get('loop', 'asyncio')} | {reader['messages_per_s']:,} | "
+                    f"{reader['cpu_share']:.0%} | {reader['us_per_message']} |"
+                )
+            lines.append("")
+        lines += [r.get("note", ""), ""]
     return "\n".join(lines)
 
 
@@ -461,6 +698,20 @@ def main(argv: list[str] | None = None) -> int:
         help="inprocess: the upstream replaced inside the gateway (its own work only); "
         "grpc: a fake Triton over real gRPC on the load generator's core",
     )
+    relay.add_argument(
+        "--compare",
+        metavar="REV",
+        help="also run the gateway of git revision REV (before/after in one run; grpc only)",
+    )
+    relay.add_argument("--rounds", type=int, default=1, help="runs of each variant, alternated")
+    sub.add_parser("_markdown")  # gateway.md again from gateway.json (after editing a note)
+    read = sub.add_parser("_read")  # a bare reader of `relay --backend grpc`, pinned
+    read.add_argument("--kind", choices=["tritonclient", "transport", "minimal"], required=True)
+    read.add_argument("--uvloop", action="store_true", help="run on uvloop (the gateway's loop)")
+    read.add_argument("--port", type=int, required=True)
+    read.add_argument("--streams", type=int, default=64)
+    read.add_argument("--tokens", type=int, default=256)
+    read.add_argument("--duration", type=float, default=8.0)
     grpc_fake = sub.add_parser("_serve_grpc")  # the fake Triton of `relay --backend grpc`
     grpc_fake.add_argument("--port", type=int, required=True)
     serve = sub.add_parser("_serve_instant")  # the pinned child of `relay`
@@ -469,6 +720,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.what == "_serve_instant":
         serve_instant(args.port, args.tokens)
+        return 0
+    if args.what == "_markdown":  # rewrite gateway.md from gateway.json
+        (RESULTS / "gateway.md").write_text(
+            markdown(json.loads((RESULTS / "gateway.json").read_text()))
+        )
+        return 0
+    if args.what == "_read":
+        url = f"127.0.0.1:{args.port}"
+        if args.uvloop:
+            import uvloop
+
+            uvloop.install()
+        result = asyncio.run(read_streams(args.kind, url, args.streams, args.tokens, args.duration))
+        print(json.dumps({**result, "loop": "uvloop" if args.uvloop else "asyncio"}))
         return 0
     if args.what == "_serve_grpc":
         serve_grpc_instant(args.port)
@@ -485,7 +750,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         key = "relay" if args.backend == "inprocess" else "relay_grpc"
         report[key] = {"command": command, **run_relay(args)}
-        print(json.dumps(report[key]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "gateway.md").write_text(markdown(report))

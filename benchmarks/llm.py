@@ -74,7 +74,7 @@ class Run:
 def summarize(name: str, runs: list[Run], wall: float, concurrency: int) -> dict[str, Any]:
     tokens = sum(r.tokens for r in runs)
     ttft = [r.times[0] - r.start for r in runs if r.times]
-    itl = [b - a for r in runs for a, b in zip(r.times, r.times[1:], strict=False)]
+    icl = [b - a for r in runs for a, b in zip(r.times, r.times[1:], strict=False)]
     return {
         "name": name,
         "concurrency": concurrency,
@@ -83,7 +83,7 @@ def summarize(name: str, runs: list[Run], wall: float, concurrency: int) -> dict
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "ttft_ms": distribution(ttft),
-        "itl_ms": distribution(itl),
+        "inter_chunk_latency_ms": distribution(icl),
     }
 
 
@@ -526,11 +526,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.2f}' for x in report['machine']['load_average_at_end'])} "
         "(the machine is shared).",
         "",
-        "| run | streams | tok/s | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p90 | ITL p99 |",
+        "| run | streams | tok/s | TTFT p50 | TTFT p90 | TTFT p99 | ICL p50 | ICL p90 | ICL p99 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        t, i = r["ttft_ms"], r["itl_ms"]
+        t, i = r["ttft_ms"], r["inter_chunk_latency_ms"]
         lines.append(
             f"| {r['name']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
             f"{_ms(t, 'p50')} | {_ms(t, 'p90')} | {_ms(t, 'p99')} | "

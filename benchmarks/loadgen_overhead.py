@@ -9,7 +9,7 @@ streams) is driven twice against the same server, back to back, in one process:
 2. ``loadgen``: the load generator's own path (SDK chunks, UTF-8 decoding, deadline,
    ``client.metrics.measure``), over gRPC and over HTTP.
 
-The difference between the runs' TTFT/ITL percentiles is what the load generator adds,
+The difference between the runs' TTFT/ICL (inter-chunk latency) percentiles is what the load generator adds,
 and the client CPU seconds per streamed response show how far it is from saturating a
 core. Results go to ``benchmarks/results/loadgen_overhead.{json,md}``.
 
@@ -138,7 +138,9 @@ def measured(name: str, body: Callable[[], Any]) -> dict[str, Any]:
         "client_cpu_us_per_response": 1e6 * cpu / max(responses, 1),
         "client_cpu_share_of_one_core": cpu / wall,
         "ttft_ms": summary["ttft_ms"],
-        "itl_ms": distribution([gap for r in records for gap in r.itls]),
+        "inter_chunk_latency_ms": distribution(
+            [gap for r in records for gap in r.inter_chunk_latencies]
+        ),
         "e2e_ms": summary["e2e_ms"],
     }
 
@@ -153,17 +155,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"Trivial decoupled model `ticker`: {cfg['tokens']} responses exactly "
         f"{cfg['interval_ms']:g} ms apart per request; {cfg['streams']} concurrent streams "
         f"(closed loop), {cfg['requests']} requests per variant, one tritonserver on "
-        f"{cfg['machine']}. The model's own ITL is {cfg['interval_ms']:g} ms; anything above "
+        f"{cfg['machine']}. The model's own inter-chunk gap is {cfg['interval_ms']:g} ms; anything above "
         "it is server + client.",
         "",
-        "| variant | TTFT p50 | TTFT p99 | ITL p50 | ITL p90 | ITL p99 | e2e p50 | "
+        "| variant | TTFT p50 | TTFT p99 | ICL p50 | ICL p90 | ICL p99 | e2e p50 | "
         "client CPU µs/response | client CPU (share of a core) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in report["variants"]:
         lines.append(
             f"| {v['name']} | {v['ttft_ms']['p50']:.1f} | {v['ttft_ms']['p99']:.1f} | "
-            f"{v['itl_ms']['p50']:.2f} | {v['itl_ms']['p90']:.2f} | {v['itl_ms']['p99']:.2f} | "
+            f"{v['inter_chunk_latency_ms']['p50']:.2f} | {v['inter_chunk_latency_ms']['p90']:.2f} | {v['inter_chunk_latency_ms']['p99']:.2f} | "
             f"{v['e2e_ms']['p50']:.0f} | {v['client_cpu_us_per_response']:.0f} | "
             f"{100 * v['client_cpu_share_of_one_core']:.0f}% |"
         )
@@ -172,9 +174,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "All latencies in ms.",
         "",
-        f"Load generator (gRPC) minus raw client: ITL p50 {d['itl_p50_ms']:+.2f} ms, "
-        f"ITL p99 {d['itl_p99_ms']:+.2f} ms, TTFT p50 {d['ttft_p50_ms']:+.2f} ms "
-        f"(ITL p50 ratio {d['itl_p50_ratio']:.3f}).",
+        f"Load generator (gRPC) minus raw client: ICL p50 {d['icl_p50_ms']:+.2f} ms, "
+        f"ICL p99 {d['icl_p99_ms']:+.2f} ms, TTFT p50 {d['ttft_p50_ms']:+.2f} ms "
+        f"(ICL p50 ratio {d['icl_p50_ratio']:.3f}).",
         "",
         report["verdict"],
         "",
@@ -222,16 +224,19 @@ def main() -> int:
         return sum(v[metric][p] for v in raw) / len(raw)
 
     overhead = {
-        "itl_p50_ms": gen["itl_ms"]["p50"] - raw_mean("itl_ms", "p50"),
-        "itl_p99_ms": gen["itl_ms"]["p99"] - raw_mean("itl_ms", "p99"),
+        "icl_p50_ms": gen["inter_chunk_latency_ms"]["p50"]
+        - raw_mean("inter_chunk_latency_ms", "p50"),
+        "icl_p99_ms": gen["inter_chunk_latency_ms"]["p99"]
+        - raw_mean("inter_chunk_latency_ms", "p99"),
         "ttft_p50_ms": gen["ttft_ms"]["p50"] - raw_mean("ttft_ms", "p50"),
-        "itl_p50_ratio": gen["itl_ms"]["p50"] / raw_mean("itl_ms", "p50"),
+        "icl_p50_ratio": gen["inter_chunk_latency_ms"]["p50"]
+        / raw_mean("inter_chunk_latency_ms", "p50"),
     }
-    noise = abs(raw[0]["itl_ms"]["p99"] - raw[1]["itl_ms"]["p99"])
+    noise = abs(raw[0]["inter_chunk_latency_ms"]["p99"] - raw[1]["inter_chunk_latency_ms"]["p99"])
     verdict = (
-        f"Verdict: the load generator adds {overhead['itl_p50_ms']:+.2f} ms to the median "
-        f"inter-token gap ({100 * (overhead['itl_p50_ratio'] - 1):+.1f}%) at {n} streams; "
-        f"the two raw runs differ by {noise:.2f} ms at ITL p99, which is the noise floor. "
+        f"Verdict: the load generator adds {overhead['icl_p50_ms']:+.2f} ms to the median "
+        f"inter-chunk gap ({100 * (overhead['icl_p50_ratio'] - 1):+.1f}%) at {n} streams; "
+        f"the two raw runs differ by {noise:.2f} ms at ICL p99, which is the noise floor. "
         f"It spends {gen['client_cpu_us_per_response']:.0f} µs of client CPU per streamed "
         f"response ({100 * gen['client_cpu_share_of_one_core']:.0f}% of one core at this rate)."
     )
@@ -253,14 +258,14 @@ def main() -> int:
     args.output.with_suffix(".md").write_text(markdown(report))
 
     table = Table(title="load generator overhead (ms)")
-    for column in ("variant", "TTFT p50", "ITL p50", "ITL p99", "CPU µs/resp"):
+    for column in ("variant", "TTFT p50", "ICL p50", "ICL p99", "CPU µs/resp"):
         table.add_column(column)
     for v in variants:
         table.add_row(
             v["name"],
             f"{v['ttft_ms']['p50']:.1f}",
-            f"{v['itl_ms']['p50']:.2f}",
-            f"{v['itl_ms']['p99']:.2f}",
+            f"{v['inter_chunk_latency_ms']['p50']:.2f}",
+            f"{v['inter_chunk_latency_ms']['p99']:.2f}",
             f"{v['client_cpu_us_per_response']:.0f}",
         )
     Console().print(table)

@@ -211,7 +211,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name in cfg["configs"]:
         s = rows[name]
-        t, i, u = s["ttft_ms"], s["itl_ms"], s["output_tokens_per_s_per_user"]
+        t, i, u = s["ttft_ms"], s["inter_token_latency_ms"], s["output_tokens_per_s_per_user"]
         per_user = "-" if u["p50"] is None else f"{u['p50']:.1f}"
         lines.append(
             f"| {name} | {_ms(t['p50'])} | {_ms(t['p90'])} | {_ms(t['p99'])} | "
@@ -264,7 +264,7 @@ def plots(report: dict[str, Any], prefix: Path) -> None:
     x = np.arange(len(names))
     for ax, key, title in (
         (axes[0], "ttft_ms", "TTFT"),
-        (axes[1], "itl_ms", "inter-token latency"),
+        (axes[1], "inter_token_latency_ms", "inter-token latency (aiperf's ITL)"),
     ):
         for k, p in enumerate(("p50", "p90", "p99")):
             values = [(results[n][key][p] or 0) / 1000 for n in names]
@@ -374,8 +374,8 @@ def main() -> int:
             s["config"],
             _ms(s["ttft_ms"]["p50"]),
             _ms(s["ttft_ms"]["p99"]),
-            _ms(s["itl_ms"]["p50"]),
-            _ms(s["itl_ms"]["p99"]),
+            _ms(s["inter_token_latency_ms"]["p50"]),
+            _ms(s["inter_token_latency_ms"]["p99"]),
             str(s["requests_per_replica"]),
             str(s["errors"] or ""),
         )

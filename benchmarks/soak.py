@@ -563,7 +563,7 @@ def markdown(report: dict[str, Any]) -> str:
     for f in report["faults"]:
         lines.append(f"| {f['at']:.1f} | {f['kind']} | {f['target']} | {f['detail']} |")
     lines += ["", "## Requests", ""]
-    ttft, itl = s["ttft_ms"], s["itl_ms"]
+    ttft, itl = s["ttft_ms"], s["inter_token_latency_ms"]
     lines.append(
         f"{s['requests']} requests, errors: "
         + (", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "none")

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser(
         "bench",
-        help="load generator: TTFT, ITL, TPOT, e2e, throughput, goodput",
+        help="load generator: TTFT, ITL, ICL, e2e, throughput, goodput (aiperf's names)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Closed loop (--users) or open loop (--rate) load against the router, a "
         "tier ensemble or the embedding model. Warm-up requests are not counted. Writes "
@@ -199,7 +199,11 @@ def _bench_parser(sub: Any) -> None:
 
     sla = bench.add_argument_group("SLA (goodput)")
     sla.add_argument("--sla-ttft-ms", type=_positive_float, help="TTFT limit per request")
-    sla.add_argument("--sla-itl-ms", type=_positive_float, help="mean inter-token gap limit")
+    sla.add_argument(
+        "--sla-itl-ms",
+        type=_positive_float,
+        help="inter-token latency limit per request (aiperf's ITL: decode time per token)",
+    )
 
     replicas = bench.add_argument_group("replicas")
     replicas.add_argument("--replicas", type=_str_list, help="comma list of host:port")

@@ -41,21 +41,27 @@ class RequestRecord:
         return self.error is None
 
     @property
-    def itls(self) -> list[float]:
-        """Gaps between consecutive streamed chunks."""
+    def inter_chunk_latencies(self) -> list[float]:
+        """Gaps between consecutive streamed chunks with text (aiperf's inter-chunk latency)."""
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
 
     @property
-    def tpot(self) -> float | None:
-        """Time per output token after the first: (e2e - ttft) / (tokens - 1)."""
-        if self.ttft is None or self.output_tokens < 2:
+    def inter_token_latency(self) -> float | None:
+        """Time per output token after the first (aiperf's inter-token latency).
+
+        (last chunk - first chunk) / (tokens - 1): the decode window from the first text
+        to the last text, over the tokens that arrived after the first. aiperf ends the
+        window at the last content response too, not at the end of the stream, so a
+        flags-only final response does not count.
+        """
+        if self.ttft is None or self.output_tokens < 2 or len(self.token_times) < 2:
             return None
-        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+        return (self.token_times[-1] - self.ttft) / (self.output_tokens - 1)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("token_times")
-        data["tpot"] = self.tpot
+        data["inter_token_latency"] = self.inter_token_latency
         return data
 
 
@@ -102,13 +108,17 @@ def distribution(values: Sequence[float], scale: float = 1000.0) -> dict[str, fl
 
 
 def meets_sla(record: RequestRecord, sla_ttft_ms: float | None, sla_itl_ms: float | None) -> bool:
-    """A successful request whose TTFT and mean inter-token gap are within the SLA."""
+    """A successful request whose TTFT and inter-token latency are within the SLA.
+
+    The same test as aiperf's goodput on ``time_to_first_token`` and
+    ``inter_token_latency``.
+    """
     if not record.ok:
         return False
     if sla_ttft_ms is not None and (record.ttft is None or record.ttft * 1000 > sla_ttft_ms):
         return False
-    gaps = record.itls
-    return not (sla_itl_ms is not None and gaps and 1000 * sum(gaps) / len(gaps) > sla_itl_ms)
+    itl = record.inter_token_latency
+    return not (sla_itl_ms is not None and itl is not None and itl * 1000 > sla_itl_ms)
 
 
 def summarize(
@@ -120,11 +130,8 @@ def summarize(
     """The numbers a run is judged by (all latencies in ms, rates per second)."""
     ok = [r for r in records if r.ok]
     tokens = sum(r.output_tokens for r in ok)
-    per_user_rates = [
-        (r.output_tokens - 1) / (r.e2e - r.ttft)
-        for r in ok
-        if r.ttft is not None and r.output_tokens > 1 and r.e2e > r.ttft
-    ]
+    itls = [t for r in ok if (t := r.inter_token_latency) is not None]
+    per_user_rates = [1.0 / t for t in itls if t > 0]
     good = sum(meets_sla(r, sla_ttft_ms, sla_itl_ms) for r in records)
     wall = max(wall_time, 1e-9)
     return {
@@ -137,8 +144,8 @@ def summarize(
         "output_tokens_per_s": tokens / wall,
         "output_tokens_per_s_per_user": distribution(per_user_rates, scale=1.0),
         "ttft_ms": distribution([r.ttft for r in ok if r.ttft is not None]),
-        "itl_ms": distribution([gap for r in ok for gap in r.itls]),
-        "tpot_ms": distribution([t for r in ok if (t := r.tpot) is not None]),
+        "inter_token_latency_ms": distribution(itls),
+        "inter_chunk_latency_ms": distribution([g for r in ok for g in r.inter_chunk_latencies]),
         "e2e_ms": distribution([r.e2e for r in ok]),
         "goodput": {
             "sla_ttft_ms": sla_ttft_ms,

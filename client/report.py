@@ -11,7 +11,15 @@ from rich.table import Table
 
 from client.metrics import PERCENTILES, RequestRecord
 
-_LATENCIES = (("ttft_ms", "TTFT"), ("itl_ms", "ITL"), ("tpot_ms", "TPOT"), ("e2e_ms", "end-to-end"))
+# aiperf's names and short headers: time to first token (TTFT), inter-token latency (ITL:
+# decode time per token after the first), inter-chunk latency (ICL: gaps between streamed
+# chunks). ``e2e`` ends at the end of the stream, unlike aiperf's request latency.
+_LATENCIES = (
+    ("ttft_ms", "TTFT"),
+    ("inter_token_latency_ms", "ITL"),
+    ("inter_chunk_latency_ms", "ICL"),
+    ("e2e_ms", "end-to-end"),
+)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -68,7 +76,7 @@ def write_plots(
     title: str,
     marks: Sequence[tuple[float, str]] = (),
 ) -> list[Path]:
-    """``latency_cdf.png`` (TTFT, ITL, e2e) and ``ttft_over_time.png``; returns the paths.
+    """``latency_cdf.png`` (TTFT, ICL, e2e) and ``ttft_over_time.png``; returns the paths.
 
     ``marks`` are ``(seconds since the run began, label)`` events (a soak's faults), drawn
     as labelled vertical lines on the plot over time.
@@ -83,7 +91,7 @@ def write_plots(
     ok = [r for r in records if r.ok]
     series = {
         "TTFT": [r.ttft * 1000 for r in ok if r.ttft is not None],
-        "ITL": [gap * 1000 for r in ok for gap in r.itls],
+        "ICL": [gap * 1000 for r in ok for gap in r.inter_chunk_latencies],
         "end-to-end": [r.e2e * 1000 for r in ok],
     }
     fig, ax = plt.subplots(figsize=(7, 4.5))

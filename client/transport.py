@@ -1,8 +1,16 @@
 """gRPC and HTTP transports with one shape: tensors in, tensors (or a stream of them) out.
 
-Everything above this module (the SDK, the load generator, the replica pool) speaks only
-:class:`Transport`, so each feature and each measurement exists once rather than once per
-protocol. Both transports are asyncio; the synchronous client runs them on a private loop.
+Everything above this module (the SDK, the load generator, the replica pool, the gateway)
+speaks only :class:`Transport`, so each feature and each measurement exists once rather
+than once per protocol. Both transports are asyncio; the synchronous client runs them on a
+private loop.
+
+The gRPC transport calls the KServe ``GRPCInferenceService`` stubs that ship inside
+``tritonclient`` on a ``grpc.aio`` channel directly, and builds and decodes the protobuf
+messages itself (``raw_input_contents`` / ``raw_output_contents`` as numpy buffers). It
+does not go through ``tritonclient.grpc.aio``: that client wraps every streamed response
+in an ``InferResult`` and looks each output up by name, and its reader capped a stream
+relay at about 9.8k responses/s on one core here (benchmarks/results/gateway.md).
 
 Streams are async generators. Closing one early (``break`` out of ``async for``, or
 ``aclose()``) cancels the request on the server: over gRPC the call is cancelled, which
@@ -21,12 +29,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import grpc
 import numpy as np
-import tritonclient.grpc as grpcclient
-import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
 import tritonclient.http.aio as http_aio
-from tritonclient.utils import np_to_triton_dtype
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import (
+    deserialize_bytes_tensor,
+    np_to_triton_dtype,
+    serialize_byte_tensor,
+    triton_to_np_dtype,
+)
 
 from client.errors import error_from_status, translate
 
@@ -66,11 +79,11 @@ def _strip_scheme(url: str) -> str:
     return url
 
 
-def _infer_inputs(cls: type, inputs: Tensors) -> list[Any]:
-    """tritonclient InferInput objects (the gRPC and HTTP classes share this interface)."""
+def _infer_inputs(inputs: Tensors) -> list[Any]:
+    """tritonclient HTTP InferInput objects."""
     built = []
     for name, array in inputs.items():
-        item = cls(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        item = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         item.set_data_from_numpy(array)
         built.append(item)
     return built
@@ -119,15 +132,11 @@ def sse_events(buffer: bytearray) -> list[dict[str, Any]]:
 class Transport(abc.ABC):
     """What the SDK needs from a protocol. All methods raise :class:`ClientError` types."""
 
-    #: ``tritonclient.grpc`` or ``tritonclient.http``: their InferInput classes and
-    #: clients' ``infer`` / ``is_server_ready`` have the same interface.
-    _lib: Any
-
     def __init__(self, url: str) -> None:
         self.url = _strip_scheme(url)
         self._max_batch: dict[str, asyncio.Future[int]] = {}
-        self._client: Any = None
 
+    @abc.abstractmethod
     async def infer(
         self, model: str, inputs: Tensors, outputs: list[str], request_id: str = ""
     ) -> Tensors:
@@ -136,16 +145,10 @@ class Transport(abc.ABC):
         ``request_id`` is Triton's request id: it appears in the server's log and trace,
         so a caller (the gateway) can follow one request across both logs.
         """
-        batched = _infer_inputs(self._lib.InferInput, await self.batched(model, inputs))
-        wanted = [self._lib.InferRequestedOutput(name) for name in outputs]
-        result = await _guard(
-            self._client.infer(model, batched, outputs=wanted, request_id=request_id)
-        )
-        return {name: result.as_numpy(name) for name in outputs}
 
+    @abc.abstractmethod
     async def server_ready(self) -> bool:
         """Triton's own readiness (``/v2/health/ready``)."""
-        return bool(await _guard(self._client.is_server_ready()))
 
     @abc.abstractmethod
     def stream(self, model: str, inputs: Tensors, request_id: str = "") -> AsyncIterator[Tensors]:
@@ -183,47 +186,105 @@ class Transport(abc.ABC):
         return inputs
 
 
-class GrpcTransport(Transport):
-    """gRPC over ``tritonclient.grpc.aio``; streams use the bidirectional stream API."""
+#: Unlimited message sizes, as tritonclient sets them (large embedding batches).
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+]
 
-    _lib = grpcclient
+
+def infer_request(
+    model: str, inputs: Tensors, request_id: str = "", outputs: list[str] | None = None
+) -> service_pb2.ModelInferRequest:
+    """A KServe ``ModelInferRequest`` with every input in ``raw_input_contents``."""
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    for name, array in inputs.items():
+        datatype = np_to_triton_dtype(array.dtype)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        if datatype == "BYTES":
+            raw = serialize_byte_tensor(array).item() if array.size else b""
+        else:
+            raw = np.ascontiguousarray(array).tobytes()
+        request.raw_input_contents.append(raw)
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    return request
+
+
+def response_tensors(response: service_pb2.ModelInferResponse) -> Tensors:
+    """Every output of a ``ModelInferResponse`` as numpy (read-only views of the bytes)."""
+    tensors: Tensors = {}
+    raw = response.raw_output_contents
+    for i, output in enumerate(response.outputs):
+        datatype = output.datatype
+        if i >= len(raw):
+            array = np.empty(0)
+        elif datatype == "BYTES":
+            array = deserialize_bytes_tensor(raw[i])
+        else:
+            array = np.frombuffer(raw[i], dtype=_np_dtype(datatype))
+        tensors[output.name] = array.reshape(tuple(output.shape))
+    return tensors
+
+
+_NP_DTYPES: dict[str, Any] = {}
+
+
+def _np_dtype(datatype: str) -> Any:
+    dtype = _NP_DTYPES.get(datatype)
+    if dtype is None:
+        dtype = _NP_DTYPES[datatype] = triton_to_np_dtype(datatype)
+    return dtype
+
+
+class GrpcTransport(Transport):
+    """gRPC over ``grpc.aio`` and the KServe stubs; streams use ``ModelStreamInfer``."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self._client = grpc_aio.InferenceServerClient(self.url)
+        self._channel = grpc.aio.insecure_channel(self.url, options=_CHANNEL_OPTIONS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    async def infer(
+        self, model: str, inputs: Tensors, outputs: list[str], request_id: str = ""
+    ) -> Tensors:
+        request = infer_request(model, await self.batched(model, inputs), request_id, outputs)
+        response = await _guard(self._stub.ModelInfer(request))
+        tensors = response_tensors(response)
+        return {name: tensors[name] for name in outputs}
+
+    async def server_ready(self) -> bool:
+        response = await _guard(self._stub.ServerReady(service_pb2.ServerReadyRequest()))
+        return bool(response.ready)
 
     async def stream(
         self, model: str, inputs: Tensors, request_id: str = ""
     ) -> AsyncIterator[Tensors]:
         try:
-            request = {
-                "model_name": model,
-                "request_id": request_id,
-                "inputs": _infer_inputs(self._lib.InferInput, await self.batched(model, inputs)),
-                # Ask for the flags-only final response, so the end of the request is
-                # seen at once instead of when the server closes the stream.
-                "parameters": {"triton_enable_empty_final_response": True},
-            }
+            request = infer_request(model, await self.batched(model, inputs), request_id)
         except Exception as exc:
             raise translate(exc) from exc
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield request
-
-        call = self._client.stream_infer(requests())
+        # Ask for the flags-only final response, so the end of the request is seen at
+        # once instead of when the server closes the stream.
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+        call = self._stub.ModelStreamInfer(iter((request,)))
+        read = call.read
         finished = False
         try:
-            async for result, error in call:
-                if error is not None:
-                    raise error_from_status(None, error.message())
-                response = result.get_response()
-                tensors = {out.name: result.as_numpy(out.name) for out in response.outputs}
-                finished = _FINAL in response.parameters and response.parameters[_FINAL].bool_param
-                if tensors:
-                    yield tensors
-                if finished:
+            while True:
+                message = await read()
+                if message is grpc.aio.EOF:
+                    finished = True
                     return
-            finished = True
+                if message.error_message:
+                    raise error_from_status(None, message.error_message)
+                response = message.infer_response
+                if response.outputs:
+                    yield response_tensors(response)
+                final = response.parameters.get(_FINAL)
+                if final is not None and final.bool_param:
+                    finished = True
+                    return
         except Exception as exc:
             raise translate(exc) from exc
         finally:
@@ -233,15 +294,18 @@ class GrpcTransport(Transport):
                 call.cancel()
 
     async def models(self) -> list[ModelStatus]:
-        index = await _guard(self._client.get_model_repository_index(as_json=True))
-        return [_status(row) for row in index.get("models", [])]
+        index = await _guard(self._stub.RepositoryIndex(service_pb2.RepositoryIndexRequest()))
+        return [
+            ModelStatus(name=m.name, version=m.version, state=m.state, reason=m.reason)
+            for m in index.models
+        ]
 
     async def _max_batch_size(self, model: str) -> int:
-        config = await _guard(self._client.get_model_config(model, as_json=True))
-        return int(config.get("config", {}).get("max_batch_size", 0))
+        config = await _guard(self._stub.ModelConfig(service_pb2.ModelConfigRequest(name=model)))
+        return int(config.config.max_batch_size)
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._channel.close()
 
 
 class HttpTransport(Transport):
@@ -255,7 +319,6 @@ class HttpTransport(Transport):
     ejects it, instead of spending the caller's whole first-token deadline on it.
     """
 
-    _lib = httpclient
     #: Seconds to establish a stream's TCP connection (aiohttp's default is 30; its
     #: default total of 5 minutes is kept).
     connect_timeout = 5.0
@@ -264,6 +327,19 @@ class HttpTransport(Transport):
         super().__init__(url)
         self._client = http_aio.InferenceServerClient(self.url, conn_timeout=3600.0)
         self._session: aiohttp.ClientSession | None = None
+
+    async def infer(
+        self, model: str, inputs: Tensors, outputs: list[str], request_id: str = ""
+    ) -> Tensors:
+        batched = _infer_inputs(await self.batched(model, inputs))
+        wanted = [httpclient.InferRequestedOutput(name) for name in outputs]
+        result = await _guard(
+            self._client.infer(model, batched, outputs=wanted, request_id=request_id)
+        )
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def server_ready(self) -> bool:
+        return bool(await _guard(self._client.is_server_ready()))
 
     def _sse_session(self) -> aiohttp.ClientSession:
         if self._session is None:

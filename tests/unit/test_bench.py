@@ -112,7 +112,10 @@ def test_measure_records_ttft_gaps_and_tokens() -> None:
     )
     assert record.ok and record.output_tokens == 3
     assert record.ttft == pytest.approx(0.05, abs=0.03)
-    assert len(record.itls) == 2 and all(g >= 0.015 for g in record.itls)
+    gaps = record.inter_chunk_latencies
+    assert len(gaps) == 2 and all(g >= 0.015 for g in gaps)
+    itl = (record.token_times[-1] - record.ttft) / 2
+    assert record.inter_token_latency == pytest.approx(itl)
     assert record.e2e >= record.token_times[-1]
     assert (record.intent, record.model) == ("qa", "llm_small")
     reported = asyncio.run(measure(_chunks([0, 0], ["a", "b"], reported=7), _now(), 0.0))
@@ -164,12 +167,22 @@ def test_summary_percentiles_rates_goodput_and_errors() -> None:
     assert s["output_tokens_per_s"] == pytest.approx(12 / 4.0)
     assert s["ttft_ms"]["p50"] == pytest.approx(100.0)
     assert s["ttft_ms"]["mean"] == pytest.approx(500 / 3)
-    assert s["itl_ms"]["count"] == 9
-    assert s["tpot_ms"]["p50"] == pytest.approx(20.0)
+    assert s["inter_chunk_latency_ms"]["count"] == 9
+    assert s["inter_token_latency_ms"]["p50"] == pytest.approx(20.0)
     assert s["goodput"]["good_requests"] == 1
     assert s["goodput"]["fraction"] == pytest.approx(0.25)
     assert s["output_tokens_per_s_per_user"]["p50"] == pytest.approx(50.0)
     assert meets_sla(records[0], None, None) and not meets_sla(records[3], None, None)
+
+
+def test_inter_token_latency_ends_at_the_last_text_not_the_stream_end() -> None:
+    # aiperf's ITL: (last content chunk - first) / (tokens - 1); a slow final
+    # flags-only response (e2e) is not decode time. 5 tokens in 2 chunks: ICL != ITL.
+    record = RequestRecord(start=0, e2e=1.0, ttft=0.1, token_times=[0.1, 0.5], output_tokens=5)
+    assert record.inter_token_latency == pytest.approx(0.1)
+    assert record.inter_chunk_latencies == [pytest.approx(0.4)]
+    assert meets_sla(record, None, sla_itl_ms=150) and not meets_sla(record, None, sla_itl_ms=50)
+    assert record.to_json()["inter_token_latency"] == pytest.approx(0.1)
 
 
 def test_distribution_of_nothing() -> None:
