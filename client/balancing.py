@@ -30,6 +30,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -143,6 +144,19 @@ async def probe_health(session: aiohttp.ClientSession, url: str, timeout: float)
         return Probe(False)
 
 
+class _FirstWait:
+    """A stream waiting for its first response; :meth:`lose` ends the wait."""
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.lost = False
+
+    def lose(self) -> None:
+        if not self.lost and self.task is not None:
+            self.lost = True
+            self.task.cancel()
+
+
 class AsyncReplicaPool(BaseAsyncClient):
     """The SDK's methods, balanced over several servers.
 
@@ -204,6 +218,8 @@ class AsyncReplicaPool(BaseAsyncClient):
         self.eject_after = eject_after
         self._probe_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        #: Streams waiting for their first response, by (replica url, model).
+        self._first_waits: dict[tuple[str, str], set[_FirstWait]] = {}
 
     def set_replicas(self, entries: Sequence[tuple[str, str | None]]) -> list[Replica]:
         """Make the replica list ``(url, health_url)`` entries (a DNS re-resolution).
@@ -281,6 +297,9 @@ class AsyncReplicaPool(BaseAsyncClient):
             fresh = probe.dead - replica.dead_models
             replica.dead_models = probe.dead
             if fresh:
+                for model in fresh:
+                    for waiter in self._first_waits.get((replica.url, model), ()):
+                        waiter.lose()
                 self._on_event("lost", replica)
         else:
             try:
@@ -364,10 +383,14 @@ class AsyncReplicaPool(BaseAsyncClient):
             try:
                 with self._lease(replica):
                     async with contextlib.aclosing(stream):
+                        first = await self._first_response(replica, model, stream)
+                        if first is None:
+                            return
+                        if on_replica is not None:
+                            on_replica(replica)
+                        started = True
+                        yield first
                         async for tensors in stream:
-                            if not started and on_replica is not None:
-                                on_replica(replica)
-                            started = True
                             yield tensors
                 return
             except ServerUnavailable:
@@ -377,6 +400,30 @@ class AsyncReplicaPool(BaseAsyncClient):
                 if not self._may_retry(tried):
                     raise
                 self._on_event("retry", replica)
+
+    async def _first_response(
+        self, replica: Replica, model: str, stream: AsyncIterator[Tensors]
+    ) -> Tensors | None:
+        """The stream's first response (None: it ended without one), unless ``model``'s
+        stub dies on ``replica`` first: Triton never answers what a dead stub held, so
+        that is :class:`ServerUnavailable` (nothing was sent: the caller retries). The
+        probe cancels the waiting task (no task of its own per request)."""
+        waiter = _FirstWait(asyncio.current_task())
+        waits = self._first_waits.setdefault((replica.url, model), set())
+        waits.add(waiter)
+        try:
+            return await anext(stream)
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            if not waiter.lost or waiter.task is None:
+                raise
+            waiter.task.uncancel()
+            raise ServerUnavailable(
+                f"{model} on {replica.url} lost its stub before answering"
+            ) from None
+        finally:
+            waits.discard(waiter)
 
     async def models(self) -> list[ModelStatus]:
         """The models of the first healthy replica (replicas serve the same repository)."""

@@ -103,7 +103,11 @@ _MESSAGE_HINTS: tuple[tuple[str, type[ClientError]], ...] = (
 
 
 #: What a backend's own error text (serving.errors.FOREIGN_MESSAGES) means to a client.
-_FOREIGN = {ErrorKind.INVALID_INPUT: InvalidInput, ErrorKind.OVERLOADED: Overloaded}
+_FOREIGN = {
+    ErrorKind.INVALID_INPUT: InvalidInput,
+    ErrorKind.OVERLOADED: Overloaded,
+    ErrorKind.UNAVAILABLE: ServerUnavailable,
+}
 
 
 def _by_message(message: str) -> type[ClientError]:
@@ -123,6 +127,10 @@ def _class_of(status: str | None, message: str) -> type[ClientError]:
         return _by_message(message)
     if OVERLOADED in message.lower():
         return Overloaded
+    if foreign_kind(message) is ErrorKind.UNAVAILABLE:
+        # A dead stub's model on this replica (Triton calls it INTERNAL): another
+        # replica can serve the request, so the pool ejects this one and retries.
+        return ServerUnavailable
     if status in _GRPC_CODES:
         cls = _GRPC_CODES[status]
         # Triton answers an unknown model over gRPC with INVALID_ARGUMENT in some paths.

@@ -92,6 +92,9 @@ FOREIGN_MESSAGES: tuple[tuple[str, ErrorKind], ...] = (
     # model's own queue policy (the h100 tiers' default_queue_policy) rejecting a request.
     ("Exceeds maximum queue size", ErrorKind.OVERLOADED),
     ("Request timeout expired", ErrorKind.OVERLOADED),
+    # python_backend (r24.10) src/stub_launcher.cc: a model whose stub died answers every
+    # request with this until it is reloaded; another replica can serve the request.
+    ("is not healthy", ErrorKind.UNAVAILABLE),
 )
 
 

@@ -183,6 +183,54 @@ def test_deep_readiness_url_ejects_and_readmits() -> None:
     asyncio.run(scenario())
 
 
+def test_a_stream_whose_stub_dies_before_answering_is_retried_elsewhere() -> None:
+    """Triton never answers what a dead stub held: once deep health reports the model
+    STUB_DEAD, a request still waiting for its first response there goes to another
+    replica (nothing was sent yet) instead of waiting out its deadline."""
+    from aiohttp import web
+
+    from serving.launcher import free_port
+
+    state = {"llm_small": "READY"}
+
+    async def ready(_: web.Request) -> web.Response:
+        dead = state["llm_small"] == "STUB_DEAD"
+        return web.json_response({"models": dict(state)}, status=503 if dead else 200)
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/health/ready", ready)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        servers = {
+            "a:1": FakeServer("a:1", chunks=text_chunks(b"never"), delay=3600),
+            "b:1": FakeServer("b:1", chunks=text_chunks(b"ok")),
+        }
+        pool = _pool(
+            servers,
+            strategy="round_robin",
+            health_urls=[f"http://127.0.0.1:{port}/health/ready", None],
+            probe_interval=3600,  # probed by hand below
+        )
+        try:
+            pending = asyncio.ensure_future(pool.generate("hi", model="llm_small"))
+            while not servers["a:1"].requests:
+                await asyncio.sleep(0.01)  # the request waits on a:1
+            state["llm_small"] = "STUB_DEAD"
+            await pool.check(pool.replicas[0])
+            # (a guard, not a timing claim: without the retry this would wait an hour)
+            assert (await asyncio.wait_for(pending, 60)).text == "ok"
+            assert len(servers["b:1"].requests) == 1
+            assert not pool.replicas[0].healthy and pool._first_waits[("a:1", "llm_small")] == set()
+        finally:
+            await pool.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
 def test_a_slow_health_answer_ejects_only_after_several_in_a_row() -> None:
     """A saturated but healthy launcher sometimes answers its probe late: one late answer
     must not eject it; eject_after late answers in a row do."""

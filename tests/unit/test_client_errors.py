@@ -40,7 +40,9 @@ from client.transport import _from_json, _json_value, sse_events
         ("400", "Request for unknown model: 'nope' is not found", ModelNotFound),
         ("503", "Service Unavailable", ServerUnavailable),
         (None, "router: internal error (RuntimeError); see the server log", ServerError),
-        (None, "Stub process 'llm_small_0_0' is not healthy.", ServerError),
+        # A dead stub's model: another replica can serve it (the pool retries there).
+        (None, "Stub process 'llm_small_0_0' is not healthy.", ServerUnavailable),
+        ("StatusCode.INTERNAL", "Stub process 'llm_small_0_0' is not healthy.", ServerUnavailable),
         (None, "'max_tokens' must be between 1 and 512", InvalidInput),
         (None, "something odd", ServerError),
         (

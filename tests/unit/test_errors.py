@@ -45,6 +45,7 @@ CAPACITY = [
 ]
 UNKNOWN = [
     "Encountered an error in forwardAsync function: CUDA error: out of memory",
+    # python_backend src/stub_launcher.cc: the model's stub died (listed as UNAVAILABLE)
     "Stub process 'llm_small_0_0' is not healthy.",
     "llm_small: internal error (RuntimeError); see the server log",
     "some failure nobody anticipated",
