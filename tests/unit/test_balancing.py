@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import pytest
+from aiohttp import web
 
 from client.balancing import (
     AsyncReplicaPool,
@@ -18,6 +20,7 @@ from client.balancing import (
     make_picker,
 )
 from client.errors import ModelNotFound, ServerUnavailable
+from serving.launcher import free_port
 from tests.unit.client_fakes import FakeServer, text_chunks
 
 
@@ -58,6 +61,19 @@ def test_make_picker_from_names() -> None:
 
 def _pool(servers: dict[str, FakeServer], **kwargs: object) -> AsyncReplicaPool:
     return AsyncReplicaPool(list(servers), client_factory=servers.__getitem__, **kwargs)
+
+
+async def _health_server(
+    ready: Callable[[web.Request], Awaitable[web.Response]],
+) -> tuple[web.AppRunner, int]:
+    """A launcher-like deep health endpoint on loopback, answered by ``ready``."""
+    app = web.Application()
+    app.router.add_get("/health/ready", ready)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
 
 
 def test_pool_balances_streams_and_counts_in_flight() -> None:
@@ -132,10 +148,6 @@ def test_pool_rejects_mismatched_health_urls() -> None:
 
 def test_deep_readiness_url_ejects_and_readmits() -> None:
     """A replica whose launcher health endpoint says 503 is ejected although it answers."""
-    from aiohttp import web
-
-    from serving.launcher import free_port
-
     state: dict = {"status": 503, "llm_small": "STUB_DEAD"}
     events: list[tuple[str, str, frozenset[str]]] = []
 
@@ -145,12 +157,7 @@ def test_deep_readiness_url_ejects_and_readmits() -> None:
         return web.json_response(report, status=state["status"])
 
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_get("/health/ready", ready)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await _health_server(ready)
         servers = {u: FakeServer(u, chunks=text_chunks(b"ok")) for u in ("a:1", "b:1")}
         pool = _pool(
             servers,
@@ -187,10 +194,6 @@ def test_a_stream_whose_stub_dies_before_answering_is_retried_elsewhere() -> Non
     """Triton never answers what a dead stub held: once deep health reports the model
     STUB_DEAD, a request still waiting for its first response there goes to another
     replica (nothing was sent yet) instead of waiting out its deadline."""
-    from aiohttp import web
-
-    from serving.launcher import free_port
-
     state = {"llm_small": "READY"}
 
     async def ready(_: web.Request) -> web.Response:
@@ -198,12 +201,7 @@ def test_a_stream_whose_stub_dies_before_answering_is_retried_elsewhere() -> Non
         return web.json_response({"models": dict(state)}, status=503 if dead else 200)
 
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_get("/health/ready", ready)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await _health_server(ready)
         servers = {
             "a:1": FakeServer("a:1", chunks=text_chunks(b"never"), delay=3600),
             "b:1": FakeServer("b:1", chunks=text_chunks(b"ok")),
@@ -234,10 +232,6 @@ def test_a_stream_whose_stub_dies_before_answering_is_retried_elsewhere() -> Non
 def test_a_slow_health_answer_ejects_only_after_several_in_a_row() -> None:
     """A saturated but healthy launcher sometimes answers its probe late: one late answer
     must not eject it; eject_after late answers in a row do."""
-    from aiohttp import web
-
-    from serving.launcher import free_port
-
     state = {"delay": 0.0}
 
     async def ready(_: web.Request) -> web.Response:
@@ -245,12 +239,7 @@ def test_a_slow_health_answer_ejects_only_after_several_in_a_row() -> None:
         return web.json_response({"models": {}})
 
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_get("/health/ready", ready)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, port = await _health_server(ready)
         servers = {"a:1": FakeServer("a:1", chunks=text_chunks(b"ok"))}
         pool = _pool(
             servers,
