@@ -400,7 +400,7 @@ def _drain(cluster: LocalCluster, t: Timeline, limit: float = 120.0) -> float | 
     return None
 
 
-def _warm_sample(t: Timeline, at: float) -> dict[str, Any]:
+def _sample_at(t: Timeline, at: float) -> dict[str, Any]:
     """The last sample taken at or before ``at`` (the first fault: after warm-up)."""
     before = [s for s in t.samples if s["t"] <= at]
     return before[-1] if before else t.samples[0]
@@ -416,10 +416,10 @@ def _report(
     end_slots: dict[str, float],
 ) -> dict[str, Any]:
     first_fault = min(f.at for f in t.faults)
-    warm = _warm_sample(t, first_fault)
+    warm = _sample_at(t, first_fault)
     # Memory is compared under the same load: the last sample before the load stopped
     # (after the drain the engines hold no KV cache, which is not where they were).
-    loaded_end = _warm_sample(t, load_end)
+    loaded_end = _sample_at(t, load_end)
     outs = outcomes(t)
     verdict: Judgement = judge(
         outs,
