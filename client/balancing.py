@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 
-from client.errors import ModelNotFound, ServerError, ServerUnavailable
+from client.errors import ModelNotFound, Overloaded, ServerError, ServerUnavailable
 from client.sdk import AsyncClient, BaseAsyncClient
 from client.transport import ModelStatus, Protocol, Tensors
 
@@ -276,7 +276,11 @@ class AsyncReplicaPool(BaseAsyncClient):
         replica.last_error = reason
 
     def _may_retry(self, tried: Sequence[Replica]) -> bool:
-        return self.max_attempts is None or len(tried) < self.max_attempts
+        """Whether to send again elsewhere: attempts are left and a healthy replica not yet
+        tried exists (else the caller gets the real error, not "no healthy replica")."""
+        if self.max_attempts is not None and len(tried) >= self.max_attempts:
+            return False
+        return any(r.healthy and r not in tried for r in self.replicas)
 
     async def check(self, replica: Replica) -> bool:
         """Probe one replica now and update its health."""
@@ -329,6 +333,8 @@ class AsyncReplicaPool(BaseAsyncClient):
         replica.sent += 1
         try:
             yield replica
+        except Overloaded:
+            raise  # a full queue is a busy replica, not a broken one: it stays in rotation
         except ServerUnavailable as exc:
             self.eject(replica, str(exc))
             raise

@@ -19,7 +19,7 @@ from client.balancing import (
     Strategy,
     make_picker,
 )
-from client.errors import ModelNotFound, ServerUnavailable
+from client.errors import ModelNotFound, Overloaded, ServerUnavailable
 from serving.launcher import free_port
 from tests.unit.client_fakes import FakeServer, text_chunks
 
@@ -120,6 +120,40 @@ def test_unreachable_replica_is_ejected_and_probed_back() -> None:
         assert pool.replicas[1].healthy
         texts = [(await pool.generate("hi")).text for _ in range(2)]
         assert texts == ["ok", "ok"] and len(bad.requests) == 2
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_overloaded_replica_is_retried_elsewhere_but_stays_in_rotation() -> None:
+    """A full queue is load, not a fault: ejecting for it would take the busiest replicas
+    out one by one under overload and answer 503 where 429 is right."""
+    busy = FakeServer("busy:1", chunks=text_chunks(b"ok"), error=Overloaded("overloaded: full"))
+    good = FakeServer("good:1", chunks=text_chunks(b"ok"))
+    pool = _pool({"busy:1": busy, "good:1": good}, strategy="round_robin", max_attempts=2)
+
+    async def scenario() -> None:
+        texts = [(await pool.generate("hi")).text for _ in range(4)]
+        assert texts == ["ok"] * 4  # the busy replica's requests went to the other one
+        assert len(busy.requests) == 4 and len(good.requests) == 4  # tried, then sent on
+        assert all(r.healthy for r in pool.replicas)
+        busy.error = None
+        assert [(await pool.generate("hi")).text for _ in range(2)] == ["ok", "ok"]
+        assert len(busy.requests) == 5  # it serves again once it has room
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lone_overloaded_replica_answers_overloaded_not_no_healthy_replica() -> None:
+    busy = FakeServer("busy:1", chunks=text_chunks(b"ok"), error=Overloaded("overloaded: full"))
+    pool = _pool({"busy:1": busy}, max_attempts=2)
+
+    async def scenario() -> None:
+        for _ in range(2):
+            with pytest.raises(Overloaded, match="overloaded: full"):
+                await pool.generate("hi")
+        assert pool.replicas[0].healthy and len(busy.requests) == 2  # no retry on itself
         await pool.close()
 
     asyncio.run(scenario())
