@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 
-from client.errors import ModelNotFound, Overloaded, ServerError, ServerUnavailable
+from client.errors import ModelNotFound, Overloaded, ServerError, ServerUnavailable, StreamLost
 from client.sdk import AsyncClient, BaseAsyncClient
 from client.transport import ModelStatus, Protocol, Tensors
 
@@ -144,17 +144,50 @@ async def probe_health(session: aiohttp.ClientSession, url: str, timeout: float)
         return Probe(False)
 
 
-class _FirstWait:
-    """A stream waiting for its first response; :meth:`lose` ends the wait."""
+class _StreamWatch:
+    """One stream in flight on a replica's model, ended at once if that model's stub dies.
 
-    def __init__(self, task: asyncio.Task[Any] | None) -> None:
-        self.task = task
+    Triton 2.51 never answers the requests a dead stub held, so such a stream would wait
+    out its deadline. :meth:`lose` cancels the consumer's task, but only while it awaits
+    the upstream in :meth:`next` (never while it is, say, writing to a slow client; its
+    next read then fails at once). No task of its own per request.
+    """
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url = url
+        self.model = model
+        self.started = False  # a response was yielded: from here on, no retry elsewhere
         self.lost = False
+        self._task: asyncio.Task[Any] | None = None
 
     def lose(self) -> None:
-        if not self.lost and self.task is not None:
+        if not self.lost:
             self.lost = True
-            self.task.cancel()
+            if self._task is not None:
+                self._task.cancel()
+
+    def _error(self) -> ServerUnavailable:
+        if self.started:
+            return StreamLost(
+                f"{self.model} on {self.url} lost its Python stub mid-stream "
+                "(the server restarts it; this answer cannot be finished)"
+            )
+        return ServerUnavailable(f"{self.model} on {self.url} lost its stub before answering")
+
+    async def next(self, stream: AsyncIterator[Tensors]) -> Tensors:
+        """The stream's next response (StopAsyncIteration at its end)."""
+        if self.lost:
+            raise self._error()
+        self._task = asyncio.current_task()  # the consumer's task (it may change)
+        try:
+            return await anext(stream)
+        except asyncio.CancelledError:
+            if not self.lost or self._task is None:
+                raise
+            self._task.uncancel()
+            raise self._error() from None
+        finally:
+            self._task = None
 
 
 class AsyncReplicaPool(BaseAsyncClient):
@@ -218,8 +251,8 @@ class AsyncReplicaPool(BaseAsyncClient):
         self.eject_after = eject_after
         self._probe_task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        #: Streams waiting for their first response, by (replica url, model).
-        self._first_waits: dict[tuple[str, str], set[_FirstWait]] = {}
+        #: Streams in flight, by (replica url, model): ended when that model's stub dies.
+        self._streams: dict[tuple[str, str], set[_StreamWatch]] = {}
 
     def set_replicas(self, entries: Sequence[tuple[str, str | None]]) -> list[Replica]:
         """Make the replica list ``(url, health_url)`` entries (a DNS re-resolution).
@@ -298,13 +331,7 @@ class AsyncReplicaPool(BaseAsyncClient):
             else:
                 replica.slow_probes = 0
             ok = probe.ok
-            fresh = probe.dead - replica.dead_models
-            replica.dead_models = probe.dead
-            if fresh:
-                for model in fresh:
-                    for waiter in self._first_waits.get((replica.url, model), ()):
-                        waiter.lose()
-                self._on_event("lost", replica)
+            self.note_dead_models(replica, probe.dead)
         else:
             try:
                 ok = await self._clients[replica].server_ready()
@@ -318,6 +345,20 @@ class AsyncReplicaPool(BaseAsyncClient):
             self.eject(replica, "health check failed")
         replica.healthy = ok
         return ok
+
+    def note_dead_models(self, replica: Replica, dead: frozenset[str]) -> None:
+        """``dead``: the models whose stub is dead on ``replica`` (its deep health says so).
+
+        Streams of a newly dead model there end at once: before their first response
+        with :class:`ServerUnavailable` (the pool sends them elsewhere), after it with
+        :class:`StreamLost`."""
+        fresh = dead - replica.dead_models
+        replica.dead_models = dead
+        if fresh:
+            for model in fresh:
+                for watch in list(self._streams.get((replica.url, model), ())):
+                    watch.lose()
+            self._on_event("lost", replica)
 
     async def _probe_loop(self) -> None:
         while True:
@@ -385,51 +426,32 @@ class AsyncReplicaPool(BaseAsyncClient):
         while True:
             replica = self.pick(tried)
             stream = self._clients[replica].stream_tensors(model, inputs, request_id)
-            started = False
+            watch = _StreamWatch(replica.url, model)
+            watches = self._streams.setdefault((replica.url, model), set())
+            watches.add(watch)
             try:
                 with self._lease(replica):
                     async with contextlib.aclosing(stream):
-                        first = await self._first_response(replica, model, stream)
-                        if first is None:
-                            return
-                        if on_replica is not None:
-                            on_replica(replica)
-                        started = True
-                        yield first
-                        async for tensors in stream:
+                        while True:
+                            try:
+                                tensors = await watch.next(stream)
+                            except StopAsyncIteration:
+                                return
+                            if not watch.started and on_replica is not None:
+                                on_replica(replica)
+                            watch.started = True
                             yield tensors
-                return
             except ServerUnavailable:
-                if started:
+                if watch.started:
                     raise  # part of the answer was delivered; a retry would repeat it
                 tried.append(replica)
                 if not self._may_retry(tried):
                     raise
                 self._on_event("retry", replica)
-
-    async def _first_response(
-        self, replica: Replica, model: str, stream: AsyncIterator[Tensors]
-    ) -> Tensors | None:
-        """The stream's first response (None: it ended without one), unless ``model``'s
-        stub dies on ``replica`` first: Triton never answers what a dead stub held, so
-        that is :class:`ServerUnavailable` (nothing was sent: the caller retries). The
-        probe cancels the waiting task (no task of its own per request)."""
-        waiter = _FirstWait(asyncio.current_task())
-        waits = self._first_waits.setdefault((replica.url, model), set())
-        waits.add(waiter)
-        try:
-            return await anext(stream)
-        except StopAsyncIteration:
-            return None
-        except asyncio.CancelledError:
-            if not waiter.lost or waiter.task is None:
-                raise
-            waiter.task.uncancel()
-            raise ServerUnavailable(
-                f"{model} on {replica.url} lost its stub before answering"
-            ) from None
-        finally:
-            waits.discard(waiter)
+            finally:
+                watches.discard(watch)
+                if not watches:
+                    self._streams.pop((replica.url, model), None)
 
     async def models(self) -> list[ModelStatus]:
         """The models of the first healthy replica (replicas serve the same repository)."""

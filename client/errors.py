@@ -48,6 +48,13 @@ class Overloaded(ServerUnavailable):
     kind = "overloaded"
 
 
+class StreamLost(ServerUnavailable):
+    """The replica lost the model mid-stream (its stub died): the rest of this answer will
+    never come, and nothing is retried after tokens were sent."""
+
+    kind = "stream_lost"
+
+
 class Timeout(ClientError):
     """The client-side deadline passed before the request finished."""
 
@@ -184,6 +191,7 @@ _KINDS = {
         ModelNotFound,
         ServerUnavailable,
         Overloaded,
+        StreamLost,
         Timeout,
         Cancelled,
         ServerError,

@@ -15,6 +15,7 @@ from client.errors import (
     ModelNotFound,
     Overloaded,
     ServerUnavailable,
+    StreamLost,
     Timeout,
 )
 
@@ -91,6 +92,8 @@ def from_upstream(exc: BaseException, what: str) -> APIError:
     message = f"{what}: {exc}"
     if isinstance(exc, InvalidInput):
         return bad_request(message)
+    if isinstance(exc, StreamLost):  # mid-stream: an SSE error event, not a status
+        return APIError(502, message, code="upstream_lost")
     if isinstance(exc, Overloaded):
         return APIError(429, message, code="overloaded", retry_after=1.0)
     if isinstance(exc, ServerUnavailable):

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from client.balancing import AsyncReplicaPool, Replica
@@ -69,8 +69,6 @@ class Pool:
         )
         self.admission = Admission(spec.name, self.capacity, spec.max_queue, spec.max_wait)
         self.tokens_served = 0
-        #: Streams in flight by (replica url, model): told when that model's stub dies there.
-        self._streams: dict[tuple[str, str], set[Callable[[str], None]]] = {}
         self._resolver = resolver
         self._started = time.monotonic()
         self._dns_task: asyncio.Task[None] | None = None
@@ -89,28 +87,6 @@ class Pool:
             self.metrics.retries.labels(pool=self.name).inc()
         elif kind == "back":
             self.admission.wake()
-        elif kind == "lost":
-            for model in replica.dead_models:
-                for lose in list(self._streams.get((replica.url, model), ())):
-                    lose(
-                        f"{model} on {replica.url} lost its Python stub mid-stream "
-                        "(the server restarts it; this answer cannot be finished)"
-                    )
-
-    @contextlib.contextmanager
-    def track(self, replica: str, model: str, lose: Callable[[str], None]) -> Iterator[None]:
-        """While in the block, ``lose(reason)`` is called if ``model``'s stub dies on
-        ``replica``: Triton 2.51 never answers the requests a dead stub held, so without
-        this a stream would hang until the idle timeout."""
-        key = (replica, model)
-        self._streams.setdefault(key, set()).add(lose)
-        try:
-            yield
-        finally:
-            streams = self._streams[key]
-            streams.discard(lose)
-            if not streams:
-                del self._streams[key]
 
     def cost_per_million_tokens(self, now: float) -> float:
         """Configured GPU price x replicas x hours since start, per million tokens served."""

@@ -63,10 +63,6 @@ def upstream_timeout(model: str, what: str, seconds: float) -> APIError:
     return APIError(504, f"{model}: no {what} within {seconds:g}s", code="upstream_timeout")
 
 
-def upstream_lost(reason: str) -> APIError:
-    return APIError(502, reason, code="upstream_lost")
-
-
 def _deadline(seconds: float) -> float:
     return asyncio.get_running_loop().time() + seconds
 
@@ -187,7 +183,6 @@ class _IdleWatch:
         self.timeout = timeout
         self.waiting = False
         self.fired = False
-        self.lost = ""  # why the upstream can no longer answer (see :meth:`lose`)
         self._since = 0.0
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
@@ -203,12 +198,6 @@ class _IdleWatch:
             self._task.cancel()
             return
         self._handle = self._loop.call_later(self.timeout / 2, self._check)
-
-    def lose(self, reason: str) -> None:
-        """The upstream will never answer (its stub died): fail the stream now."""
-        self.lost = reason
-        if self.waiting and self._task:
-            self._task.cancel()
 
     def absorb(self) -> None:
         """The cancellation was ours: let the task go on (to report the 504)."""
@@ -239,12 +228,8 @@ class Generation:
         chunk_timeout: float,
         started: float,
         on_done: Callable[[Generation], None],
-        pool: Pool | None = None,
-        model: str = "",
     ) -> None:
         self.routed = routed
-        self._pool = pool
-        self._model = model
         self._decoder = decoder
         self._first = first
         self._rest = rest
@@ -270,24 +255,17 @@ class Generation:
             first, self._first = self._first, None
             yield first
         watch = _IdleWatch(self._chunk_timeout)
-        tracked = contextlib.ExitStack()
-        if self._pool is not None and self.routed.replica:
-            tracked.enter_context(self._pool.track(self.routed.replica, self._model, watch.lose))
         try:
             while True:
-                if watch.lost:
-                    raise upstream_lost(watch.lost)
                 watch.waiting_since()
                 try:
                     tensors = await anext(self._rest)
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
-                    if not (watch.fired or watch.lost):
+                    if not watch.fired:
                         raise
                     watch.absorb()
-                    if watch.lost:
-                        raise upstream_lost(watch.lost) from None
                     raise upstream_timeout(
                         self.routed.tier, "next response", self._chunk_timeout
                     ) from None
@@ -298,7 +276,6 @@ class Generation:
                 yield tensors
         finally:
             watch.stop()
-            tracked.close()
 
     async def pieces(self) -> AsyncIterator[str]:
         scanner = StopScanner(self._request.stops)
@@ -666,8 +643,6 @@ class Gateway:
             self.first_token_timeout,
             started,
             on_done,
-            pool,
-            model,
         )
 
     # ------------------------------------------------------------------ embeddings

@@ -19,7 +19,8 @@ from client.balancing import (
     Strategy,
     make_picker,
 )
-from client.errors import ModelNotFound, Overloaded, ServerUnavailable
+from client.errors import ModelNotFound, Overloaded, ServerUnavailable, StreamLost
+from client.transport import Tensors
 from serving.launcher import free_port
 from tests.unit.client_fakes import FakeServer, text_chunks
 
@@ -255,7 +256,7 @@ def test_a_stream_whose_stub_dies_before_answering_is_retried_elsewhere() -> Non
             # (a guard, not a timing claim: without the retry this would wait an hour)
             assert (await asyncio.wait_for(pending, 60)).text == "ok"
             assert len(servers["b:1"].requests) == 1
-            assert not pool.replicas[0].healthy and pool._first_waits[("a:1", "llm_small")] == set()
+            assert not pool.replicas[0].healthy and pool._streams == {}
         finally:
             await pool.close()
             await runner.cleanup()
@@ -294,6 +295,59 @@ def test_a_slow_health_answer_ejects_only_after_several_in_a_row() -> None:
         finally:
             await pool.close()
             await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+class _OneThenSilence(FakeServer):
+    """Sends one response, then nothing: what a stream held by a dead stub looks like."""
+
+    async def stream_tensors(self, model: str, inputs: Tensors, request_id: str = ""):  # type: ignore[override]
+        self.requests.append((model, inputs))
+        yield text_chunks(b"a")[0]
+        await asyncio.sleep(3600)
+
+
+def test_a_stream_whose_stub_dies_mid_stream_ends_at_once_and_is_not_retried() -> None:
+    servers = {"a:1": _OneThenSilence("a:1"), "b:1": FakeServer("b:1", chunks=text_chunks(b"b"))}
+    pool = _pool(servers, strategy="round_robin", probe_interval=3600)
+
+    async def scenario() -> None:
+        got: list[Tensors] = []
+
+        async def consume() -> None:
+            async for tensors in pool.stream_tensors("llm_small", {}):
+                got.append(tensors)
+
+        task = asyncio.ensure_future(consume())
+        while not got:
+            await asyncio.sleep(0.01)
+        pool.note_dead_models(pool.replicas[0], frozenset({"llm_small"}))
+        # (a guard, not a timing claim: without the watch this would wait an hour)
+        with pytest.raises(StreamLost, match="llm_small on a:1 lost its Python stub mid-stream"):
+            await asyncio.wait_for(task, 60)
+        assert len(got) == 1 and not servers["b:1"].requests  # nothing retried after a token
+        assert pool._streams == {} and not pool.replicas[0].healthy
+        await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_consumer_busy_elsewhere_is_not_cancelled_when_the_stub_dies() -> None:
+    """Only a read of the upstream is interrupted (never, say, a write to a slow client);
+    the next read fails at once."""
+    pool = _pool({"a:1": _OneThenSilence("a:1")}, probe_interval=3600)
+
+    async def scenario() -> None:
+        stream = pool.stream_tensors("llm_small", {})
+        await anext(stream)
+        pool.note_dead_models(pool.replicas[0], frozenset({"llm_small"}))
+        await asyncio.sleep(0.05)  # the consumer's own await: not cancelled
+        with pytest.raises(StreamLost):
+            await asyncio.wait_for(anext(stream), 60)
+        await stream.aclose()
+        assert pool._streams == {}
+        await pool.close()
 
     asyncio.run(scenario())
 

@@ -338,8 +338,7 @@ def test_a_stream_whose_stub_dies_ends_at_once_with_an_error_event() -> None:
             yield {"output_ids": np.array([[[ids[0]]]], dtype=np.int32)}
             # What the pool's health probe does when the launcher reports STUB_DEAD.
             (replica,) = self.pool.replicas.replicas
-            replica.dead_models = frozenset({model})
-            self.pool._on_event("lost", replica)
+            self.pool.replicas.note_dead_models(replica, frozenset({model}))
             await asyncio.sleep(3600)
 
     fake = StubDiesAfterOneToken()
@@ -350,7 +349,7 @@ def test_a_stream_whose_stub_dies_ends_at_once_with_an_error_event() -> None:
         events = _events(r.text)
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "upstream_lost"
         assert "llm_small on fake:1 lost its Python stub" in events[-2]["error"]["message"]
-        assert fake.pool._streams == {}  # nothing left registered
+        assert fake.pool.replicas._streams == {}  # nothing left registered
         assert c.get("/health/live").status_code == 200
 
 
