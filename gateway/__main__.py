@@ -80,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for an upstream's first (or next) response before a 504",
     )
     parser.add_argument(
+        "--classify-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for the intent classifier's answer; after it (or when the classifier "
+        "is down) 'auto' routes as for low confidence",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -159,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             routing,
             tokenizer,
             first_token_timeout=args.first_token_timeout,
+            classify_timeout=args.classify_timeout,
             max_tokens_cap=args.max_tokens,
         )
     except ConfigError as exc:

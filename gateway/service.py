@@ -63,6 +63,11 @@ def upstream_timeout(model: str, what: str, seconds: float) -> APIError:
     return APIError(504, f"{model}: no {what} within {seconds:g}s", code="upstream_timeout")
 
 
+#: Statuses of a failed classifier call after which ``auto`` routes as low confidence:
+#: the classifier (or its pool) is down, failed, or did not answer in time.
+_CLASSIFIER_DOWN = frozenset({502, 503, 504})
+
+
 def _deadline(seconds: float) -> float:
     return asyncio.get_running_loop().time() + seconds
 
@@ -328,6 +333,7 @@ class Gateway:
         *,
         client_factory: Callable[[str], BaseAsyncClient] | None = None,
         first_token_timeout: float = 120.0,
+        classify_timeout: float = 10.0,
         max_tokens_cap: int | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -337,6 +343,7 @@ class Gateway:
         self.tokenizer = tokenizer
         self.metrics = metrics or GatewayMetrics()
         self.first_token_timeout = first_token_timeout
+        self.classify_timeout = classify_timeout
         self.max_tokens_cap = min(max_tokens_cap or routing.max_output_len, routing.max_output_len)
         self._rng = rng or random.Random()
         self.pools = {
@@ -533,8 +540,16 @@ class Gateway:
         if req.intent is not None:
             decision = self.policy.decide(req.intent, 1.0, intent_forced=True)
         else:
-            intent, confidence = await self.classify(req.text, req.request_id, req.priority)
-            decision = self.policy.decide(intent, confidence)
+            try:
+                intent, confidence = await self.classify(req.text, req.request_id, req.priority)
+            except APIError as exc:
+                if exc.status not in _CLASSIFIER_DOWN:
+                    raise  # the client's input, or a full queue (429): theirs to see
+                # Routing degrades, availability does not (the router does the same).
+                log.warning("classifier failed, routing as low confidence: %s", exc.message)
+                decision = self.policy.unclassified()
+            else:
+                decision = self.policy.decide(intent, confidence)
         self.metrics.decisions.labels(
             intent=decision.intent, tier=decision.tier, reason=decision.reason.value
         ).inc()
@@ -555,18 +570,26 @@ class Gateway:
             model,
             priority,
             lambda: pool.infer(model, {"text": _strings(text)}, outputs, request_id),
+            self.classify_timeout,
         )
         return str(_scalar(out, "intent")), float(_scalar(out, "confidence"))
 
     async def _bounded(
-        self, pool: Pool, model: str, priority: str, work: Callable[[], Awaitable[T]]
+        self,
+        pool: Pool,
+        model: str,
+        priority: str,
+        work: Callable[[], Awaitable[T]],
+        timeout: float | None = None,
     ) -> T:
-        """One request/response call: a pool slot, the timeout (504), upstream errors."""
+        """One request/response call: a pool slot, the timeout (504, default the first
+        token's), upstream errors."""
+        limit = self.first_token_timeout if timeout is None else timeout
         async with pool.slot(priority):
             try:
-                return await asyncio.wait_for(work(), self.first_token_timeout)
+                return await asyncio.wait_for(work(), limit)
             except TimeoutError:
-                raise upstream_timeout(model, "answer", self.first_token_timeout) from None
+                raise upstream_timeout(model, "answer", limit) from None
             except ClientError as exc:
                 raise from_upstream(exc, model) from exc
 

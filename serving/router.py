@@ -343,8 +343,21 @@ class Router:
             return self.policy.decide(
                 parsed.intent, 1.0, intent_forced=True, forced_tier=parsed.model
             )
-        intent, confidence = self.classify(parsed.text)
+        try:
+            intent, confidence = self.classify(parsed.text)
+        except DownstreamError as exc:
+            blame = _blame(exc)
+            if isinstance(blame, ValidationError):
+                raise blame from exc
+            return self._unclassified(parsed, exc)
+        except Exception as exc:  # timed out, or the call could not be made
+            return self._unclassified(parsed, exc)
         return self.policy.decide(intent, confidence, forced_tier=parsed.model)
+
+    def _unclassified(self, parsed: RouterRequest, exc: Exception) -> Decision:
+        """The classifier failed: route as for low confidence instead of failing."""
+        log.warning("%s: classifier failed, routing as low confidence: %s", self.name, exc)
+        return self.policy.unclassified(forced_tier=parsed.model)
 
     def preprocess(self, parsed: RouterRequest) -> dict[str, np.ndarray]:
         """The tier's inputs: token ids (chat template applied) and resolved options.

@@ -31,6 +31,12 @@ class Reason(str, enum.Enum):
     LOW_CONFIDENCE = "low_confidence"
     INTENT_OVERRIDE = "intent_override"
     MODEL_OVERRIDE = "model_override"
+    CLASSIFIER_UNAVAILABLE = "classifier_unavailable"
+
+
+#: The intent reported when the classifier could not answer (see
+#: :meth:`RoutingPolicy.unclassified`).
+UNKNOWN_INTENT = "unknown"
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,19 @@ class RoutingPolicy:
         else:
             tier, reason = self.table[intent], Reason.TABLE
         return Decision(intent, confidence, tier, reason, self.chain(tier))
+
+    def unclassified(self, forced_tier: str | None = None) -> Decision:
+        """The decision when the classifier failed or did not answer in time.
+
+        Routing degrades, availability does not: the prompt goes where an intent the
+        classifier is unsure of goes (``low_confidence_tier``, with its fallbacks),
+        reported as intent ``unknown`` with confidence 0. A forced tier still wins.
+        """
+        if forced_tier is not None:
+            tier = self.check_tier(forced_tier)
+            return Decision(UNKNOWN_INTENT, 0.0, tier, Reason.MODEL_OVERRIDE, (tier,))
+        tier = self.low_confidence_tier
+        return Decision(UNKNOWN_INTENT, 0.0, tier, Reason.CLASSIFIER_UNAVAILABLE, self.chain(tier))
 
     def chain(self, tier: str) -> tuple[str, ...]:
         """``tier`` and then its fallbacks, each once, in the order the policy gives."""

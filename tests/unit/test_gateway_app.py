@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
 from client.errors import ServerError
 from client.transport import Tensors
 from gateway.app import create_app
 from gateway.config import Topology
-from tests.unit.gateway_fakes import FakeTriton, key_store, make_gateway, tokenizer
+from tests.unit.gateway_fakes import ROUTING, FakeTriton, key_store, make_gateway, tokenizer
 
 CHAT = {
     "model": "auto",
@@ -243,6 +244,41 @@ def test_pools_follow_the_policy_fallback_when_a_tier_pool_is_down(tmp_path: Pat
             "gateway_ttft_seconds_bucket" in metrics
             and "gateway_pool_cost_per_million_tokens" in metrics
         )
+
+
+@pytest.mark.parametrize("fault", ["down", "slow"])
+def test_auto_routes_as_low_confidence_when_the_classifier_cannot_answer(fault: str) -> None:
+    """Routing degrades, availability does not: a classifier that is down or slower than
+    --classify-timeout sends ``auto`` to the low-confidence tier, and says so."""
+    front = FakeTriton("front:1", down=fault == "down", delay=5.0 if fault == "slow" else 0.0)
+    servers = {"front:1": front, "tiers:1": FakeTriton("tiers:1")}
+    topo = Topology.from_dict(
+        {
+            "pools": [
+                {"name": "front", "models": ["intent_classifier"], "replicas": ["front:1"]},
+                {
+                    "name": "tiers",
+                    "models": ["llm_small", "llm_medium", "llm_large"],
+                    "replicas": ["tiers:1"],
+                },
+            ]
+        }
+    )
+    with _client(servers, topo, classify_timeout=0.2) as c:
+        r = c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == ROUTING.policy.low_confidence_tier
+        assert r.headers["x-route-intent"] == "unknown"
+        assert r.headers["x-route-reason"] == "classifier_unavailable"
+        assert float(r.headers["x-route-confidence"]) == 0.0
+        forced = c.post("/v1/chat/completions", json={**CHAT, "model": "llm_small"})
+        assert forced.status_code == 200 and forced.json()["model"] == "llm_small"
+        metrics = c.get("/metrics").text
+        tier = ROUTING.policy.low_confidence_tier
+        assert (
+            'gateway_routing_decisions_total{intent="unknown",'
+            f'reason="classifier_unavailable",tier="{tier}"}} 1.0'
+        ) in metrics
 
 
 def test_ab_split_is_sticky_per_header_and_labelled() -> None:

@@ -730,7 +730,9 @@ def test_cancelled_stream_really_stops_a_tier_that_would_run_on(bls: dict) -> No
     assert sum(1 for _ in request.sender.responses()) < 64
 
 
-def test_hung_classifier_is_unavailable_not_a_lost_worker(bls: dict) -> None:
+def test_hung_classifier_costs_a_timeout_then_routes_as_low_confidence(bls: dict) -> None:
+    """Routing degrades, availability does not: no worker is lost and the prompt is
+    served by the low-confidence tier, reported as intent "unknown"."""
     down = Downstream(bls)
     release = threading.Event()
 
@@ -739,16 +741,51 @@ def test_hung_classifier_is_unavailable_not_a_lost_worker(bls: dict) -> None:
         return down.classify(inputs)
 
     bls["intent_classifier"] = hung
-    router = deadline_router(RouterMetrics())
+    metrics = RouterMetrics()
+    router = deadline_router(metrics)
     request = router_request()
     try:
         serve(router, request)
     finally:
         release.set()
         router.close()
-    err = error_of(request)
-    assert err.code() == TritonError.UNAVAILABLE
-    assert "intent_classifier: timed out: no answer within" in err.message()
+    resp = request.sender.responses()[0]
+    assert not resp.has_error()
+    assert (value(resp, "intent"), value(resp, "model")) == ("unknown", POLICY.low_confidence_tier)
+    assert value(resp, "confidence") == 0.0
+    assert down.tiers_called() == [POLICY.low_confidence_tier]
+    labels = {"intent": "unknown", "tier": POLICY.low_confidence_tier}
+    assert metrics.requests.labels(**labels, reason="classifier_unavailable").value == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [error("intent_classifier crashed: CUDA error"), "raise"],
+    ids=["error answer", "call raised"],
+)
+def test_failing_classifier_routes_as_low_confidence(bls: dict, answer: Any) -> None:
+    down = Downstream(bls)
+
+    def failing(inputs: dict[str, np.ndarray]) -> InferenceResponse:
+        if answer == "raise":
+            raise RuntimeError("stub is gone")
+        return answer
+
+    bls["intent_classifier"] = failing
+    request = router_request(stream=True)
+    serve(make_router(), request)
+    responses = request.sender.responses()
+    assert responses and not any(r.has_error() for r in responses)
+    assert value(responses[0], "model") == POLICY.low_confidence_tier
+    assert down.tiers_called() == [POLICY.low_confidence_tier]
+
+
+def test_classifier_rejecting_the_input_is_the_clients_error(bls: dict) -> None:
+    Downstream(bls)
+    bls["intent_classifier"] = lambda inputs: error("text is empty", TritonError.INVALID_ARG)
+    request = router_request()
+    serve(make_router(), request)
+    assert error_of(request).code() == TritonError.INVALID_ARG
 
 
 # -- TensorRT-LLM's own error texts (the h100 tiers) ---------------------------------

@@ -74,6 +74,20 @@ def test_model_override_wins_and_has_no_fallback() -> None:
     assert decision.candidates == ("llm_large",)
 
 
+def test_no_classification_routes_as_low_confidence_with_its_fallbacks() -> None:
+    policy = make_policy()
+    decision = policy.unclassified()
+    assert (decision.intent, decision.confidence) == ("unknown", 0.0)
+    assert (decision.tier, decision.reason) == ("llm_medium", Reason.CLASSIFIER_UNAVAILABLE)
+    assert decision.candidates == policy.chain("llm_medium")
+    forced = policy.unclassified(forced_tier="llm_large")
+    assert (forced.tier, forced.reason, forced.candidates) == (
+        "llm_large",
+        Reason.MODEL_OVERRIDE,
+        ("llm_large",),
+    )
+
+
 def test_fallback_chain_follows_the_map_once_per_tier() -> None:
     policy = make_policy()
     assert policy.chain("llm_large") == ("llm_large", "llm_medium", "llm_small")
