@@ -57,7 +57,7 @@ from client.transport import Protocol
 from client.workload import add_closed_loop_arguments, jobs, load_prompts
 from gateway import process as gateway_process
 from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher, free_port
-from serving.proxies import Balancer, Proxy
+from serving.proxies import Balancer, Proxy, ProxyError, envoy_binary, nginx_binary
 from serving.repository import configured_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,6 +306,16 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=RESULTS, help="results prefix")
     args = parser.parse_args()
 
+    # Every balancer binary before anything starts: a missing Envoy must not end a
+    # 70-minute run after its first two configurations.
+    try:
+        if any(name.startswith("nginx") for name in args.configs) or args.prewarm > 0:
+            nginx_binary()
+        if any(name.startswith("envoy") for name in args.configs):
+            envoy_binary()
+    except ProxyError as exc:
+        console.print(str(exc), style="red", markup=False)
+        return 2
     prompts = load_prompts(DOLLY)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="replicas-") as tmp:
