@@ -347,8 +347,8 @@ class Router:
             intent, confidence = self.classify(parsed.text)
         except DownstreamError as exc:
             blame = _blame(exc)
-            if isinstance(blame, ValidationError):
-                raise blame from exc
+            if isinstance(blame, ValidationError | OverloadedError):
+                raise blame from exc  # the client's input, or a full queue: theirs to see
             return self._unclassified(parsed, exc)
         except Exception as exc:  # timed out, or the call could not be made
             return self._unclassified(parsed, exc)

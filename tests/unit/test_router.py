@@ -780,12 +780,25 @@ def test_failing_classifier_routes_as_low_confidence(bls: dict, answer: Any) -> 
     assert down.tiers_called() == [POLICY.low_confidence_tier]
 
 
-def test_classifier_rejecting_the_input_is_the_clients_error(bls: dict) -> None:
-    Downstream(bls)
-    bls["intent_classifier"] = lambda inputs: error("text is empty", TritonError.INVALID_ARG)
+@pytest.mark.parametrize(
+    ("answer", "code", "text"),
+    [
+        (error("text is empty", TritonError.INVALID_ARG), TritonError.INVALID_ARG, "empty"),
+        (error("overloaded: 64 requests wait"), TritonError.UNAVAILABLE, "overloaded: "),
+    ],
+    ids=["rejects the input", "full queue"],
+)
+def test_classifier_rejection_or_full_queue_is_the_clients_answer(
+    bls: dict, answer: InferenceResponse, code: int, text: str
+) -> None:
+    """As in the gateway: only a classifier that is down or failed degrades routing."""
+    down = Downstream(bls)
+    bls["intent_classifier"] = lambda inputs: answer
     request = router_request()
     serve(make_router(), request)
-    assert error_of(request).code() == TritonError.INVALID_ARG
+    err = error_of(request)
+    assert err.code() == code and text in err.message()
+    assert down.tiers_called() == []
 
 
 # -- TensorRT-LLM's own error texts (the h100 tiers) ---------------------------------
