@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import platform
 import signal
 import socket
 import sys
@@ -63,6 +61,7 @@ from benchmarks.soak_probe import (  # noqa: E402
     Fault,
     Judgement,
     Outcome,
+    cpu_name,
     gauge,
     judge,
     memory_by_role,
@@ -433,7 +432,7 @@ def _report(
     )
     records = [r for _, r, _ in t.records]
     return {
-        "config": {**{k: str(v) for k, v in vars(args).items()}, "cpu": _cpu()},
+        "config": {**{k: str(v) for k, v in vars(args).items()}, "cpu": cpu_name()},
         "faults": [asdict(f) for f in t.faults],
         "fault_report": fault_report,
         "load_end_s": load_end,
@@ -454,14 +453,6 @@ def _report(
         "samples": t.samples,
         "requests": [{**r.to_json(), "group": m} for m, r, _ in t.records],
     }
-
-
-def _cpu() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
-    return platform.processor()
 
 
 def _write(out: Path, report: dict[str, Any], t: Timeline) -> None:

@@ -14,7 +14,9 @@ so that the judging is plain code with unit tests: ``tests/unit/test_soak.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +67,15 @@ def memory_by_role(
         if size is not None:
             out[name] = size
     return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name and architecture, for a benchmark's report."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {platform.machine()}"
+    return platform.processor()
 
 
 def shm_bytes(shm_dir: Path = SHM_DIR) -> int:

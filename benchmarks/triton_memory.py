@@ -1,0 +1,239 @@
+"""Does tritonserver's own memory grow per request, and does it settle? (issue 13, item 4)
+
+The soak (``benchmarks/soak.py``) saw the busiest tritonserver end 10.9 % above its
+warm-up sample while ``/dev/shm`` stayed flat, and a rerun with jemalloc preloaded grew
+more, so the growth is real allocations, not glibc keeping freed memory. This isolates
+it: one server with only ``llm_small`` (no gateway, no faults), rounds of requests at a
+fixed concurrency, and after each round (load stopped, 1 s idle) tritonserver's resident
+memory split into anonymous (its heap), file and shared pages (``/proc/<pid>/status``).
+
+Variants, one after another on the same server: gRPC streams and HTTP
+``generate_stream``, with short and longer answers, so that growth per request and per
+streamed response can be told apart; the first variant runs again at the end to show
+whether the slope settles.
+
+    python benchmarks/triton_memory.py                  # the committed run
+    python benchmarks/triton_memory.py --rounds 3 --requests 30    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/gateway.py would shadow the gateway package
+
+import numpy as np  # noqa: E402
+
+from benchmarks.soak_probe import cpu_name  # noqa: E402
+from client.sdk import AsyncClient  # noqa: E402
+from client.transport import Protocol  # noqa: E402
+from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
+from gateway.tokenizer import load as load_tokenizer  # noqa: E402
+from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher  # noqa: E402
+from serving.repository import configured_copy  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "triton_memory"
+MODEL = "llm_small"
+PROMPT = "Write one sentence about lighthouses."
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+@dataclass(frozen=True)
+class Variant:
+    protocol: str
+    tokens: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.protocol}, {self.tokens} tokens"
+
+
+def status_kib(pid: int) -> dict[str, int]:
+    """``VmRSS``, ``RssAnon``, ``RssFile``, ``RssShmem`` of ``pid`` in KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in FIELDS:
+            out[key] = int(value.split()[0])
+    return out
+
+
+def slope_kib_per_request(points: list[tuple[int, int]]) -> float:
+    """Least-squares KiB of growth per request over ``(requests so far, KiB)`` points."""
+    if len(points) < 2:
+        return float("nan")
+    x = np.array([p[0] for p in points], dtype=float)
+    y = np.array([p[1] for p in points], dtype=float)
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def tier_inputs(ids: list[int], tokens: int, end_id: int, pad_id: int) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": np.array(ids, dtype=np.int32),
+        "input_lengths": np.array([len(ids)], dtype=np.int32),
+        "request_output_len": np.array([tokens], dtype=np.int32),
+        "end_id": np.array([end_id], dtype=np.int32),
+        "pad_id": np.array([pad_id], dtype=np.int32),
+        "streaming": np.array([True]),
+    }
+
+
+async def run_requests(
+    client: AsyncClient, inputs: dict[str, np.ndarray], count: int, concurrency: int
+) -> int:
+    """Send ``count`` streamed requests, ``concurrency`` at a time; the responses read."""
+    todo = iter(range(count))
+    responses = 0
+
+    async def worker() -> None:
+        nonlocal responses
+        for _ in todo:
+            async for _tensors in client.stream_tensors(MODEL, inputs):
+                responses += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return responses
+
+
+async def measure(args: argparse.Namespace, server: TritonLauncher) -> list[dict[str, Any]]:
+    tokenizer = load_tokenizer(None, RoutingSettings.from_file(DEFAULT_ROUTER_CONFIG).tokenizer_dir)
+    ids = tokenizer.encode(tokenizer.render([{"role": "user", "content": PROMPT}]))
+    pid = server.pid
+    assert pid is not None
+    variants = [Variant(p, t) for p, t in args.variants]
+    variants.append(variants[0])  # again at the end: does its slope settle?
+    clients = {
+        "grpc": AsyncClient(server.grpc_url, Protocol.GRPC),
+        "http": AsyncClient(server.http_url, Protocol.HTTP),
+    }
+    out = []
+    total = 0
+    try:
+        for variant in variants:
+            client = clients[variant.protocol]
+            inputs = tier_inputs(ids, variant.tokens, tokenizer.end_id, tokenizer.pad_id)
+            await run_requests(client, inputs, args.warmup, args.concurrency)
+            total += args.warmup
+            await asyncio.sleep(1.0)
+            rounds = [{"requests": total, "responses": 0, **status_kib(pid)}]
+            started = time.monotonic()
+            for _ in range(args.rounds):
+                responses = await run_requests(client, inputs, args.requests, args.concurrency)
+                total += args.requests
+                await asyncio.sleep(1.0)
+                rounds.append({"requests": total, "responses": responses, **status_kib(pid)})
+            seconds = time.monotonic() - started
+            anon = [(r["requests"], r["RssAnon"]) for r in rounds]
+            half = len(anon) // 2
+            row = {
+                "variant": variant.name,
+                "protocol": variant.protocol,
+                "tokens": variant.tokens,
+                "requests": args.rounds * args.requests,
+                "responses_per_request": sum(r["responses"] for r in rounds)
+                / (args.rounds * args.requests),
+                "seconds": seconds,
+                "anon_start_kib": rounds[0]["RssAnon"],
+                "anon_end_kib": rounds[-1]["RssAnon"],
+                "rss_start_kib": rounds[0]["VmRSS"],
+                "rss_end_kib": rounds[-1]["VmRSS"],
+                "anon_kib_per_request": slope_kib_per_request(anon),
+                "anon_kib_per_request_first_half": slope_kib_per_request(anon[: half + 1]),
+                "anon_kib_per_request_second_half": slope_kib_per_request(anon[half:]),
+                "rounds": rounds,
+            }
+            print(
+                f"{variant.name}: RssAnon {row['anon_start_kib']} -> {row['anon_end_kib']} KiB, "
+                f"{row['anon_kib_per_request']:.3f} KiB/request "
+                f"(halves {row['anon_kib_per_request_first_half']:.3f}, "
+                f"{row['anon_kib_per_request_second_half']:.3f})",
+                file=sys.stderr,
+            )
+            out.append(row)
+    finally:
+        for client in clients.values():
+            await client.close()
+    return out
+
+
+def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, cpu: str) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": " ".join(sys.argv),
+        "cpu": cpu,
+        "args": vars(args) | {"variants": [asdict(Variant(*v)) for v in args.variants]},
+    }
+    (RESULTS.with_suffix(".json")).write_text(json.dumps({**meta, "variants": rows}, indent=2))
+    lines = [
+        "# tritonserver's own memory per request (issue 13)",
+        "",
+        f"Command: `python benchmarks/triton_memory.py {' '.join(sys.argv[1:])}`  ",
+        f"CPU: {cpu}",
+        "",
+        f"One tritonserver with only `{MODEL}` (SmolLM2-135M, CPU), {args.concurrency} streams "
+        f"at a time, {args.rounds} rounds of {args.requests} requests per variant after "
+        f"{args.warmup} warm-up requests; tritonserver's `/proc/<pid>/status` read after each "
+        "round with the load stopped. The first variant runs again at the end.",
+        "",
+        "| variant | requests | responses/request | RssAnon start → end (KiB) | KiB/request | first half | second half | VmRSS start → end (KiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['requests']} | {r['responses_per_request']:.1f} | "
+            f"{r['anon_start_kib']} → {r['anon_end_kib']} | {r['anon_kib_per_request']:.3f} | "
+            f"{r['anon_kib_per_request_first_half']:.3f} | "
+            f"{r['anon_kib_per_request_second_half']:.3f} | "
+            f"{r['rss_start_kib']} → {r['rss_end_kib']} |"
+        )
+    (RESULTS.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+
+
+def _variant(text: str) -> tuple[str, int]:
+    protocol, _, tokens = text.partition(":")
+    if protocol not in ("grpc", "http") or not tokens.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: want grpc:N or http:N")
+    return protocol, int(tokens)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=60, help="per round")
+    parser.add_argument("--warmup", type=int, default=40, help="per variant, not counted")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--variants",
+        type=_variant,
+        nargs="+",
+        default=[("grpc", 4), ("http", 4)],
+        help="protocol:answer tokens, in order",
+    )
+    args = parser.parse_args(argv)
+    cpu = cpu_name()
+    with tempfile.TemporaryDirectory(prefix="triton-memory-") as tmp:
+        where = Path(tmp)
+        repo = configured_copy(
+            DEFAULT_REPOSITORY,
+            where,
+            {MODEL: {"torch_threads": "1", "max_active_sequences": str(args.concurrency)}},
+            models=[MODEL],
+        )
+        options = LaunchOptions.on_free_ports(repository=repo, log_path=where / "server.log")
+        with TritonLauncher(options) as server:
+            rows = asyncio.run(measure(args, server))
+    write_report(rows, args, cpu)
+    print(f"wrote {RESULTS.with_suffix('.md')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

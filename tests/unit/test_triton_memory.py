@@ -1,0 +1,28 @@
+"""The tritonserver memory probe's arithmetic and parsing, without a server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+
+from benchmarks.triton_memory import FIELDS, _variant, slope_kib_per_request, status_kib
+
+
+def test_slope_is_kib_per_request_by_least_squares() -> None:
+    assert slope_kib_per_request([(0, 100), (100, 150), (200, 200)]) == pytest.approx(0.5)
+    assert slope_kib_per_request([(0, 100), (100, 100), (200, 100)]) == pytest.approx(0.0)
+    assert slope_kib_per_request([(0, 100)]) != slope_kib_per_request([(0, 100)])  # nan
+
+
+def test_status_reads_the_resident_split_of_a_process() -> None:
+    kib = status_kib(os.getpid())
+    assert set(kib) == set(FIELDS)
+    assert kib["VmRSS"] == kib["RssAnon"] + kib["RssFile"] + kib["RssShmem"]
+
+
+def test_variants_parse_and_bad_ones_are_clear() -> None:
+    assert _variant("grpc:4") == ("grpc", 4)
+    with pytest.raises(argparse.ArgumentTypeError, match="want grpc:N or http:N"):
+        _variant("udp:4")
