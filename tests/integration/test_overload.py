@@ -4,24 +4,27 @@ admits 1 request and queues 1 (pools placement over the session's server) gets a
 Orderings, not timings: every shed request has its answer before the first admitted one
 finishes, and once the load drains a good request succeeds.
 
-The tier's own bound (``llm_small``: 16 slots, ``max_queue_size`` 32, "overloaded: " →
-gateway 429) is not covered here: 60 concurrent streams through the session's gateway did
-not fill it on this machine (all 60 were served), so triggering it needs a larger burst or
-a server started with a smaller queue; the mapping itself is a unit test
-(tests/unit/test_gateway_parts.py).
+The tier's own bound ("overloaded: " → gateway 429) gets a server of its own: an
+``llm_small`` with one generation slot and ``max_queue_size`` 1 behind a gateway pool that
+admits plenty, so the tier is what refuses. (The session's ``llm_small``, 16 slots and 32
+queued, took 60 concurrent streams on this machine without filling.) A refusal is load,
+not a fault: the replica is not ejected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from serving.launcher import TritonLauncher
+from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher
+from serving.repository import configured_copy
 from tests.integration.bad_inputs import KEY
 from tests.integration.conftest import pools_gateway, replica
 
@@ -37,6 +40,28 @@ def tight_gateway(
     small = {"replicas": [replica(server)], "max_in_flight": 1, "max_queue": 1, "max_wait_s": 120}
     with pools_gateway(folder, server, small) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def bounded_tier_gateway(
+    server: TritonLauncher, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A gateway whose ``small`` pool is a server of its own: ``llm_small`` with one slot
+    and ``max_queue_size`` 1, under a pool bound it never reaches."""
+    folder = tmp_path_factory.mktemp("bounded-tier")
+    repo = configured_copy(
+        DEFAULT_REPOSITORY,
+        folder,
+        {"llm_small": {"max_active_sequences": "1", "max_queue_size": "1", "torch_threads": "1"}},
+        models=["llm_small"],
+    )
+    options = LaunchOptions.on_free_ports(
+        repository=repo, log_path=folder / "server.log", ready_timeout=600
+    )
+    with TritonLauncher(options) as tier:
+        small = {"replicas": [replica(tier)], "max_in_flight": 16, "max_queue": 16}
+        with pools_gateway(folder, server, small) as url:
+            yield url
 
 
 async def _one(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, float, dict]:
@@ -81,3 +106,21 @@ def test_a_full_gateway_pool_sheds_the_excess_at_once(tight_gateway: str) -> Non
     _check_shed_first(results, "queue_full")
     assert sum(status == 200 for status, _, _ in results) == 2  # one running, one queued
     _good(tight_gateway)
+
+
+def test_a_full_tier_queue_is_a_fast_429_and_the_replica_stays_in(
+    bounded_tier_gateway: str,
+) -> None:
+    url = bounded_tier_gateway
+    results = asyncio.run(_burst(url, 6, 48))
+    _check_shed_first(results, "overloaded")
+    assert sum(status == 200 for status, _, _ in results) in (1, 2)  # one slot, one queued
+    for status, _, info in results:
+        if status == 429:
+            assert "generation slots" in info["error"]["message"], info
+    # The refusals did not eject the (only) replica: the next request is served at once.
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=30) as response:
+        page = response.read().decode()
+    assert "gateway_ejections_total" in page  # (the family is there, so is a series once used)
+    assert not re.findall(r'^gateway_ejections_total\{pool="small".*', page, re.M)
+    _good(url)
