@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ from client.sdk import AsyncClient  # noqa: E402
 from gateway import process as gateway_process  # noqa: E402
 from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
 from gateway.tokenizer import load as load_tokenizer  # noqa: E402
-from serving.launcher import LaunchOptions, TritonLauncher, free_port  # noqa: E402
+from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher, free_port  # noqa: E402
+from serving.repository import configured_copy  # noqa: E402
 from serving.runtime import die_with_parent  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -152,9 +154,29 @@ async def latency_level(
 
 
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
-    launcher = TritonLauncher(LaunchOptions.on_free_ports(models=["llm_small"], ready_timeout=900))
-    print("starting Triton with llm_small ...", flush=True)
-    launcher.start()
+    """``--isolate``: Triton (``torch_threads`` 1) on core 1, the gateway and the load on
+    core 0, as in a cluster where the gateway does not share the model's CPU; affinity is
+    inherited, so it is set before each process starts."""
+    with tempfile.TemporaryDirectory(prefix="gateway-latency-") as tmp:
+        options: dict[str, Any] = {"models": ["llm_small"], "ready_timeout": 900}
+        if args.isolate:
+            options["repository"] = configured_copy(
+                DEFAULT_REPOSITORY,
+                Path(tmp),
+                {"llm_small": {"torch_threads": "1"}},
+                models=["llm_small"],
+            )
+            os.sched_setaffinity(0, {1})
+        launcher = TritonLauncher(LaunchOptions.on_free_ports(**options))
+        print("starting Triton with llm_small ...", flush=True)
+        launcher.start()
+        if args.isolate:
+            os.sched_setaffinity(0, {0})
+        result = _measure_latency(args, launcher)
+        return {**result, "isolated": args.isolate}
+
+
+def _measure_latency(args: argparse.Namespace, launcher: TritonLauncher) -> dict[str, Any]:
     port = free_port()
     proc = None
     try:
@@ -600,17 +622,26 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']}; {report['when']}.",
         "",
     ]
-    if "latency" in report:
-        lat = report["latency"]
+    for key in ("latency", "latency_isolated"):
+        if key not in report:
+            continue
+        lat = report[key]
+        where = (
+            "Triton on core 1 with one torch thread, the gateway and the load generator on "
+            "core 0 (`--isolate`: the gateway does not share the model's CPU, as in a cluster)"
+            if lat.get("isolated")
+            else "gateway and Triton share the machine's 2 cores"
+        )
         lines += [
-            "## Added latency: gateway vs Triton directly (TTFT, ms)",
+            "## Added latency: gateway vs Triton directly (TTFT, ms)"
+            + (", gateway on its own core" if lat.get("isolated") else ""),
             "",
             f"Command: `{lat['command']}`",
             "",
             "Each worker alternates the two paths with the same prompt in one load: the gateway "
             "(`/v1/chat/completions`, streamed, `model: llm_small`) and a gRPC stream to "
             "`llm_small` with the same token ids. One Triton with `llm_small` only (CPU, "
-            "SmolLM2-135M); gateway and Triton share the machine's 2 cores.",
+            f"SmolLM2-135M); {where}.",
             "",
             "| concurrency | pairs | gateway p50 | direct p50 | added p50 | paired added p50 | gateway p90 | direct p90 | added p90 | gateway p99 | direct p99 | added p99 |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -685,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument("--warmup", type=int, default=4)
     lat.add_argument("--max-tokens", type=int, default=8)
     lat.add_argument(
+        "--isolate",
+        action="store_true",
+        help="Triton on core 1 with one torch thread; the gateway and the load on core 0",
+    )
+    lat.add_argument(
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32]
     )
     relay = sub.add_parser("relay", help="streamed chunks/s one gateway core relays")
@@ -746,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     report["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "python benchmarks/gateway.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.what == "latency":
-        report["latency"] = {"command": command, **run_latency(args)}
+        key = "latency_isolated" if args.isolate else "latency"
+        report[key] = {"command": command, **run_latency(args)}
     else:
         key = "relay" if args.backend == "inprocess" else "relay_grpc"
         report[key] = {"command": command, **run_relay(args)}
