@@ -299,16 +299,11 @@ class Preprocessor:
 def detokenize_batch(
     token_bytes: TokenBytes, tokens: np.ndarray, lengths: np.ndarray | None
 ) -> list[bytes]:
-    """The text of each sequence in ``tokens`` ([batch, beam, n] or [batch, n]; beam 0),
-    as UTF-8 bytes.
+    """Exact bytes of each sequence in ``tokens`` ([batch, beam, n] or [batch, n]; beam 0).
 
     Stateless on purpose: the tier model sends character-aligned chunks, and bytes are
-    joined without any decode-time space rules, so concatenating streamed outputs equals
-    the non-streamed output (see docs/llm.md). Bytes that form no character (a
-    byte-level model can generate them, and ``max_tokens`` can cut a character in two)
-    become U+FFFD, as in the router's and the gateway's text: Triton's HTTP ``generate``
-    endpoint writes BYTES outputs into its JSON as they are, so one invalid byte made the
-    whole event unreadable (1 request in 622 of the replica benchmark's nginx run).
+    joined without any decode-time space or replacement rules, so concatenating streamed
+    outputs equals the non-streamed output (see docs/llm.md).
     """
     if tokens.ndim == 3:
         tokens = tokens[:, 0, :]
@@ -318,6 +313,5 @@ def detokenize_batch(
     out = []
     for row, ids in enumerate(tokens):
         n = len(ids) if flat_lengths is None else min(int(flat_lengths[row]), len(ids))
-        text = token_bytes.bytes_of([int(t) for t in ids[:n]])
-        out.append(text.decode("utf-8", errors="replace").encode("utf-8"))
+        out.append(token_bytes.bytes_of([int(t) for t in ids[:n]]))
     return out

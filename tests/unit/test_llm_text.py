@@ -130,19 +130,6 @@ def test_detokenize_batch_respects_sequence_length(tokenizer, token_bytes) -> No
         detokenize_batch(token_bytes, np.zeros(3, dtype=np.int32), None)
 
 
-def test_detokenize_batch_gives_valid_utf8_for_bytes_that_form_no_character(
-    tokenizer, token_bytes
-) -> None:
-    """A lone continuation byte, and a character cut by max_tokens, become U+FFFD: Triton's
-    HTTP generate endpoint copies BYTES outputs into its JSON unescaped."""
-    lone = next(i for i in range(len(token_bytes)) if token_bytes.bytes_of([i]) == b"\x8e")
-    cut = next(i for i in range(len(token_bytes)) if token_bytes.bytes_of([i]) == b"\xf0\x9f")
-    ids = [*tokenizer.encode("ok", add_special_tokens=False), lone]
-    tokens = np.array([[ids], [[*ids[:-1], cut]]], dtype=np.int32)
-    out = detokenize_batch(token_bytes, tokens, None)
-    assert [o.decode("utf-8") for o in out] == ["ok\ufffd", "ok\ufffd"]
-
-
 def test_tier_request_from_tensors() -> None:
     request = tier_request(np.array([[5, 6, 7, 0]], dtype=np.int32), 3, 10, end_id=2, seed=4)
     assert request.input_ids == [5, 6, 7]

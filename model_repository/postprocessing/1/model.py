@@ -1,10 +1,9 @@
 """postprocessing: token ids -> exact UTF-8 text, one stateless step per tier response.
 
 Stateless by design (an ensemble step keeps no per-request state): each response's
-tokens are mapped to their exact bytes, never decoded with per-chunk space rules. The
-CPU tiers send character-aligned chunks, so the concatenated stream equals the whole
-text (docs/llm.md); bytes that form no character become U+FFFD, so every chunk is valid
-UTF-8 (``serving.llm.service.detokenize_batch``).
+tokens are mapped to their exact bytes, never decoded with per-chunk space or
+replacement rules. The CPU tiers send character-aligned chunks, so every chunk is valid
+UTF-8 and the concatenated stream equals the whole text (docs/llm.md).
 """
 
 from __future__ import annotations
