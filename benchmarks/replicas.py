@@ -57,7 +57,7 @@ from client.transport import Protocol
 from client.workload import add_closed_loop_arguments, jobs, load_prompts
 from gateway import process as gateway_process
 from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher, free_port
-from serving.proxies import Balancer, Proxy, ProxyError, envoy_binary, nginx_binary
+from serving.proxies import Balancer, Proxy, ProxyError
 from serving.repository import configured_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,11 +308,13 @@ def main() -> int:
 
     # Every balancer binary before anything starts: a missing Envoy must not end a
     # 70-minute run after its first two configurations.
+    # (The pre-warm goes through nginx round robin.)
+    balancers = {Balancer(n) for n in args.configs if n in set(Balancer)}
+    if args.prewarm > 0:
+        balancers.add(Balancer.NGINX_ROUND_ROBIN)
     try:
-        if any(name.startswith("nginx") for name in args.configs) or args.prewarm > 0:
-            nginx_binary()
-        if any(name.startswith("envoy") for name in args.configs):
-            envoy_binary()
+        for balancer in balancers:
+            balancer.binary()
     except ProxyError as exc:
         console.print(str(exc), style="red", markup=False)
         return 2

@@ -43,6 +43,10 @@ class Balancer(str, enum.Enum):
     NGINX_LEAST_CONN = "nginx_least_conn"
     ENVOY_LEAST_REQUEST = "envoy_least_request"
 
+    def binary(self) -> Path:
+        """The proxy's executable; :class:`ProxyError` with the install hint if missing."""
+        return envoy_binary() if self is Balancer.ENVOY_LEAST_REQUEST else nginx_binary()
+
 
 def nginx_config(
     balancer: Balancer, upstreams: Sequence[str], port: int, prefix: Path, timeout_s: int = 900
@@ -186,7 +190,7 @@ class Proxy:
             config = self.where / "envoy.yaml"
             config.write_text(envoy_config(self.upstreams, self.port, free_port()))
             return [
-                str(envoy_binary()),
+                str(self.balancer.binary()),
                 "-c",
                 str(config),
                 "--concurrency",
@@ -197,7 +201,15 @@ class Proxy:
             ]
         config = self.where / "nginx.conf"
         config.write_text(nginx_config(self.balancer, self.upstreams, self.port, self.where))
-        return [str(nginx_binary()), "-p", str(self.where), "-c", str(config), "-e", "stderr"]
+        return [
+            str(self.balancer.binary()),
+            "-p",
+            str(self.where),
+            "-c",
+            str(config),
+            "-e",
+            "stderr",
+        ]
 
     def start(self, ready_path: str = "/v2/health/ready", timeout: float = 30.0) -> None:
         """Start it (SIGTERM when this process dies; call from the main thread) and wait
