@@ -145,8 +145,7 @@ class RoutingPolicy:
         """
         self.check_intent(intent)
         if forced_tier is not None:
-            tier = self.check_tier(forced_tier)
-            return Decision(intent, confidence, tier, Reason.MODEL_OVERRIDE, (tier,))
+            return self._forced(intent, confidence, forced_tier)
         if intent_forced:
             tier, reason = self.table[intent], Reason.INTENT_OVERRIDE
         elif math.isnan(confidence) or confidence < self.confidence_threshold:
@@ -163,10 +162,14 @@ class RoutingPolicy:
         reported as intent ``unknown`` with confidence 0. A forced tier still wins.
         """
         if forced_tier is not None:
-            tier = self.check_tier(forced_tier)
-            return Decision(UNKNOWN_INTENT, 0.0, tier, Reason.MODEL_OVERRIDE, (tier,))
+            return self._forced(UNKNOWN_INTENT, 0.0, forced_tier)
         tier = self.low_confidence_tier
         return Decision(UNKNOWN_INTENT, 0.0, tier, Reason.CLASSIFIER_UNAVAILABLE, self.chain(tier))
+
+    def _forced(self, intent: str, confidence: float, forced_tier: str) -> Decision:
+        """A tier the client forced: it wins over everything and gets no fallbacks."""
+        tier = self.check_tier(forced_tier)
+        return Decision(intent, confidence, tier, Reason.MODEL_OVERRIDE, (tier,))
 
     def chain(self, tier: str) -> tuple[str, ...]:
         """``tier`` and then its fallbacks, each once, in the order the policy gives."""
