@@ -105,8 +105,14 @@ def _json_value(array: np.ndarray) -> Any:
 
 
 def _from_json(value: Any) -> np.ndarray:
+    """A generate-endpoint JSON value as the tensor gRPC would give: strings become bytes.
+
+    The bytes are the server's own (``surrogateescape`` undoes :func:`sse_events`' decode),
+    so half of a multi-byte character reaches the caller's incremental decoder intact.
+    """
     if isinstance(value, str) or (isinstance(value, list) and value and isinstance(value[0], str)):
-        return np.atleast_1d(np.array(value, dtype=object))
+        items = [value] if isinstance(value, str) else value
+        return np.array([v.encode("utf-8", "surrogateescape") for v in items], dtype=object)
     return np.atleast_1d(np.array(value))
 
 
@@ -114,6 +120,10 @@ def sse_events(buffer: bytearray) -> list[dict[str, Any]]:
     """Pop every complete ``data:`` event from an SSE byte buffer (in place).
 
     Events may arrive split across network reads, so the buffer keeps any partial tail.
+    Triton's ``generate_stream`` copies a BYTES output into its JSON as raw bytes, so a
+    token that ends inside a multi-byte character makes the event invalid UTF-8: the
+    bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``), and
+    :func:`_from_json` turns the strings back into the exact bytes.
     """
     events = []
     while True:
@@ -126,7 +136,7 @@ def sse_events(buffer: bytearray) -> list[dict[str, Any]]:
             line[5:].lstrip() for line in block.split(b"\n") if line.startswith(b"data:")
         )
         if data:
-            events.append(json.loads(data))
+            events.append(json.loads(data.decode("utf-8", "surrogateescape")))
 
 
 class Transport(abc.ABC):

@@ -20,6 +20,7 @@ from client.errors import (
     error_from_status,
     translate,
 )
+from client.sdk import TextDecoder
 from client.transport import _from_json, _json_value, sse_events
 
 
@@ -91,9 +92,22 @@ def test_sse_events_keep_partial_tails() -> None:
     assert buffer == bytearray()
 
 
+def test_sse_events_keep_bytes_that_split_a_character() -> None:
+    """Triton writes a BYTES output into the event raw: half of 你 is not valid UTF-8."""
+    ni = "你".encode()
+    buffer = bytearray(b'data: {"text_output": "a' + ni[:2] + b'"}\n\n')
+    buffer += b'data: {"text_output": "' + ni[2:] + b'!"}\n\n'
+    events = sse_events(buffer)
+    pieces = [_from_json(event["text_output"])[0] for event in events]
+    assert pieces == [b"a" + ni[:2], ni[2:] + b"!"]
+    decoder = TextDecoder()
+    assert "".join(decoder.feed(p) for p in pieces) + decoder.flush() == "a你!"
+
+
 def test_json_conversion_for_the_generate_endpoints() -> None:
     assert _json_value(np.array([b"hi"], dtype=object)) == "hi"
     assert _json_value(np.array([7], dtype=np.int32)) == 7
     assert _json_value(np.array([True])) is True
-    assert _from_json("hé")[0] == "hé"
+    assert _from_json("hé")[0] == "hé".encode()
+    assert _from_json(["a", "b"]).tolist() == [b"a", b"b"]
     assert _from_json([0.1, 0.9]).tolist() == [0.1, 0.9]
