@@ -3,9 +3,11 @@
 (a) transformers ``generate`` in-process (float32, the DESIGN.md anchor) at batch 1 and
     at a static batch of 16, same prompts, same number of output tokens;
 (b) the ``llm_small`` tier through a real tritonserver (started with ``serving.launcher``
-    with only that model) with 1 and with 16 concurrent gRPC streaming clients;
-(c) for reference, the engine behind the tier in-process (no server) at 1 and 16, in the
-    tier's dtype, to separate engine speed from serving overhead;
+    with only that model) with 1 and with 16 concurrent gRPC streaming clients, once per
+    ``--served-dtypes`` entry: the repository's own ``dtype`` (float32) and int8
+    weight-only, each a copy of the repository with only that parameter changed;
+(c) for reference, the engine behind the tier in-process (no server) at 1 and 16, in
+    every served dtype and in bfloat16, to separate engine speed from serving overhead;
 (d) transformers' own in-flight batching (``model.init_continuous_batching()``) at 1 and 16;
 (e) vLLM's CPU build serving the same weights through its own OpenAI server, in its own
     virtualenv (``scripts/vllm_env.sh``), in bfloat16 (its CPU default) and float32;
@@ -53,7 +55,7 @@ from serving.launcher import LaunchOptions, TritonLauncher
 from serving.llm.engine import Engine, EngineLimits, GenerationRequest
 from serving.llm.runner import LlamaRunner, load_hf_model
 from serving.llm.tokenizer import ChatTemplate, load_tokenizer
-from serving.repository import parse_config
+from serving.repository import configured_copy, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -235,7 +237,7 @@ def in_process(
     batch: list[list[int]],
     progress: Progress,
     task: Any,
-    dtype_name: str,
+    dtypes: list[str],
 ) -> list[dict[str, Any]]:
     """(a) ``generate``, (d) transformers' continuous batching, (c) the tier's engine."""
     results: list[dict[str, Any]] = []
@@ -287,8 +289,8 @@ def in_process(
     finally:
         manager.stop()
 
-    # The tier's dtype first (what the server runs), then the other one for comparison.
-    for dtype in dict.fromkeys([dtype_name, "bfloat16", "float32"]):
+    # The served dtypes first (what the server runs), then the others for comparison.
+    for dtype in dict.fromkeys([*dtypes, "bfloat16", "float32"]):
         progress.update(task, description=f"in-process engine ({dtype})")
         limits = EngineLimits(max_active=args.batch, max_context=1024, max_new_tokens=args.tokens)
         runner = LlamaRunner(model, args.batch, 1024, getattr(torch, dtype))
@@ -308,6 +310,47 @@ def in_process(
         )
         engine.close()
     return results
+
+
+def served_tier(
+    args: argparse.Namespace,
+    batch: list[list[int]],
+    dtype: str,
+    progress: Progress,
+    task: Any,
+) -> list[dict[str, Any]]:
+    """(b) the tier through a real tritonserver, its weights in ``dtype``."""
+    singles = batch[: args.single_requests]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-llm-"))
+    repository = configured_copy(
+        ROOT / "model_repository", tmp / "repository", {TIER: {"dtype": dtype}}, models=[TIER]
+    )
+    progress.update(task, description=f"starting tritonserver with {TIER} ({dtype})")
+    launcher = TritonLauncher(
+        LaunchOptions.on_free_ports(
+            models=[TIER], repository=repository, log_path=tmp / "server.log", ready_timeout=900
+        )
+    )
+    launcher.start()
+    try:
+        progress.update(task, description=f"served tier ({dtype})")
+        served_runs(launcher.grpc_url, [singles[0]], 4)  # warm-up
+        return [
+            timed(
+                f"served {TIER} ({dtype}), 1 stream",
+                1,
+                lambda: sequential(
+                    lambda b: served_runs(launcher.grpc_url, b, args.tokens), singles
+                ),
+            ),
+            timed(
+                f"served {TIER} ({dtype}), {args.batch} streams",
+                args.batch,
+                lambda: served_runs(launcher.grpc_url, batch, args.tokens),
+            ),
+        ]
+    finally:
+        launcher.stop()
 
 
 def baselines(
@@ -375,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         default=["bfloat16", "float32"],
         help="comma-separated dtypes vLLM serves the model in, one server each ('' skips vLLM)",
     )
+    parser.add_argument(
+        "--served-dtypes",
+        type=lambda text: [d for d in text.split(",") if d],
+        default=None,
+        help="comma-separated dtypes the served tier runs in, one server each (default: the "
+        "repository's own dtype, then int8)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "llm", help="results path stem")
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.batch < 1 or args.single_requests < 1:
@@ -386,55 +436,32 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(smollm2_gguf())
     template = ChatTemplate(tokenizer)
     batch = [template.encode(p) for p in prompts(args.batch)]
-    singles = batch[: args.single_requests]
     results: list[dict[str, Any]] = []
-    # The tier's own dtype, so (c) runs the engine exactly as the server does.
+    # The tier's own dtype first, so (b) and (c) run the engine exactly as the server does.
     tier_config = parse_config(ROOT / "model_repository" / TIER / "config.pbtxt")
     dtype_name = tier_config.parameters["dtype"].string_value or "float32"
+    served_dtypes = args.served_dtypes or list(dict.fromkeys([dtype_name, "int8"]))
 
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("ceilings", total=None)
         shape = load_hf_model(smollm2_gguf())
-        runner = LlamaRunner(shape, 1, 8, getattr(torch, dtype_name))
-        weights = [runner.lm_head] + [
-            w for layer in runner.layers for w in (layer.qkv, layer.out, layer.gate_up, layer.down)
-        ]
-        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-        flops = 2.0 * sum(w.numel() for w in weights)
-        del shape, runner
-        limits = llm_baselines.ceilings(weight_bytes, flops, args.threads)
+        footprints = {
+            dtype: LlamaRunner(shape, 1, 8, getattr(torch, dtype)).weight_footprint()
+            for dtype in served_dtypes
+        }
+        del shape
+        weight_bytes, params = footprints[served_dtypes[0]]
+        limits = llm_baselines.ceilings(weight_bytes, 2.0 * params, args.threads)
+        for dtype, (nbytes, _) in footprints.items():
+            limits[f"single_stream_ceiling_{dtype}_tok_s"] = (
+                limits["read_bandwidth_gb_s"] * 1e9 / nbytes
+            )
         console.log(f"ceilings: {limits}")
 
         progress.update(task, description="in-process transformers generate")
-        results += in_process(args, tokenizer, batch, progress, task, dtype_name)
-
-        progress.update(task, description="starting tritonserver with llm_small")
-        log_path = Path(tempfile.mkdtemp(prefix="bench-llm-")) / "server.log"
-        launcher = TritonLauncher(
-            LaunchOptions.on_free_ports(models=[TIER], log_path=log_path, ready_timeout=900)
-        )
-        launcher.start()
-        try:
-            progress.update(task, description="served tier")
-            served_runs(launcher.grpc_url, [singles[0]], 4)  # warm-up
-            results.append(
-                timed(
-                    f"served {TIER} ({dtype_name}), 1 stream",
-                    1,
-                    lambda: sequential(
-                        lambda b: served_runs(launcher.grpc_url, b, args.tokens), singles
-                    ),
-                )
-            )
-            results.append(
-                timed(
-                    f"served {TIER} ({dtype_name}), {args.batch} streams",
-                    args.batch,
-                    lambda: served_runs(launcher.grpc_url, batch, args.tokens),
-                )
-            )
-        finally:
-            launcher.stop()
+        results += in_process(args, tokenizer, batch, progress, task, served_dtypes)
+        for dtype in served_dtypes:
+            results += served_tier(args, batch, dtype, progress, task)
         extra, notes = baselines(args, batch, progress, task)
         results += extra
 
@@ -447,27 +474,32 @@ def main(argv: list[str] | None = None) -> int:
         return found[0] if found else None
 
     n = args.batch
-    served = {1: rate(f"served {TIER}", 1), n: rate(f"served {TIER}", n)}
-    others = {
-        "in-process generate": "in-process generate",
-        "transformers continuous batching": "in-process transformers continuous batching",
-        "in-process engine": f"in-process engine ({dtype_name})",
-        "vLLM CPU served (bfloat16)": "vLLM CPU served (bfloat16)",
-        "vLLM CPU served (float32)": "vLLM CPU served (float32)",
-        "llama.cpp": "llama.cpp",
-    }
     ratios: dict[str, float] = {}
-    for streams in (1, n):
-        for label, prefix in others.items():
-            theirs = rate(prefix, streams)
-            if theirs and served[streams]:
-                ratios[f"served {streams} / {label} {streams}"] = served[streams] / theirs
-    ratios["served 1 stream / single-stream ceiling"] = (
-        served[1] / limits["single_stream_ceiling_tok_s"]
-    )
-    ratios[f"served {n} streams / aggregate ceiling"] = (
-        served[n] / limits["aggregate_ceiling_tok_s"]
-    )
+    for dtype in served_dtypes:
+        rates = {s: rate(f"served {TIER} ({dtype})", s) for s in (1, n)}
+        others = {
+            "in-process generate": "in-process generate",
+            "transformers continuous batching": "in-process transformers continuous batching",
+            f"in-process engine ({dtype})": f"in-process engine ({dtype})",
+            "vLLM CPU served (bfloat16)": "vLLM CPU served (bfloat16)",
+            "vLLM CPU served (float32)": "vLLM CPU served (float32)",
+            "llama.cpp": "llama.cpp",
+        }
+        for streams in (1, n):
+            for label, prefix in others.items():
+                theirs = rate(prefix, streams)
+                if theirs and rates[streams]:
+                    ratios[f"served ({dtype}) {streams} / {label} {streams}"] = (
+                        rates[streams] / theirs
+                    )
+        if rates[1]:
+            ratios[f"served ({dtype}) 1 stream / single-stream ceiling ({dtype})"] = (
+                rates[1] / limits[f"single_stream_ceiling_{dtype}_tok_s"]
+            )
+        if rates[n]:
+            ratios[f"served ({dtype}) {n} streams / aggregate ceiling"] = (
+                rates[n] / limits["aggregate_ceiling_tok_s"]
+            )
     command = "scripts/vllm_env.sh && flock /tmp/bench.lock .venv/bin/python benchmarks/llm.py "
     command += shlex.join(sys.argv[1:] if argv is None else argv)
     report = {

@@ -34,6 +34,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 GROUPS = {
     "aten::mm": "weight matmuls",
     "aten::addmm": "weight matmuls",
+    "aten::_weight_int8pack_mm": "weight matmuls",
     "aten::bmm": "attention",
     "aten::_softmax": "attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
@@ -87,7 +88,7 @@ def step_profile(runner: LlamaRunner, prompt: list[int], streams: int, steps: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS / "llm_profile")

@@ -59,16 +59,79 @@ class LlamaShape:
         )
 
 
+#: Up to this many rows (a decode step of up to 16 sequences) an int8 weight is read as
+#: int8; a longer product (a prompt's prefill) uses the float32 weight: the int8 kernel is
+#: compute-bound there, and a 150-token prefill took 889 ms in int8 against 413 in float32.
+INT8_MAX_ROWS = 16
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A matmul weight as int8 with one scale per output channel, for decode steps.
+
+    ``q`` is ``[out, in]`` int8 and ``scales`` ``[out]`` bfloat16, the layout of ATen's
+    ``_weight_int8pack_mm`` (the CPU kernel torchao and gpt-fast use). The scale is
+    rounded to bfloat16 *before* the weights are divided by it, so ``q * scale`` is the
+    weight the product really uses and the only error is the int8 rounding of each weight
+    (at most half a step, ``max|w| / 254`` of its output channel). A decode step reads a
+    quarter of float32's bytes, which is what one memory-bound stream is paid for.
+
+    ``full`` keeps the float32 weight for products of more than :data:`INT8_MAX_ROWS`
+    rows (prefill), so a prompt's cache and first token are float32's exactly; it costs
+    the float32 weight's memory, not its reads per generated token.
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    full: torch.Tensor  # float32 [in, out]
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Weight:
+        """From a float ``[in, out]`` weight (the runner's ``x @ w`` layout)."""
+        w = weight.detach().float().t()  # [out, in]
+        scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127).to(torch.bfloat16)
+        q = torch.round(w / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        full = weight.detach().float().contiguous()
+        return cls(q=q.contiguous(), scales=scales.contiguous(), full=full)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 ``[in, out]`` weight this stands for."""
+        return (self.q.float() * self.scales.float().unsqueeze(1)).t()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ w`` as float32. Decode rows: bfloat16 activations into the int8 kernel
+        (float32 accumulation; its fast path takes bfloat16 activations only: float32 ones
+        were 15x slower, float16 ones 12x, on an AVX-512 Xeon). Prefill rows: float32."""
+        if x.shape[0] > INT8_MAX_ROWS:
+            return x.float() @ self.full
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, self.scales).float()
+
+    def numel(self) -> int:
+        return self.q.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a decode step reads (the float32 copy is read only by prefill)."""
+        return self.q.nbytes + self.scales.nbytes
+
+
+#: A matmul weight: a float tensor ``[in, out]`` or int8 with per-channel scales.
+Weight = torch.Tensor | Int8Weight
+
+
 @dataclass
 class _Layer:
     """One decoder layer's weights, matmul weights stored ``[in, out]`` (``x @ w``)."""
 
     norm1: torch.Tensor  # float32
-    qkv: torch.Tensor  # [hidden, q + k + v]
-    out: torch.Tensor
+    qkv: Weight  # [hidden, q + k + v]
+    out: Weight
     norm2: torch.Tensor  # float32
-    gate_up: torch.Tensor  # [hidden, 2 * intermediate]
-    down: torch.Tensor
+    gate_up: Weight  # [hidden, 2 * intermediate]
+    down: Weight
+
+    def matmul_weights(self) -> tuple[Weight, ...]:
+        return (self.qkv, self.out, self.gate_up, self.down)
 
 
 def load_hf_model(gguf_path: Path) -> Any:
@@ -111,8 +174,11 @@ class LlamaRunner:
         inner = hf_model.model
         f32 = torch.float32
 
-        def matmul_weight(*parts: torch.Tensor) -> torch.Tensor:
-            return torch.cat([p.detach() for p in parts]).t().to(dtype).contiguous()
+        def matmul_weight(*parts: torch.Tensor) -> Weight:
+            weight = torch.cat([p.detach() for p in parts]).t()
+            if dtype == torch.int8:
+                return Int8Weight.quantize(weight)
+            return weight.to(dtype).contiguous()
 
         def vector(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(f32).contiguous()
@@ -156,9 +222,16 @@ class LlamaRunner:
         self._clean = [0] * max_active
         self._positions = torch.arange(max_context)
 
-    def _matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """``x @ weight`` in the weights' dtype, returned as float32."""
+        if isinstance(weight, Int8Weight):
+            return weight.matmul(x)
         return (x.to(weight.dtype) @ weight).float()
+
+    def weight_footprint(self) -> tuple[int, int]:
+        """(bytes, parameters) of the weights one decode step reads: every matmul + lm_head."""
+        weights = [self.lm_head, *(w for layer in self.layers for w in layer.matmul_weights())]
+        return sum(w.nbytes for w in weights), sum(w.numel() for w in weights)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.shape.rms_eps)

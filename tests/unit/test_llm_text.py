@@ -148,6 +148,7 @@ def _params(**values: str) -> Params:
 def test_tier_config_reads_parameters() -> None:
     config = TierConfig.from_params(_params(max_active_sequences="4", dtype="float32"))
     assert config.limits.max_active == 4 and config.dtype == "float32"
+    assert TierConfig.from_params(_params(dtype="int8")).dtype == "int8"
     with pytest.raises(ConfigError, match="dtype"):
         TierConfig.from_params(_params(dtype="int4"))
     with pytest.raises(ConfigError, match="checkpoint"):
