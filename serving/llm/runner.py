@@ -59,10 +59,12 @@ class LlamaShape:
         )
 
 
-#: Up to this many rows (a decode step of up to 16 sequences) an int8 weight is read as
-#: int8; a longer product (a prompt's prefill) uses the float32 weight: the int8 kernel is
-#: compute-bound there, and a 150-token prefill took 889 ms in int8 against 413 in float32.
-INT8_MAX_ROWS = 16
+#: Up to this many rows (a decode step of up to 4 sequences) an int8 weight is read as
+#: int8; a longer product (a bigger decode step, a prompt's prefill) uses the float32
+#: weight. The int8 kernel stops being memory-bound beyond a few rows. Measured over the
+#: 30 layers' weights, 2 threads (AVX-512 Xeon): 1 row 16 ms int8 vs 25-38 float32,
+#: 4 rows 26-29 vs 48, 8 rows 50 vs 53, 16 rows 99 vs 63; a 150-token prefill 889 ms vs 413.
+INT8_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,9 @@ class Int8Weight:
     quarter of float32's bytes, which is what one memory-bound stream is paid for.
 
     ``full`` keeps the float32 weight for products of more than :data:`INT8_MAX_ROWS`
-    rows (prefill), so a prompt's cache and first token are float32's exactly; it costs
-    the float32 weight's memory, not its reads per generated token.
+    rows (a prefill, a decode step of more sequences), so a prompt's cache and first token
+    are float32's exactly; it costs the float32 weight's memory, and its reads only where
+    the int8 kernel would be slower.
     """
 
     q: torch.Tensor
