@@ -556,7 +556,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine'].get('cpu_model', '?')}, torch "
         f"{report['machine']['torch']}, load average at the end "
         f"{', '.join(f'{x:.2f}' for x in report['machine']['load_average_at_end'])} "
-        "(the machine is shared).",
+        "(nothing else ran during it unless the load says so).",
         "",
         "| run | streams | tok/s | TTFT p50 | TTFT p90 | TTFT p99 | ICL p50 | ICL p90 | ICL p99 |",
         "|---|---|---|---|---|---|---|---|---|",
