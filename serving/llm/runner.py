@@ -75,8 +75,9 @@ class Int8Weight:
     ``_weight_int8pack_mm`` (the CPU kernel torchao and gpt-fast use). The scale is
     rounded to bfloat16 *before* the weights are divided by it, so ``q * scale`` is the
     weight the product really uses and the only error is the int8 rounding of each weight
-    (at most half a step, ``max|w| / 254`` of its output channel). A decode step reads a
-    quarter of float32's bytes, which is what one memory-bound stream is paid for.
+    (at most half a step, ``max|w| / 254`` of its output channel). A decode step of up
+    to :data:`INT8_MAX_ROWS` sequences reads a quarter of float32's bytes, which is what
+    one memory-bound stream is paid for.
 
     ``full`` keeps the float32 weight for products of more than :data:`INT8_MAX_ROWS`
     rows (a prefill, a decode step of more sequences), so a prompt's cache and first token
@@ -114,7 +115,7 @@ class Int8Weight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes a decode step reads (the float32 copy is read only by prefill)."""
+        """Bytes a decode step of up to :data:`INT8_MAX_ROWS` sequences reads."""
         return self.q.nbytes + self.scales.nbytes
 
 
