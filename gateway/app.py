@@ -460,20 +460,26 @@ async def _stream(
     metrics: Any,
 ) -> AsyncIterator[bytes]:
     model = gen.routed.tier
-    itl = metrics.itl.labels(model=model, arm=gen.routed.arm)
+    icl = metrics.icl.labels(model=model, arm=gen.routed.arm)
     prefix, suffix = shape.text_chunk_framing(model)
     dumps = json.dumps
     try:
         try:
             if shape.chat:
                 yield event(shape.chunk(model, "", first=True))
-            last = None
+            first = last = None
             async for piece in gen.pieces():
                 now = time.perf_counter()
-                if last is not None:
-                    itl.observe(now - last)
+                if last is None:
+                    first = now
+                else:
+                    icl.observe(now - last)
                 last = now
                 yield prefix + dumps(piece).encode() + suffix
+            if first is not None and last is not None and gen.completion_tokens > 1:
+                metrics.itl.labels(model=model, arm=gen.routed.arm).observe(
+                    (last - first) / (gen.completion_tokens - 1)
+                )
             yield event(shape.chunk(model, None if shape.chat else "", gen.finish_reason))
             if include_usage:
                 yield event(shape.usage_chunk(model, gen))

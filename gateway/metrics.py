@@ -40,8 +40,18 @@ class GatewayMetrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
+        # Named as aiperf names them: inter-token latency is per request, (last chunk -
+        # first chunk) / (completion tokens - 1); inter-chunk latency is every gap between
+        # streamed chunks (the same thing only when every chunk holds one token).
         self.itl = Histogram(
             "gateway_inter_token_seconds",
+            "Per streamed request: (last chunk - first chunk) / (completion tokens - 1)",
+            ["model", "arm"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.icl = Histogram(
+            "gateway_inter_chunk_seconds",
             "Time between streamed chunks after the first, by tier and arm",
             ["model", "arm"],
             buckets=ITL_BUCKETS,

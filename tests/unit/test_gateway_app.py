@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from client.errors import ServerError
 from client.transport import Tensors
@@ -158,6 +159,28 @@ def test_errors_have_the_openai_body_and_status(tmp_path: Path) -> None:
         assert (
             c.post("/v1/chat/completions", json=CHAT, headers=auth).status_code == 200
         )  # still up
+
+
+def test_stream_metrics_are_inter_token_per_request_and_inter_chunk_per_gap() -> None:
+    """Named as aiperf names them: one inter-token value per streamed request, one
+    inter-chunk value per gap between chunks."""
+    server = FakeTriton(answer="one two three four five")
+    with _client({"fake:1": server}) as c:
+        r = c.post(
+            "/v1/completions", json={"model": "llm_small", "prompt": "Count", "stream": True}
+        )
+        assert r.status_code == 200
+        chunks = [e for e in _events(r.text)[:-1] if e["choices"][0]["text"]]
+        text = c.get("/metrics").text
+    counts = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name.endswith("_count") and s.labels.get("model") == "llm_small"
+    }
+    assert len(chunks) > 2
+    assert counts["gateway_inter_token_seconds_count"] == 1
+    assert counts["gateway_inter_chunk_seconds_count"] == len(chunks) - 1
 
 
 def test_context_length_is_checked_before_any_server_works() -> None:
