@@ -33,29 +33,27 @@ class GatewayMetrics:
             ["route", "model", "status", "arm"],
             registry=r,
         )
-        self.ttft = Histogram(
+
+        def latency(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, ["model", "arm"], buckets=buckets, registry=r)
+
+        self.ttft = latency(
             "gateway_ttft_seconds",
             "Time from the request to its first generated token, by tier and arm",
-            ["model", "arm"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
+            TTFT_BUCKETS,
         )
         # Named as aiperf names them: inter-token latency is per request, (last chunk -
         # first chunk) / (completion tokens - 1); inter-chunk latency is every gap between
         # streamed chunks (the same thing only when every chunk holds one token).
-        self.itl = Histogram(
+        self.itl = latency(
             "gateway_inter_token_seconds",
             "Per streamed request: (last chunk - first chunk) / (completion tokens - 1)",
-            ["model", "arm"],
-            buckets=ITL_BUCKETS,
-            registry=r,
+            ITL_BUCKETS,
         )
-        self.icl = Histogram(
+        self.icl = latency(
             "gateway_inter_chunk_seconds",
             "Time between streamed chunks after the first, by tier and arm",
-            ["model", "arm"],
-            buckets=ITL_BUCKETS,
-            registry=r,
+            ITL_BUCKETS,
         )
         self.decisions = Counter(
             "gateway_routing_decisions",
