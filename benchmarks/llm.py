@@ -450,12 +450,9 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in served_dtypes
         }
         del shape
-        weight_bytes, params = footprints[served_dtypes[0]]
+        weight_bytes = {dtype: nbytes for dtype, (nbytes, _) in footprints.items()}
+        params = footprints[served_dtypes[0]][1]  # the same in every dtype
         limits = llm_baselines.ceilings(weight_bytes, 2.0 * params, args.threads)
-        for dtype, (nbytes, _) in footprints.items():
-            limits[f"single_stream_ceiling_{dtype}_tok_s"] = (
-                limits["read_bandwidth_gb_s"] * 1e9 / nbytes
-            )
         console.log(f"ceilings: {limits}")
 
         progress.update(task, description="in-process transformers generate")

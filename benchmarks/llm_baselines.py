@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +260,9 @@ def _best_seconds(fn: Any, repeats: int = 7) -> float:
     return best
 
 
-def ceilings(weight_bytes: int, flops_per_token: float, threads: int) -> dict[str, float]:
+def ceilings(
+    weight_bytes: Mapping[str, int], flops_per_token: float, threads: int
+) -> dict[str, float]:
     """What this machine can do at best, measured now with ``threads`` threads.
 
     - read bandwidth: a sum over 256 MiB (reads only, as a GEMV reads its weights), and
@@ -268,7 +270,8 @@ def ceilings(weight_bytes: int, flops_per_token: float, threads: int) -> dict[st
     - matmul throughput in float32 and bfloat16 on the model's largest weight shape
       (``[576, 3072]``, used as ``x @ w``) at 16 rows (a 16-stream decode step) and at
       512 rows (a prefill), best of 7;
-    - the single-stream ceiling: read bandwidth / the weight bytes read per token;
+    - the single-stream ceiling of each dtype in ``weight_bytes``: read bandwidth / the
+      weight bytes it reads per token;
     - the aggregate ceiling: the best float32 matmul throughput / flops per token.
 
     Best-of-N, because the machine is shared: a ceiling is what it can do when left alone.
@@ -289,11 +292,12 @@ def ceilings(weight_bytes: int, flops_per_token: float, threads: int) -> dict[st
             seconds = _best_seconds(lambda x=x, weight=weight: [x @ weight for _ in range(20)])
             rate = 2 * rows * 576 * 3072 * 20 / seconds
             out[f"matmul_{str(dtype).removeprefix('torch.')}_{rows}rows_gflop_s"] = rate / 1e9
-    out["single_stream_ceiling_tok_s"] = read / weight_bytes
+    for dtype, nbytes in weight_bytes.items():
+        out[f"single_stream_ceiling_{dtype}_tok_s"] = read / nbytes
     best_matmul = max(v for k, v in out.items() if k.startswith("matmul_float32"))
     out["aggregate_ceiling_tok_s"] = best_matmul * 1e9 / flops_per_token
     return out
 
 
 if __name__ == "__main__":  # a quick look: python benchmarks/llm_baselines.py
-    json.dump(ceilings(540_000_000, 2 * 135e6, 2), sys.stdout, indent=2)
+    json.dump(ceilings({"float32": 540_000_000}, 2 * 135e6, 2), sys.stdout, indent=2)
