@@ -1,7 +1,7 @@
 """The CPU generation engine: iteration-level (in-flight) batching over :class:`LlamaRunner`.
 
 One background thread owns the model and loops: admit waiting requests into free slots
-(prefill, first token), drop cancelled ones, run one decode step for every active
+(one packed prefill for all of them, first tokens), drop cancelled ones, run one decode step for every active
 sequence, hand each sequence its new token, retire finished ones. A request therefore
 joins the running batch at the next step and leaves it as soon as it is done; nobody
 waits for a whole batch to drain. The engine has no Triton import: callers pass a
@@ -41,6 +41,10 @@ class EngineLimits:
     ``max_waiting`` bounds the requests queued for a slot. A decoupled ``execute`` returns
     at once, so Triton's own queue limits never see this backlog: without a bound here,
     overload turns into latency that grows without limit instead of a fast UNAVAILABLE.
+
+    ``max_prefill_tokens`` bounds the prompt tokens prefilled together in one packed
+    forward (its activations, and how long it pauses the running streams); a single
+    prompt longer than that is still prefilled, alone.
     """
 
     max_active: int = 16
@@ -48,9 +52,18 @@ class EngineLimits:
     max_new_tokens: int = 1024
     max_tokens: int = 16384
     max_waiting: int = 64
+    max_prefill_tokens: int = 2048
 
     def validate(self) -> None:
-        for name in ("max_active", "max_context", "max_new_tokens", "max_tokens", "max_waiting"):
+        names = (
+            "max_active",
+            "max_context",
+            "max_new_tokens",
+            "max_tokens",
+            "max_waiting",
+            "max_prefill_tokens",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine limit {name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens < self.max_context:
@@ -290,31 +303,53 @@ class Engine:
             self._accept(seq, token)
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots while the KV-token budget allows."""
-        while True:
-            with self._cond:
-                if not self._waiting or len(self._active) >= self.limits.max_active:
-                    return
+        """Move waiting requests into free slots and prefill them together, packed.
+
+        Requests are taken in arrival order while a slot is free, the KV-token budget
+        (``max_tokens``) allows and the packed prompts stay within ``max_prefill_tokens``
+        (a longer prompt still goes, alone). One packed prefill reads every weight once for
+        all of them; 16 chat prompts of 35-60 tokens took half the time of one at a time.
+        """
+        batch: list[_Sequence] = []
+        with self._cond:
+            reserved = sum(s.request.reserved_tokens for s in self._active)
+            prompt_tokens = 0
+            while self._waiting and len(self._active) + len(batch) < self.limits.max_active:
                 seq = self._waiting[0]
                 if self._cancelled(seq):
                     self._waiting.popleft()
                     self._drop_id(seq)
                     self._emit(seq, StepOutput([], True, FinishReason.CANCELLED))
                     continue
-                reserved = sum(s.request.reserved_tokens for s in self._active)
-                if self._active and reserved + seq.request.reserved_tokens > self.limits.max_tokens:
-                    return
+                length = len(seq.request.input_ids)
+                if self._active or batch:
+                    if reserved + seq.request.reserved_tokens > self.limits.max_tokens:
+                        break
+                    if batch and prompt_tokens + length > self.limits.max_prefill_tokens:
+                        break
                 self._waiting.popleft()
+                batch.append(seq)
+                reserved += seq.request.reserved_tokens
+                prompt_tokens += length
+        if not batch:
+            return
+        for seq in batch:
             seq.slot = len(self._active)
             self._active.append(seq)
-            try:
-                logits = self.runner.prefill(seq.slot, seq.request.input_ids)
-            except Exception as exc:
-                log.exception("prefill failed")
+        try:
+            logits = self.runner.prefill_batch(
+                [s.slot for s in batch], [s.request.input_ids for s in batch]
+            )
+        except Exception as exc:
+            log.exception("prefill failed")
+            for seq in batch:
                 self._finish(seq, StepOutput([], True, FinishReason.ERROR, str(exc)))
-                continue
+            return
+        for seq in batch:  # every cache is filled before any slot moves
             seq.length = len(seq.request.input_ids)
-            self._accept(seq, pick_tokens(logits.unsqueeze(0), [seq.sampler])[0])
+        tokens = pick_tokens(logits, [s.sampler for s in batch])
+        for seq, token in zip(batch, tokens, strict=True):
+            self._accept(seq, token)
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Record a sampled token: emit it, or finish at end_id / the length limit."""

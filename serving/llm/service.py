@@ -50,6 +50,7 @@ class TierConfig:
             max_new_tokens=params.get("max_output_len", int, defaults.max_new_tokens),
             max_tokens=params.get("max_num_tokens", int, defaults.max_tokens),
             max_waiting=params.get("max_queue_size", int, defaults.max_waiting),
+            max_prefill_tokens=params.get("max_prefill_tokens", int, defaults.max_prefill_tokens),
         )
         limits.validate()
         dtype = params.get("dtype", str, "float32")

@@ -47,9 +47,10 @@ class ScriptedRunner:
         logits[self.script[min(index, len(self.script) - 1)]] = 1.0
         return logits
 
-    def prefill(self, slot: int, token_ids: list[int]) -> torch.Tensor:
-        self.prompt_len[slot] = len(token_ids)
-        return self._logits(0)
+    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        for slot, token_ids in zip(slots, prompts, strict=True):
+            self.prompt_len[slot] = len(token_ids)
+        return torch.stack([self._logits(0) for _ in slots])
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         return torch.stack(
@@ -346,6 +347,66 @@ def test_full_queue_answers_unavailable_at_once(tokenizer, monkeypatch) -> None:
         model.finalize()
 
 
+class _PackRecorder(_HeldRunner):
+    """A held runner that records the slots of every packed prefill."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.packs: list[list[int]] = []
+
+    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        self.packs.append(list(slots))
+        return super().prefill_batch(slots, prompts)
+
+
+@pytest.mark.parametrize(
+    ("max_prefill_tokens", "packs"), [(2048, [[0], [1, 2, 3]]), (8, [[0], [1, 2], [3]])]
+)
+def test_requests_waiting_together_are_prefilled_in_one_pack(
+    tokenizer, max_prefill_tokens, packs
+) -> None:
+    """Requests that queued during a step join at the next one in one packed prefill, up to
+    ``max_prefill_tokens`` prompt tokens per pack; every one of them gets its whole answer."""
+    from serving.llm.engine import GenerationRequest
+
+    script = tokenizer.encode(ANSWER, add_special_tokens=False)
+    end_id = tokenizer.eos_token_id
+    limits = EngineLimits(
+        max_active=4,
+        max_context=512,
+        max_new_tokens=64,
+        max_tokens=2048,
+        max_prefill_tokens=max_prefill_tokens,
+    )
+    runner = _PackRecorder(script, end_id, len(tokenizer))
+    engine = Engine(runner, limits, end_id)
+    try:
+        results = [[] for _ in range(4)]
+        done = [threading.Event() for _ in range(4)]
+
+        def sink(i: int):
+            def on_event(event) -> None:
+                results[i].extend(event.tokens)
+                if event.finished:
+                    done[i].set()
+
+            return on_event
+
+        engine.submit(GenerationRequest([1, 2, 3, 4], 64), sink(0))
+        deadline = time.monotonic() + 30
+        while engine.active_count == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i in range(1, 4):  # the first request's decode step is held: these queue
+            engine.submit(GenerationRequest([5, 6, 7, 8], 64), sink(i))
+        runner.go.set()
+        assert all(event.wait(30) for event in done)
+        assert runner.packs == packs
+        assert results == [script] * 4
+    finally:
+        runner.go.set()
+        engine.close()
+
+
 def test_max_queue_size_is_read_and_checked() -> None:
     from serving.errors import ConfigError
     from serving.llm.service import TierConfig
@@ -355,4 +416,9 @@ def test_max_queue_size_is_read_and_checked() -> None:
     assert TierConfig.from_params(Params(config, "llm_small")).limits.max_waiting == 5
     config = {"parameters": {"max_queue_size": {"string_value": "0"}}}
     with pytest.raises(ConfigError, match="max_waiting"):
+        TierConfig.from_params(Params(config, "llm_small"))
+    config = {"parameters": {"max_prefill_tokens": {"string_value": "512"}}}
+    assert TierConfig.from_params(Params(config, "llm_small")).limits.max_prefill_tokens == 512
+    config = {"parameters": {"max_prefill_tokens": {"string_value": "0"}}}
+    with pytest.raises(ConfigError, match="max_prefill_tokens"):
         TierConfig.from_params(Params(config, "llm_small"))
