@@ -35,6 +35,7 @@ GROUPS = {
     "aten::mm": "weight matmuls",
     "aten::addmm": "weight matmuls",
     "aten::_weight_int8pack_mm": "weight matmuls",
+    "mkldnn::_linear_pointwise": "weight matmuls",
     "aten::bmm": "attention",
     "aten::_softmax": "attention",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",

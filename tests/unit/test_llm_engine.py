@@ -13,7 +13,14 @@ import torch
 from serving.assets import smollm2_gguf
 from serving.errors import ConfigError, ValidationError
 from serving.llm.engine import Engine, EngineLimits, FinishReason, GenerationRequest, StepOutput
-from serving.llm.runner import INT8_MAX_ROWS, Int8Weight, LlamaRunner, load_hf_model
+from serving.llm.runner import (
+    INT8_MAX_ROWS,
+    Int8Weight,
+    LlamaRunner,
+    float32_matmul,
+    load_hf_model,
+    prepack_float32,
+)
 from serving.llm.sampling import SamplingParams
 from serving.llm.tokenizer import ChatTemplate, TokenBytes, load_tokenizer
 
@@ -176,9 +183,13 @@ def test_int8_weights_round_each_weight_to_half_a_step() -> None:
     exact = x.to(torch.bfloat16).float() @ packed.dequantize()
     assert torch.allclose(packed.matmul(x), exact, rtol=2e-2, atol=2e-2)
     assert packed.matmul(x).dtype == torch.float32
-    # A prefill's many rows use the float32 weight itself: the prompt's cache is exact.
+    # A prefill's many rows use the float32 weight itself (oneDNN's blocked layout where
+    # PyTorch has it): float32 products, only summed in another order than MKL's.
     rows = torch.randn(INT8_MAX_ROWS + 1, 64)
-    assert torch.equal(packed.matmul(rows), rows @ weight)
+    assert packed.full.is_mkldnn == torch.backends.mkldnn.is_available()
+    assert packed.matmul(rows).dtype == torch.float32
+    assert torch.allclose(packed.matmul(rows), rows @ weight, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(float32_matmul(rows, prepack_float32(weight)), rows @ weight, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=["float32", "int8"])
