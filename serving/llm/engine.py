@@ -1,11 +1,12 @@
 """The CPU generation engine: iteration-level (in-flight) batching over :class:`LlamaRunner`.
 
 One background thread owns the model and loops: admit waiting requests into free slots
-(one packed prefill for all of them, first tokens), drop cancelled ones, run one decode step for every active
-sequence, hand each sequence its new token, retire finished ones. A request therefore
-joins the running batch at the next step and leaves it as soon as it is done; nobody
-waits for a whole batch to drain. The engine has no Triton import: callers pass a
-``sink`` that receives :class:`StepOutput` events and an optional ``is_cancelled`` probe.
+(one packed prefill for all of them, their first tokens), drop cancelled ones, run one
+decode step for every active sequence, hand each sequence its new token, retire finished
+ones. A request therefore joins the running batch at the next step and leaves it as soon
+as it is done; nobody waits for a whole batch to drain. The engine has no Triton import:
+callers pass a ``sink`` that receives :class:`StepOutput` events and an optional
+``is_cancelled`` probe.
 """
 
 from __future__ import annotations

@@ -334,7 +334,7 @@ class LlamaRunner:
             q, k, v = self._qkv(x, layer, cos, sin)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [h, T, d]
             attn = torch.empty(x.shape[0], self._q)
-            for slot, start, end in zip(slots, starts, starts[1:], strict=False):
+            for slot, start, end in zip(slots, starts[:-1], starts[1:], strict=True):
                 length = end - start
                 self.k_cache[i][slot, :, :length] = k[:, start:end]
                 self.v_cache[i][slot, :, :length] = v[:, start:end]
