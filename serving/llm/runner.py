@@ -77,9 +77,10 @@ def prepack_float32(weight: torch.Tensor) -> torch.Tensor:
     Over the 30 layers' weights (2 threads, AVX-512 Xeon) oneDNN's prepacked linear took
     47 ms at 16 rows against 60 for MKL on the plain ``[in, out]`` weight (which repacks
     the weight on every call), and 109 ms against 161 at 64 rows; at one row it was slower
-    (39 against 24 ms), which is why only the int8 tier's products of more than
-    :data:`INT8_MAX_ROWS` rows use it. The plain weight is returned where PyTorch was built
-    without oneDNN; :func:`float32_matmul` takes either.
+    (39 against 24 ms), which is why the float32 tier's layer weights stay plain. It is
+    used for the ``lm_head`` (one big product, faster at every row count) and for the int8
+    tier's products of more than :data:`INT8_MAX_ROWS` rows. The plain weight is returned
+    where PyTorch was built without oneDNN; :func:`float32_matmul` takes either.
     """
     if torch.backends.mkldnn.is_available():
         try:
