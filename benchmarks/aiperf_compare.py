@@ -41,6 +41,7 @@ from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
 from gateway.tokenizer import cache_folder, load  # noqa: E402
 from serving.launcher import LaunchOptions, TritonLauncher  # noqa: E402
 from serving.repository import configured_copy  # noqa: E402
+from serving.runtime import child_command  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TICKER_REPO = REPO / "tests" / "fixtures" / "ticker_repo"
@@ -69,7 +70,10 @@ def _timed(command: list[str], core: int, log: Path) -> tuple[float, float]:
     start = time.perf_counter()
     with log.open("w") as out:
         subprocess.run(
-            command, stdout=out, stderr=subprocess.STDOUT, check=True, preexec_fn=lambda: _pin(core)
+            child_command(command, cpus={core}),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
         )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -44,7 +44,7 @@ from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
 from gateway.tokenizer import load as load_tokenizer  # noqa: E402
 from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher, free_port  # noqa: E402
 from serving.repository import configured_copy  # noqa: E402
-from serving.runtime import die_with_parent  # noqa: E402
+from serving.runtime import child_command  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PROMPTS = [
@@ -476,13 +476,9 @@ def relay_once(
         command = [sys.executable, __file__, "_serve_instant", "--port", str(port)]
         command += ["--tokens", str(args.tokens)]
     child = subprocess.Popen(
-        command,
+        child_command(command, cpus={gateway_core}),
         cwd=str(code) if code is not None else None,
         env=env,
-        preexec_fn=lambda: (
-            die_with_parent(),
-            os.sched_setaffinity(0, {gateway_core}),
-        ),
     )
     try:
         deadline = time.monotonic() + 120
@@ -560,11 +556,10 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
             if args.backend == "grpc":
                 grpc_port = free_port()
                 fake = subprocess.Popen(
-                    [sys.executable, __file__, "_serve_grpc", "--port", str(grpc_port)],
-                    preexec_fn=lambda: (
-                        die_with_parent(),
-                        os.sched_setaffinity(0, {load_core}),
-                    ),
+                    child_command(
+                        [sys.executable, __file__, "_serve_grpc", "--port", str(grpc_port)],
+                        cpus={load_core},
+                    )
                 )
             os.sched_setaffinity(0, {load_core})
             runs = []
@@ -572,21 +567,23 @@ def run_relay(args: argparse.Namespace) -> dict[str, Any]:
             if grpc_port is not None:
                 for kind, loop in READERS:
                     out = subprocess.run(
-                        [
-                            sys.executable,
-                            __file__,
-                            "_read",
-                            "--kind",
-                            kind,
-                            "--port",
-                            str(grpc_port),
-                            "--streams",
-                            str(args.streams),
-                            "--tokens",
-                            str(args.tokens),
-                            *(["--uvloop"] if loop == "uvloop" else []),
-                        ],
-                        preexec_fn=lambda: os.sched_setaffinity(0, {gateway_core}),
+                        child_command(
+                            [
+                                sys.executable,
+                                __file__,
+                                "_read",
+                                "--kind",
+                                kind,
+                                "--port",
+                                str(grpc_port),
+                                "--streams",
+                                str(args.streams),
+                                "--tokens",
+                                str(args.tokens),
+                                *(["--uvloop"] if loop == "uvloop" else []),
+                            ],
+                            cpus={gateway_core},
+                        ),
                         capture_output=True,
                         text=True,
                         check=True,

@@ -32,7 +32,7 @@ import torch
 
 from serving.assets import cache_dir, smollm2_gguf
 from serving.launcher import free_port
-from serving.runtime import die_with_parent, start_group_reaper
+from serving.runtime import child_command, process_group, start_group_reaper
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def vllm_server(model_dir: Path, dtype: str, max_seqs: int, log_path: Path) -> I
     # shutdown, which left all three computing for 25 s and more after this benchmark was
     # killed: the reaper SIGKILLs the group at once.
     process = subprocess.Popen(
-        command, stdout=log_file, stderr=subprocess.STDOUT, env=env, process_group=0
+        command, stdout=log_file, stderr=subprocess.STDOUT, env=env, **process_group()
     )
     reaper = None
     url = f"http://127.0.0.1:{port}"
@@ -242,12 +242,13 @@ def llama_cpp_runs(batch: list[list[int]], tokens: int, threads: int) -> list[di
     if probe.returncode != 0:
         return "llama-cpp-python is not installed in the baseline virtualenv"
     result = subprocess.run(
-        [str(python), "-c", _LLAMA_CPP_SCRIPT, str(smollm2_gguf()), str(threads), str(tokens)],
+        child_command(
+            [str(python), "-c", _LLAMA_CPP_SCRIPT, str(smollm2_gguf()), str(threads), str(tokens)]
+        ),
         input=json.dumps(batch),
         capture_output=True,
         text=True,
         timeout=3600,
-        preexec_fn=die_with_parent,
     )
     if result.returncode != 0:
         return f"llama.cpp run failed: {result.stderr[-500:]}"

@@ -36,8 +36,9 @@ from serving.repository import DEFAULT_PROFILE, ModelEntry, dependents, load_ord
 from serving.runtime import (
     TritonInstall,
     bundled_install,
+    child_command,
     custom_install,
-    own_group_and_death_signal,
+    process_group,
     server_env,
     start_group_reaper,
 )
@@ -284,16 +285,16 @@ class TritonLauncher:
         self._log_file = open(o.log_path, "wb")  # noqa: SIM115 (lives as long as the server)
         progress(f"starting tritonserver (log: {o.log_path})")
         self.process = subprocess.Popen(
-            self._command(install),
+            # It must not outlive a launcher killed with SIGKILL: the kernel then SIGKILLs
+            # it too. Not SIGTERM: Triton's graceful exit waits for loads in progress
+            # (minutes for the tiers), and an unasked death has nothing to drain.
+            child_command(self._command(install), death_signal=signal.SIGKILL),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=self._env(install),
             # Its own process group (Ctrl-C at the terminal does not reach it; stop()
             # ends the group), in this session so the reaper below can join the group.
-            # It must not outlive a launcher killed with SIGKILL either: the kernel then
-            # SIGKILLs it too. Not SIGTERM: Triton's graceful exit waits for loads in
-            # progress (minutes for the tiers), and an unasked death has nothing to drain.
-            preexec_fn=own_group_and_death_signal(signal.SIGKILL),
+            **process_group(),
         )
         # SIGKILLs tritonserver's whole group (its stubs too) if this process dies unasked.
         self._reaper = start_group_reaper(self.process.pid)

@@ -29,7 +29,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from serving.runtime import die_with_parent
+from serving.runtime import child_command
 
 
 class ProxyError(RuntimeError):
@@ -218,11 +218,10 @@ class Proxy:
         log = (self.where / f"{self.balancer.value}.log").open("ab")
         try:
             self.process = subprocess.Popen(
-                command,
+                child_command(command),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
             )
         finally:
             log.close()

@@ -12,7 +12,7 @@ The stub ignores ``PYTHONPATH``: it finds its environment through the ``python3`
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import hashlib
 import importlib.util
 import os
@@ -22,9 +22,10 @@ import subprocess
 import sys
 import sysconfig
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from serving.assets import cache_dir
 from serving.errors import ConfigError
@@ -136,59 +137,53 @@ def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> di
     return env
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """In a child before exec: get ``sig`` when the parent dies (Linux ``prctl``).
+_CHILD = Path(__file__).with_name("child.py")
 
-    A server or gateway must never outlive what started it, even when that is killed
-    with SIGKILL and cannot clean up. The signal follows the parent *thread*, so
-    :func:`parent_death_hook` only asks for it from the main thread.
+
+def child_command(
+    command: Sequence[str],
+    death_signal: int | None = signal.SIGTERM,
+    cpus: Iterable[int] = (),
+) -> list[str]:
+    """``command`` run through :mod:`serving.child`, which gives it ``death_signal`` when
+    this process dies (SIGKILL included) and pins it to ``cpus``, then execs it (same pid).
+
+    Start every child this way, never with a ``preexec_fn``: that forks, and a fork can
+    crash the child before ``exec`` in a process holding a gRPC client (see
+    :mod:`serving.child`). The death signal follows the thread that starts the child, so
+    it is only asked for from the main thread: a server started from a worker thread (a
+    benchmark's thread pool) would otherwise die when that thread ends.
     """
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, sig)
+    wrapper = [sys.executable, "-I", "-S", str(_CHILD)]
+    if death_signal is not None and threading.current_thread() is threading.main_thread():
+        wrapper += ["--death-signal", str(int(death_signal)), "--parent", str(os.getpid())]
+    pinned = sorted(set(cpus))
+    if pinned:
+        wrapper += ["--cpus", ",".join(map(str, pinned))]
+    return [*wrapper, "--", *command]
 
 
-def parent_death_hook(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """:func:`die_with_parent` with ``sig`` when called from the main thread, else None.
-
-    A child started from a worker thread (a benchmark starting servers from a thread
-    pool) would be killed when that thread ends, long before the process does.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return lambda: die_with_parent(sig)
-
-
-def own_group_and_death_signal(sig: int) -> Callable[[], None]:
-    """A ``preexec_fn``: the child leads a new process group and, when started from the
-    main thread, gets ``sig`` when this process dies (see :func:`parent_death_hook`)."""
-    death = parent_death_hook(sig)
-
-    def preexec() -> None:
-        os.setpgid(0, 0)
-        if death is not None:
-            death()
-
-    return preexec
+def process_group(pgid: int = 0) -> dict[str, Any]:
+    """``subprocess.Popen`` keywords that start the child in process group ``pgid`` (0: a
+    new group it leads). Python 3.11+ does that without a ``preexec_fn``; on 3.10 it
+    still takes one, with the fork hazard :func:`child_command` explains."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}
+    return {"preexec_fn": functools.partial(os.setpgid, 0, pgid)}  # pragma: no cover
 
 
 def start_group_reaper(pgid: int) -> subprocess.Popen[bytes] | None:
     """Start :mod:`serving.reaper` in process group ``pgid``: it SIGKILLs the group when
     this process dies. None when called off the main thread, where a parent-death signal
-    would follow the calling thread instead of the process (see ``parent_death_hook``)."""
-    death = parent_death_hook(signal.SIGUSR1)
-    if death is None:
+    would follow the calling thread instead of the process (see :func:`child_command`).
+    The reaper arms that signal itself, once its handler is in place."""
+    if threading.current_thread() is not threading.main_thread():
         return None
-
-    def join_group_and_arm() -> None:
-        os.setpgid(0, pgid)
-        death()
-
     return subprocess.Popen(
         [sys.executable, "-m", "serving.reaper", str(pgid), str(os.getpid())],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        preexec_fn=join_group_and_arm,
+        **process_group(pgid),
     )
 
 
