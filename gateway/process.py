@@ -15,25 +15,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from serving.runtime import child_command
 
 
 def start(
-    args: Sequence[str],
-    ready_url: str,
-    timeout: float = 180.0,
-    cpus: Iterable[int] = (),
-    **popen: object,
+    args: Sequence[str], ready_url: str, timeout: float = 180.0, **popen: object
 ) -> subprocess.Popen[bytes]:
-    """Start ``python -m gateway *args`` (on ``cpus`` if given); return once ``ready_url``
-    answers 200. It gets SIGTERM when this process dies.
+    """Start ``python -m gateway *args``; return once ``ready_url`` answers 200. It gets
+    SIGTERM when this process dies.
 
     Raises RuntimeError (and leaves nothing running) if it exits or is not ready in time.
     """
     process = subprocess.Popen(  # type: ignore[call-overload]
-        child_command([sys.executable, "-m", "gateway", *args], cpus=cpus), **popen
+        child_command([sys.executable, "-m", "gateway", *args]), **popen
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
