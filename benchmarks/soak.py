@@ -66,6 +66,7 @@ from benchmarks.soak_probe import (  # noqa: E402
     judge,
     memory_by_role,
     memory_drift,
+    private_by_role,
     samples,
     shm_bytes,
 )
@@ -127,6 +128,7 @@ def sample(cluster: LocalCluster) -> dict[str, Any]:
     servers = {f"{r.pool}-{r.index}": r.pid for rs in cluster.replicas.values() for r in rs}
     return {
         "memory": memory_by_role(servers, {"gateway": cluster.gateway_pid}),
+        "parts": private_by_role(servers, {"gateway": cluster.gateway_pid}),
         "shm": shm_bytes(),
     }
 
@@ -429,6 +431,8 @@ def _report(
         shm_after_warmup=warm["shm"],
         shm_at_end=end_sample["shm"],
         slots_at_end=end_slots,
+        parts_after_warmup=warm.get("parts"),
+        parts_at_end=loaded_end.get("parts"),
     )
     records = [r for _, r, _ in t.records]
     return {

@@ -5,7 +5,8 @@ so that the judging is plain code with unit tests: ``tests/unit/test_soak.py``.
 
 - :func:`memory_by_role` reads the resident memory of every process of the cluster, keyed
   by what the process *is* (``small-1/tritonserver``, ``small-1/llm_small_0_0``,
-  ``gateway``), so a replica restarted with new pids is compared with its former self.
+  ``gateway``), so a replica restarted with new pids is compared with its former self;
+  :func:`private_by_role` splits it into the process's own memory and shared pages.
 - :func:`shm_bytes` is what ``/dev/shm`` really holds (allocated blocks, not sizes).
 - :func:`gauge` reads one sample of a Prometheus text page.
 - :func:`judge` checks the issue's goals against the request records, the fault times and
@@ -32,6 +33,22 @@ MEMORY_TOLERANCE = 0.10
 BACK_IN_ROTATION_S = 10.0
 
 
+#: The resident split in ``/proc/<pid>/status``: VmRSS is the sum of the other three.
+FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def status_kib(pid: int) -> dict[str, int]:
+    """``VmRSS``, ``RssAnon`` (the process's own heap and stacks), ``RssFile`` (mapped
+    files) and ``RssShmem`` (shared memory it has touched, such as a stub's ``/dev/shm``
+    region) of ``pid``, in KiB. Raises OSError when the process is gone."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in FIELDS:
+            out[key] = int(value.split()[0])
+    return out
+
+
 def rss(pid: int) -> int | None:
     """Resident bytes of ``pid``, or None when it is gone."""
     try:
@@ -40,32 +57,51 @@ def rss(pid: int) -> int | None:
         return None
 
 
-def memory_by_role(
+def pids_by_role(
     servers: Mapping[str, int | None], others: Mapping[str, int | None]
 ) -> dict[str, int]:
-    """Resident bytes per role.
+    """The pid of every role.
 
     ``servers`` maps a replica's name (``small-1``) to its tritonserver pid; each server
     and each of its Python stubs become a role (``small-1/tritonserver``,
     ``small-1/<model instance>``). ``others`` are single processes (``gateway``).
-    Processes that are gone (a killed replica) are simply absent.
     """
     out: dict[str, int] = {}
     for name, pid in servers.items():
         if pid is None:
             continue
-        size = rss(pid)
-        if size is None:
-            continue
-        out[f"{name}/tritonserver"] = size
+        out[f"{name}/tritonserver"] = pid
         for stub in find_stubs(pid):
-            stub_size = rss(stub.pid)
-            if stub_size is not None:
-                out[f"{name}/{stub.instance}"] = stub_size
-    for name, pid in others.items():
-        size = rss(pid) if pid is not None else None
-        if size is not None:
-            out[name] = size
+            out[f"{name}/{stub.instance}"] = stub.pid
+    out.update({name: pid for name, pid in others.items() if pid is not None})
+    return out
+
+
+def memory_by_role(
+    servers: Mapping[str, int | None], others: Mapping[str, int | None]
+) -> dict[str, int]:
+    """Resident bytes per role (see :func:`pids_by_role`). Processes that are gone (a
+    killed replica) are simply absent."""
+    sizes = {role: rss(pid) for role, pid in pids_by_role(servers, others).items()}
+    return {role: size for role, size in sizes.items() if size is not None}
+
+
+def private_by_role(
+    servers: Mapping[str, int | None], others: Mapping[str, int | None]
+) -> dict[str, dict[str, int]]:
+    """Per role, the bytes of :func:`status_kib`'s split without VmRSS: ``anon`` (the
+    process's own), ``shmem`` and ``file`` (pages it shares). Gone processes are absent."""
+    out: dict[str, dict[str, int]] = {}
+    for role, pid in pids_by_role(servers, others).items():
+        try:
+            kib = status_kib(pid)
+        except OSError:
+            continue
+        out[role] = {
+            "anon": kib["RssAnon"] * 1024,
+            "shmem": kib["RssShmem"] * 1024,
+            "file": kib["RssFile"] * 1024,
+        }
     return out
 
 
@@ -177,8 +213,14 @@ def judge(
     shm_at_end: int,
     slots_at_end: Mapping[str, float],
     grace: float = 30.0,
+    parts_after_warmup: Mapping[str, Mapping[str, int]] | None = None,
+    parts_at_end: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Judgement:
-    """The issue's goals, each with the numbers behind the answer."""
+    """The issue's goals, each with the numbers behind the answer.
+
+    Memory is judged on resident memory, as the goal says. Where :func:`private_by_role`
+    samples are given, each process over the tolerance also gets its split: how much of
+    the change is its own memory (``anon``) and how much shared pages it touched."""
     j = Judgement()
     failed = [o for o in outcomes if not o.ok]
     unexcused = [o for o in failed if not excused(o, faults, grace)]
@@ -216,6 +258,14 @@ def judge(
             f"; over 10%: {', '.join(f'{k} {v:+.1%}' for k, v in sorted(over.items()))}"
             if over
             else ""
+        )
+        + "".join(
+            f"; {role}: {split_change(parts_after_warmup[role], parts_at_end[role])}"
+            for role in sorted(over)
+            if parts_after_warmup
+            and parts_at_end
+            and role in parts_after_warmup
+            and role in parts_at_end
         ),
     )
     shm_change = (shm_at_end - shm_after_warmup) / shm_after_warmup if shm_after_warmup else 0.0
@@ -233,6 +283,16 @@ def judge(
         + (", ".join(f"{k}={v:g}" for k, v in sorted(busy.items())) or "none"),
     )
     return j
+
+
+def split_change(before: Mapping[str, int], after: Mapping[str, int]) -> str:
+    """``anon 6.0 -> 6.1 MiB (+1.7%), shmem ..., file ...``: one process's resident split
+    at two samples."""
+    return ", ".join(
+        f"{part} {before[part] / 2**20:.1f} -> {after[part] / 2**20:.1f} MiB"
+        + (f" ({(after[part] - before[part]) / before[part]:+.1%})" if before[part] else "")
+        for part in ("anon", "shmem", "file")
+    )
 
 
 def memory_drift(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, float]:

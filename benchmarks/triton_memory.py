@@ -12,8 +12,14 @@ Variants, one after another on the same server: gRPC streams and HTTP
 streamed response can be told apart; the first variant runs again at the end to show
 whether the slope settles.
 
+Then the soak's two events that touch the model, each repeated on the same server with
+the heap read after every cycle: a reload through model control (unload, load), and a
+SIGKILLed stub that the supervisor brings back. Each cycle ends with ``--warmup``
+requests, so the new stub is serving when the heap is read. A leak per event grows the
+heap by the same amount every cycle; a one-time step does not repeat.
+
     python benchmarks/triton_memory.py                  # the committed run
-    python benchmarks/triton_memory.py --rounds 3 --requests 30    # a quick look
+    python benchmarks/triton_memory.py --rounds 3 --requests 30 --cycles 3   # a quick look
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -33,18 +41,18 @@ sys.path.insert(0, str(ROOT))  # benchmarks/gateway.py would shadow the gateway 
 
 import numpy as np  # noqa: E402
 
-from benchmarks.soak_probe import cpu_name  # noqa: E402
+from benchmarks.soak_probe import cpu_name, status_kib  # noqa: E402
 from client.sdk import AsyncClient  # noqa: E402
 from client.transport import Protocol  # noqa: E402
 from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
 from gateway.tokenizer import load as load_tokenizer  # noqa: E402
 from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher  # noqa: E402
 from serving.repository import configured_copy  # noqa: E402
+from serving.stubs import find_stubs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "triton_memory"
 MODEL = "llm_small"
 PROMPT = "Write one sentence about lighthouses."
-FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 
 
 @dataclass(frozen=True)
@@ -55,16 +63,6 @@ class Variant:
     @property
     def name(self) -> str:
         return f"{self.protocol}, {self.tokens} tokens"
-
-
-def status_kib(pid: int) -> dict[str, int]:
-    """``VmRSS``, ``RssAnon``, ``RssFile``, ``RssShmem`` of ``pid`` in KiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in FIELDS:
-            out[key] = int(value.split()[0])
-    return out
 
 
 def slope_kib_per_request(points: list[tuple[int, int]]) -> float:
@@ -104,7 +102,72 @@ async def run_requests(
     return responses
 
 
-async def measure(args: argparse.Namespace, server: TritonLauncher) -> list[dict[str, Any]]:
+def kill_stub_and_revive(server: TritonLauncher) -> None:
+    """SIGKILL the model's stub, as the soak does, and let the supervisor reload it."""
+    assert server.pid is not None and server.supervisor is not None
+    victim = next(s for s in find_stubs(server.pid) if s.model == MODEL)
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while victim in find_stubs(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server.supervisor.check() != [MODEL]:
+        raise RuntimeError(f"the supervisor did not reload {MODEL} after its stub died")
+
+
+def reload_through_model_control(server: TritonLauncher) -> None:
+    server.unload(MODEL)
+    server.load(MODEL)
+
+
+EVENTS = {"reload": reload_through_model_control, "stub kill": kill_stub_and_revive}
+
+
+async def measure_events(
+    args: argparse.Namespace, server: TritonLauncher, inputs: dict[str, np.ndarray]
+) -> list[dict[str, Any]]:
+    """``args.cycles`` of each event, the heap read after each cycle's requests."""
+    assert server.pid is not None
+    client = AsyncClient(server.grpc_url, Protocol.GRPC)
+    out = []
+    try:
+        for name, event in EVENTS.items():
+            await asyncio.sleep(1.0)
+            cycles = [{"cycle": 0, **status_kib(server.pid)}]
+            for cycle in range(1, args.cycles + 1):
+                await asyncio.to_thread(event, server)
+                await run_requests(client, inputs, args.warmup, args.concurrency)
+                await asyncio.sleep(1.0)
+                cycles.append({"cycle": cycle, **status_kib(server.pid)})
+            anon = [(c["cycle"], c["RssAnon"]) for c in cycles]
+            half = len(anon) // 2
+            row = {
+                "event": name,
+                "cycles": args.cycles,
+                "anon_start_kib": cycles[0]["RssAnon"],
+                "anon_end_kib": cycles[-1]["RssAnon"],
+                "anon_kib_per_cycle": slope_kib_per_request(anon),
+                "anon_kib_per_cycle_first_half": slope_kib_per_request(anon[: half + 1]),
+                "anon_kib_per_cycle_second_half": slope_kib_per_request(anon[half:]),
+                "rss_start_kib": cycles[0]["VmRSS"],
+                "rss_end_kib": cycles[-1]["VmRSS"],
+                "samples": cycles,
+            }
+            print(
+                f"{name}: RssAnon {row['anon_start_kib']} -> {row['anon_end_kib']} KiB, "
+                f"{row['anon_kib_per_cycle']:.0f} KiB/cycle "
+                f"(halves {row['anon_kib_per_cycle_first_half']:.0f}, "
+                f"{row['anon_kib_per_cycle_second_half']:.0f})",
+                file=sys.stderr,
+            )
+            out.append(row)
+    finally:
+        await client.close()
+    return out
+
+
+async def measure(
+    args: argparse.Namespace, server: TritonLauncher
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     tokenizer = load_tokenizer(None, RoutingSettings.from_file(DEFAULT_ROUTER_CONFIG).tokenizer_dir)
     ids = tokenizer.encode(tokenizer.render([{"role": "user", "content": PROMPT}]))
     pid = server.pid
@@ -162,17 +225,24 @@ async def measure(args: argparse.Namespace, server: TritonLauncher) -> list[dict
     finally:
         for client in clients.values():
             await client.close()
-    return out
+    events = []
+    if args.cycles:
+        inputs = tier_inputs(ids, variants[0].tokens, tokenizer.end_id, tokenizer.pad_id)
+        events = await measure_events(args, server, inputs)
+    return out, events
 
 
-def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, cpu: str) -> None:
+def write_report(
+    rows: list[dict[str, Any]], events: list[dict[str, Any]], args: argparse.Namespace, cpu: str
+) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": " ".join(sys.argv),
         "cpu": cpu,
         "args": vars(args) | {"variants": [asdict(Variant(*v)) for v in args.variants]},
     }
-    (RESULTS.with_suffix(".json")).write_text(json.dumps({**meta, "variants": rows}, indent=2))
+    report = {**meta, "variants": rows, "events": events}
+    (RESULTS.with_suffix(".json")).write_text(json.dumps(report, indent=2))
     lines = [
         "# tritonserver's own memory per request (issue 13)",
         "",
@@ -195,6 +265,24 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, cpu: str)
             f"{r['anon_kib_per_request_second_half']:.3f} | "
             f"{r['rss_start_kib']} → {r['rss_end_kib']} |"
         )
+    if events:
+        lines += [
+            "",
+            f"Then {args.cycles} cycles of each event on the same server, each cycle followed "
+            f"by {args.warmup} gRPC requests, the heap read 1 s later:",
+            "",
+            "| event | cycles | RssAnon start → end (KiB) | KiB/cycle | first half | second half "
+            "| RssAnon after each cycle (KiB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in events:
+            lines.append(
+                f"| {e['event']} | {e['cycles']} | {e['anon_start_kib']} → {e['anon_end_kib']} | "
+                f"{e['anon_kib_per_cycle']:.0f} | {e['anon_kib_per_cycle_first_half']:.0f} | "
+                f"{e['anon_kib_per_cycle_second_half']:.0f} | "
+                + ", ".join(str(c["RssAnon"]) for c in e["samples"][1:])
+                + " |"
+            )
     (RESULTS.with_suffix(".md")).write_text("\n".join(lines) + "\n")
 
 
@@ -211,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=60, help="per round")
     parser.add_argument("--warmup", type=int, default=40, help="per variant, not counted")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--cycles", type=int, default=8, help="of each event (0: none)")
     parser.add_argument(
         "--variants",
         type=_variant,
@@ -228,10 +317,14 @@ def main(argv: list[str] | None = None) -> None:
             {MODEL: {"torch_threads": "1", "max_active_sequences": str(args.concurrency)}},
             models=[MODEL],
         )
-        options = LaunchOptions.on_free_ports(repository=repo, log_path=where / "server.log")
+        options = LaunchOptions.on_free_ports(
+            repository=repo,
+            log_path=where / "server.log",
+            supervise_interval=3600,  # it acts when the stub-kill event asks, not before
+        )
         with TritonLauncher(options) as server:
-            rows = asyncio.run(measure(args, server))
-    write_report(rows, args, cpu)
+            rows, events = asyncio.run(measure(args, server))
+    write_report(rows, events, args, cpu)
     print(f"wrote {RESULTS.with_suffix('.md')}", file=sys.stderr)
 
 

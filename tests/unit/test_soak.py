@@ -15,6 +15,7 @@ from benchmarks.soak_probe import (
     judge,
     memory_by_role,
     memory_drift,
+    private_by_role,
     shm_bytes,
 )
 
@@ -89,6 +90,29 @@ def test_judge_passes_a_clean_run_and_names_each_failed_goal() -> None:
     assert not never["therestarted"][0]
 
 
+def test_a_process_over_the_memory_goal_is_shown_split_into_own_and_shared_pages() -> None:
+    mib = 2**20
+    verdict = _judge(
+        [_ok(1)],
+        memory_after_warmup={"small-0/tritonserver": 40 * mib, "gateway": 100 * mib},
+        memory_at_end={"small-0/tritonserver": 45 * mib, "gateway": 101 * mib},
+        parts_after_warmup={
+            "small-0/tritonserver": {"anon": 6 * mib, "shmem": 1 * mib, "file": 33 * mib},
+            "gateway": {"anon": 90 * mib, "shmem": 0, "file": 10 * mib},
+        },
+        parts_at_end={
+            "small-0/tritonserver": {"anon": 6 * mib, "shmem": 6 * mib, "file": 33 * mib},
+            "gateway": {"anon": 91 * mib, "shmem": 0, "file": 10 * mib},
+        },
+    )["residentmemory"]
+    assert not verdict[0]  # judged on resident memory, as the goal is written
+    assert (
+        "small-0/tritonserver: anon 6.0 -> 6.0 MiB (+0.0%), shmem 1.0 -> 6.0 MiB (+500.0%), "
+        "file 33.0 -> 33.0 MiB (+0.0%)"
+    ) in verdict[1]
+    assert "gateway: anon" not in verdict[1]  # within the goal: no split
+
+
 def test_memory_drift_compares_roles_present_in_both() -> None:
     assert memory_drift({"a": 100, "b": 50, "gone": 10}, {"a": 110, "b": 40, "new": 5}) == {
         "a": 0.1,
@@ -119,10 +143,15 @@ def test_memory_by_role_reads_live_processes_and_skips_gone_ones() -> None:
         roles = memory_by_role({"small-0": child.pid, "small-1": None}, {"gateway": os.getpid()})
         assert set(roles) == {"small-0/tritonserver", "gateway"}  # a sleeping python has no stubs
         assert all(size > 1_000_000 for size in roles.values())
+        parts = private_by_role({"small-0": child.pid}, {})
+        assert set(parts) == {"small-0/tritonserver"}
+        assert set(parts["small-0/tritonserver"]) == {"anon", "shmem", "file"}
+        assert parts["small-0/tritonserver"]["anon"] > 1_000_000
     finally:
         child.kill()
         child.wait()
     assert memory_by_role({"small-0": child.pid}, {}) == {}
+    assert private_by_role({"small-0": child.pid}, {}) == {}
 
 
 def test_shm_bytes_counts_allocated_blocks_not_sizes(tmp_path: Path) -> None:

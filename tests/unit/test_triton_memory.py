@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from benchmarks.triton_memory import FIELDS, _variant, slope_kib_per_request, status_kib
+from benchmarks.soak_probe import FIELDS, status_kib
+from benchmarks.triton_memory import _variant, slope_kib_per_request
 
 
 def test_slope_is_kib_per_request_by_least_squares() -> None:
