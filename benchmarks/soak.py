@@ -66,7 +66,7 @@ from benchmarks.soak_probe import (  # noqa: E402
     judge,
     memory_by_role,
     memory_drift,
-    private_by_role,
+    memory_split_by_role,
     samples,
     shm_bytes,
 )
@@ -128,7 +128,7 @@ def sample(cluster: LocalCluster) -> dict[str, Any]:
     servers = {f"{r.pool}-{r.index}": r.pid for rs in cluster.replicas.values() for r in rs}
     return {
         "memory": memory_by_role(servers, {"gateway": cluster.gateway_pid}),
-        "parts": private_by_role(servers, {"gateway": cluster.gateway_pid}),
+        "parts": memory_split_by_role(servers, {"gateway": cluster.gateway_pid}),
         "shm": shm_bytes(),
     }
 

@@ -6,7 +6,7 @@ so that the judging is plain code with unit tests: ``tests/unit/test_soak.py``.
 - :func:`memory_by_role` reads the resident memory of every process of the cluster, keyed
   by what the process *is* (``small-1/tritonserver``, ``small-1/llm_small_0_0``,
   ``gateway``), so a replica restarted with new pids is compared with its former self;
-  :func:`private_by_role` splits it into the process's own memory and shared pages.
+  :func:`memory_split_by_role` splits it into the process's own memory and shared pages.
 - :func:`shm_bytes` is what ``/dev/shm`` really holds (allocated blocks, not sizes).
 - :func:`gauge` reads one sample of a Prometheus text page.
 - :func:`judge` checks the issue's goals against the request records, the fault times and
@@ -86,7 +86,7 @@ def memory_by_role(
     return {role: size for role, size in sizes.items() if size is not None}
 
 
-def private_by_role(
+def memory_split_by_role(
     servers: Mapping[str, int | None], others: Mapping[str, int | None]
 ) -> dict[str, dict[str, int]]:
     """Per role, the bytes of :func:`status_kib`'s split without VmRSS: ``anon`` (the
@@ -218,9 +218,9 @@ def judge(
 ) -> Judgement:
     """The issue's goals, each with the numbers behind the answer.
 
-    Memory is judged on resident memory, as the goal says. Where :func:`private_by_role`
-    samples are given, each process over the tolerance also gets its split: how much of
-    the change is its own memory (``anon``) and how much shared pages it touched."""
+    Memory is judged on resident memory, as the goal says. Given samples of
+    :func:`memory_split_by_role`, each process over the tolerance also gets its split:
+    how much of the change is its own memory (``anon``) and how much shared pages."""
     j = Judgement()
     failed = [o for o in outcomes if not o.ok]
     unexcused = [o for o in failed if not excused(o, faults, grace)]

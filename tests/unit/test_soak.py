@@ -15,7 +15,7 @@ from benchmarks.soak_probe import (
     judge,
     memory_by_role,
     memory_drift,
-    private_by_role,
+    memory_split_by_role,
     shm_bytes,
 )
 
@@ -143,7 +143,7 @@ def test_memory_by_role_reads_live_processes_and_skips_gone_ones() -> None:
         roles = memory_by_role({"small-0": child.pid, "small-1": None}, {"gateway": os.getpid()})
         assert set(roles) == {"small-0/tritonserver", "gateway"}  # a sleeping python has no stubs
         assert all(size > 1_000_000 for size in roles.values())
-        parts = private_by_role({"small-0": child.pid}, {})
+        parts = memory_split_by_role({"small-0": child.pid}, {})
         assert set(parts) == {"small-0/tritonserver"}
         assert set(parts["small-0/tritonserver"]) == {"anon", "shmem", "file"}
         assert parts["small-0/tritonserver"]["anon"] > 1_000_000
@@ -151,7 +151,7 @@ def test_memory_by_role_reads_live_processes_and_skips_gone_ones() -> None:
         child.kill()
         child.wait()
     assert memory_by_role({"small-0": child.pid}, {}) == {}
-    assert private_by_role({"small-0": child.pid}, {}) == {}
+    assert memory_split_by_role({"small-0": child.pid}, {}) == {}
 
 
 def test_shm_bytes_counts_allocated_blocks_not_sizes(tmp_path: Path) -> None:
