@@ -67,6 +67,7 @@ from benchmarks.soak_probe import (  # noqa: E402
     memory_by_role,
     memory_drift,
     memory_split_by_role,
+    pids_by_role,
     samples,
     shm_bytes,
 )
@@ -126,9 +127,10 @@ class Timeline:
 # ---------------------------------------------------------------------- sampling
 def sample(cluster: LocalCluster) -> dict[str, Any]:
     servers = {f"{r.pool}-{r.index}": r.pid for rs in cluster.replicas.values() for r in rs}
+    pids = pids_by_role(servers, {"gateway": cluster.gateway_pid})  # one scan for both
     return {
-        "memory": memory_by_role(servers, {"gateway": cluster.gateway_pid}),
-        "parts": memory_split_by_role(servers, {"gateway": cluster.gateway_pid}),
+        "memory": memory_by_role(pids),
+        "parts": memory_split_by_role(pids),
         "shm": shm_bytes(),
     }
 

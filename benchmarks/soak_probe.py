@@ -77,22 +77,19 @@ def pids_by_role(
     return out
 
 
-def memory_by_role(
-    servers: Mapping[str, int | None], others: Mapping[str, int | None]
-) -> dict[str, int]:
-    """Resident bytes per role (see :func:`pids_by_role`). Processes that are gone (a
-    killed replica) are simply absent."""
-    sizes = {role: rss(pid) for role, pid in pids_by_role(servers, others).items()}
+def memory_by_role(pids: Mapping[str, int]) -> dict[str, int]:
+    """Resident bytes per role of :func:`pids_by_role`. Processes that are gone (a killed
+    replica) are simply absent."""
+    sizes = {role: rss(pid) for role, pid in pids.items()}
     return {role: size for role, size in sizes.items() if size is not None}
 
 
-def memory_split_by_role(
-    servers: Mapping[str, int | None], others: Mapping[str, int | None]
-) -> dict[str, dict[str, int]]:
-    """Per role, the bytes of :func:`status_kib`'s split without VmRSS: ``anon`` (the
-    process's own), ``shmem`` and ``file`` (pages it shares). Gone processes are absent."""
+def memory_split_by_role(pids: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    """Per role of :func:`pids_by_role`, the bytes of :func:`status_kib`'s split without
+    VmRSS: ``anon`` (the process's own), ``shmem`` and ``file`` (pages it shares). Gone
+    processes are absent."""
     out: dict[str, dict[str, int]] = {}
-    for role, pid in pids_by_role(servers, others).items():
+    for role, pid in pids.items():
         try:
             kib = status_kib(pid)
         except OSError:

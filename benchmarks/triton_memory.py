@@ -74,6 +74,34 @@ def slope_kib_per_request(points: list[tuple[int, int]]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def heap_summary(samples: list[dict[str, int]], x: str, per: str) -> dict[str, float]:
+    """First and last ``RssAnon`` and ``VmRSS`` of ``samples`` (rows of :func:`status_kib`
+    plus an ``x`` count), and ``anon_kib_per_<per>`` over all of them and over their first
+    and second halves (the middle sample in both): settling growth against steady growth."""
+    points = [(sample[x], sample["RssAnon"]) for sample in samples]
+    half = len(points) // 2
+    key = f"anon_kib_per_{per}"
+    return {
+        "anon_start_kib": samples[0]["RssAnon"],
+        "anon_end_kib": samples[-1]["RssAnon"],
+        "rss_start_kib": samples[0]["VmRSS"],
+        "rss_end_kib": samples[-1]["VmRSS"],
+        key: slope_kib_per_request(points),
+        f"{key}_first_half": slope_kib_per_request(points[: half + 1]),
+        f"{key}_second_half": slope_kib_per_request(points[half:]),
+    }
+
+
+def print_heap(label: str, row: dict[str, Any], per: str, digits: int) -> None:
+    key = f"anon_kib_per_{per}"
+    print(
+        f"{label}: RssAnon {row['anon_start_kib']} -> {row['anon_end_kib']} KiB, "
+        f"{row[key]:.{digits}f} KiB/{per} (halves {row[key + '_first_half']:.{digits}f}, "
+        f"{row[key + '_second_half']:.{digits}f})",
+        file=sys.stderr,
+    )
+
+
 def tier_inputs(ids: list[int], tokens: int, end_id: int, pad_id: int) -> dict[str, np.ndarray]:
     return {
         "input_ids": np.array(ids, dtype=np.int32),
@@ -138,27 +166,13 @@ async def measure_events(
                 await run_requests(client, inputs, args.warmup, args.concurrency)
                 await asyncio.sleep(1.0)
                 cycles.append({"cycle": cycle, **status_kib(server.pid)})
-            anon = [(c["cycle"], c["RssAnon"]) for c in cycles]
-            half = len(anon) // 2
             row = {
                 "event": name,
                 "cycles": args.cycles,
-                "anon_start_kib": cycles[0]["RssAnon"],
-                "anon_end_kib": cycles[-1]["RssAnon"],
-                "anon_kib_per_cycle": slope_kib_per_request(anon),
-                "anon_kib_per_cycle_first_half": slope_kib_per_request(anon[: half + 1]),
-                "anon_kib_per_cycle_second_half": slope_kib_per_request(anon[half:]),
-                "rss_start_kib": cycles[0]["VmRSS"],
-                "rss_end_kib": cycles[-1]["VmRSS"],
+                **heap_summary(cycles, "cycle", "cycle"),
                 "samples": cycles,
             }
-            print(
-                f"{name}: RssAnon {row['anon_start_kib']} -> {row['anon_end_kib']} KiB, "
-                f"{row['anon_kib_per_cycle']:.0f} KiB/cycle "
-                f"(halves {row['anon_kib_per_cycle_first_half']:.0f}, "
-                f"{row['anon_kib_per_cycle_second_half']:.0f})",
-                file=sys.stderr,
-            )
+            print_heap(name, row, "cycle", 0)
             out.append(row)
     finally:
         await client.close()
@@ -195,8 +209,6 @@ async def measure(
                 await asyncio.sleep(1.0)
                 rounds.append({"requests": total, "responses": responses, **status_kib(pid)})
             seconds = time.monotonic() - started
-            anon = [(r["requests"], r["RssAnon"]) for r in rounds]
-            half = len(anon) // 2
             row = {
                 "variant": variant.name,
                 "protocol": variant.protocol,
@@ -205,22 +217,10 @@ async def measure(
                 "responses_per_request": sum(r["responses"] for r in rounds)
                 / (args.rounds * args.requests),
                 "seconds": seconds,
-                "anon_start_kib": rounds[0]["RssAnon"],
-                "anon_end_kib": rounds[-1]["RssAnon"],
-                "rss_start_kib": rounds[0]["VmRSS"],
-                "rss_end_kib": rounds[-1]["VmRSS"],
-                "anon_kib_per_request": slope_kib_per_request(anon),
-                "anon_kib_per_request_first_half": slope_kib_per_request(anon[: half + 1]),
-                "anon_kib_per_request_second_half": slope_kib_per_request(anon[half:]),
+                **heap_summary(rounds, "requests", "request"),
                 "rounds": rounds,
             }
-            print(
-                f"{variant.name}: RssAnon {row['anon_start_kib']} -> {row['anon_end_kib']} KiB, "
-                f"{row['anon_kib_per_request']:.3f} KiB/request "
-                f"(halves {row['anon_kib_per_request_first_half']:.3f}, "
-                f"{row['anon_kib_per_request_second_half']:.3f})",
-                file=sys.stderr,
-            )
+            print_heap(variant.name, row, "request", 3)
             out.append(row)
     finally:
         for client in clients.values():

@@ -16,6 +16,7 @@ from benchmarks.soak_probe import (
     memory_by_role,
     memory_drift,
     memory_split_by_role,
+    pids_by_role,
     shm_bytes,
 )
 
@@ -140,18 +141,20 @@ def test_memory_by_role_reads_live_processes_and_skips_gone_ones() -> None:
     )
     try:
         assert child.stdout is not None and child.stdout.readline() == b"up\n"  # exec is done
-        roles = memory_by_role({"small-0": child.pid, "small-1": None}, {"gateway": os.getpid()})
+        pids = pids_by_role({"small-0": child.pid, "small-1": None}, {"gateway": os.getpid()})
+        assert pids == {"small-0/tritonserver": child.pid, "gateway": os.getpid()}
+        roles = memory_by_role(pids)
         assert set(roles) == {"small-0/tritonserver", "gateway"}  # a sleeping python has no stubs
         assert all(size > 1_000_000 for size in roles.values())
-        parts = memory_split_by_role({"small-0": child.pid}, {})
+        parts = memory_split_by_role({"small-0/tritonserver": child.pid})
         assert set(parts) == {"small-0/tritonserver"}
         assert set(parts["small-0/tritonserver"]) == {"anon", "shmem", "file"}
         assert parts["small-0/tritonserver"]["anon"] > 1_000_000
     finally:
         child.kill()
         child.wait()
-    assert memory_by_role({"small-0": child.pid}, {}) == {}
-    assert memory_split_by_role({"small-0": child.pid}, {}) == {}
+    assert memory_by_role({"small-0/tritonserver": child.pid}) == {}
+    assert memory_split_by_role({"small-0/tritonserver": child.pid}) == {}
 
 
 def test_shm_bytes_counts_allocated_blocks_not_sizes(tmp_path: Path) -> None:

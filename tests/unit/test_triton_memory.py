@@ -8,13 +8,28 @@ import os
 import pytest
 
 from benchmarks.soak_probe import FIELDS, status_kib
-from benchmarks.triton_memory import _variant, slope_kib_per_request
+from benchmarks.triton_memory import _variant, heap_summary, slope_kib_per_request
 
 
 def test_slope_is_kib_per_request_by_least_squares() -> None:
     assert slope_kib_per_request([(0, 100), (100, 150), (200, 200)]) == pytest.approx(0.5)
     assert slope_kib_per_request([(0, 100), (100, 100), (200, 100)]) == pytest.approx(0.0)
     assert slope_kib_per_request([(0, 100)]) != slope_kib_per_request([(0, 100)])  # nan
+
+
+def test_heap_summary_slopes_over_both_halves_share_the_middle_point() -> None:
+    heap = [100, 300, 400, 400, 400]
+    samples = [{"cycle": i, "RssAnon": kib, "VmRSS": kib + 1000} for i, kib in enumerate(heap)]
+    summary = heap_summary(samples, "cycle", "cycle")
+    assert summary == {
+        "anon_start_kib": 100,
+        "anon_end_kib": 400,
+        "rss_start_kib": 1100,
+        "rss_end_kib": 1400,
+        "anon_kib_per_cycle": pytest.approx(70.0),
+        "anon_kib_per_cycle_first_half": pytest.approx(150.0),  # samples 0-2
+        "anon_kib_per_cycle_second_half": pytest.approx(0.0),  # samples 2-4
+    }
 
 
 def test_status_reads_the_resident_split_of_a_process() -> None:
