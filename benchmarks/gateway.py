@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from client.sdk import AsyncClient  # noqa: E402
 from gateway import process as gateway_process  # noqa: E402
 from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
+from gateway.service import tier_inputs  # noqa: E402
 from gateway.tokenizer import load as load_tokenizer  # noqa: E402
 from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher, free_port  # noqa: E402
 from serving.repository import configured_copy  # noqa: E402
@@ -114,16 +115,9 @@ async def latency_level(
     paired: list[float] = []
     counter = iter(range(requests))
 
-    def tier_inputs(prompt: str) -> dict[str, np.ndarray]:
+    def prompt_inputs(prompt: str) -> dict[str, np.ndarray]:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
-        return {
-            "input_ids": np.array(ids, dtype=np.int32),
-            "input_lengths": np.array([len(ids)], dtype=np.int32),
-            "request_output_len": np.array([max_tokens], dtype=np.int32),
-            "end_id": np.array([tok.end_id], dtype=np.int32),
-            "pad_id": np.array([tok.pad_id], dtype=np.int32),
-            "streaming": np.array([True]),
-        }
+        return tier_inputs(ids, max_tokens, tok.end_id, tok.pad_id)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
@@ -136,7 +130,7 @@ async def latency_level(
                     if path == "g":
                         got[path] = await via_gateway(session, base, prompt, max_tokens)
                     else:
-                        got[path] = await direct(client, tier_inputs(prompt))
+                        got[path] = await direct(client, prompt_inputs(prompt))
                 gateway_ttft.append(got["g"])
                 direct_ttft.append(got["d"])
                 paired.append(got["g"] - got["d"])

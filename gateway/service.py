@@ -59,6 +59,22 @@ def _strings(*values: str) -> np.ndarray:
     return np.array([v.encode("utf-8") for v in values], dtype=object)
 
 
+def tier_inputs(ids: list[int], max_tokens: int, end_id: int, pad_id: int) -> Tensors:
+    """A streamed request to an LLM tier (the TensorRT-LLM backend's input names).
+
+    ``end_id`` -1 matches no token: the answer runs to ``max_tokens`` (the benchmarks'
+    fixed-length answers).
+    """
+    return {
+        "input_ids": np.array(ids, dtype=np.int32),
+        "input_lengths": np.array([len(ids)], dtype=np.int32),
+        "request_output_len": np.array([max_tokens], dtype=np.int32),
+        "end_id": np.array([end_id], dtype=np.int32),
+        "pad_id": np.array([pad_id], dtype=np.int32),
+        "streaming": np.array([True]),
+    }
+
+
 def upstream_timeout(model: str, what: str, seconds: float) -> APIError:
     return APIError(504, f"{model}: no {what} within {seconds:g}s", code="upstream_timeout")
 
@@ -606,15 +622,9 @@ class Gateway:
         return inputs
 
     def _tier_inputs(self, req: GenRequest) -> Tensors:
-        ids = req.prompt_ids
-        inputs: Tensors = {
-            "input_ids": np.array(ids, dtype=np.int32),
-            "input_lengths": np.array([len(ids)], dtype=np.int32),
-            "request_output_len": np.array([req.max_tokens], dtype=np.int32),
-            "end_id": np.array([self.tokenizer.end_id], dtype=np.int32),
-            "pad_id": np.array([self.tokenizer.pad_id], dtype=np.int32),
-            "streaming": np.array([True]),
-        }
+        inputs = tier_inputs(
+            req.prompt_ids, req.max_tokens, self.tokenizer.end_id, self.tokenizer.pad_id
+        )
         if req.temperature is not None:
             inputs["temperature"] = np.array([req.temperature], dtype=np.float32)
         if req.top_p is not None:
