@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from benchmarks.soak_probe import cpu_name, status_kib  # noqa: E402
 from client.sdk import AsyncClient  # noqa: E402
 from client.transport import Protocol  # noqa: E402
 from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
+from gateway.service import tier_inputs  # noqa: E402
 from gateway.tokenizer import load as load_tokenizer  # noqa: E402
 from serving.launcher import DEFAULT_REPOSITORY, LaunchOptions, TritonLauncher  # noqa: E402
 from serving.repository import configured_copy  # noqa: E402
@@ -100,17 +103,6 @@ def print_heap(label: str, row: dict[str, Any], per: str, digits: int) -> None:
         f"{row[key + '_second_half']:.{digits}f})",
         file=sys.stderr,
     )
-
-
-def tier_inputs(ids: list[int], tokens: int, end_id: int, pad_id: int) -> dict[str, np.ndarray]:
-    return {
-        "input_ids": np.array(ids, dtype=np.int32),
-        "input_lengths": np.array([len(ids)], dtype=np.int32),
-        "request_output_len": np.array([tokens], dtype=np.int32),
-        "end_id": np.array([end_id], dtype=np.int32),
-        "pad_id": np.array([pad_id], dtype=np.int32),
-        "streaming": np.array([True]),
-    }
 
 
 async def run_requests(
@@ -286,6 +278,27 @@ def write_report(
     (RESULTS.with_suffix(".md")).write_text("\n".join(lines) + "\n")
 
 
+@contextlib.contextmanager
+def one_server(max_active: int) -> Iterator[TritonLauncher]:
+    """A tritonserver serving only :data:`MODEL` (one torch thread, ``max_active`` slots).
+
+    Its supervisor acts when an event asks (:func:`kill_stub_and_revive`), not by itself.
+    """
+    with tempfile.TemporaryDirectory(prefix="triton-memory-") as tmp:
+        where = Path(tmp)
+        repo = configured_copy(
+            DEFAULT_REPOSITORY,
+            where,
+            {MODEL: {"torch_threads": "1", "max_active_sequences": str(max_active)}},
+            models=[MODEL],
+        )
+        options = LaunchOptions.on_free_ports(
+            repository=repo, log_path=where / "server.log", supervise_interval=3600
+        )
+        with TritonLauncher(options) as server:
+            yield server
+
+
 def _variant(text: str) -> tuple[str, int]:
     protocol, _, tokens = text.partition(":")
     if protocol not in ("grpc", "http") or not tokens.isdigit():
@@ -309,21 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     cpu = cpu_name()
-    with tempfile.TemporaryDirectory(prefix="triton-memory-") as tmp:
-        where = Path(tmp)
-        repo = configured_copy(
-            DEFAULT_REPOSITORY,
-            where,
-            {MODEL: {"torch_threads": "1", "max_active_sequences": str(args.concurrency)}},
-            models=[MODEL],
-        )
-        options = LaunchOptions.on_free_ports(
-            repository=repo,
-            log_path=where / "server.log",
-            supervise_interval=3600,  # it acts when the stub-kill event asks, not before
-        )
-        with TritonLauncher(options) as server:
-            rows, events = asyncio.run(measure(args, server))
+    with one_server(args.concurrency) as server:
+        rows, events = asyncio.run(measure(args, server))
     write_report(rows, events, args, cpu)
     print(f"wrote {RESULTS.with_suffix('.md')}", file=sys.stderr)
 

@@ -42,3 +42,20 @@ def test_variants_parse_and_bad_ones_are_clear() -> None:
     assert _variant("grpc:4") == ("grpc", 4)
     with pytest.raises(argparse.ArgumentTypeError, match="want grpc:N or http:N"):
         _variant("udp:4")
+
+
+def test_fault_costs_are_read_above_the_plateau_each_after_its_own_bursts() -> None:
+    from benchmarks.triton_heap_peak import FAULTS, costs
+
+    heap = {"idle, before any request": 4000, "plateau, burst 1": 11000, "plateau, burst 2": 11200}
+    running = 11200
+    for i, (name, _event, _streaming) in enumerate(FAULTS):
+        heap[name] = running + 50  # read at the fault: not its cost yet
+        running += 100 * (i + 1)
+        heap[f"after {name}, burst 1"] = running - 10
+        heap[f"after {name}, burst 2"] = running
+    steps = [{"step": step, "RssAnon": kib} for step, kib in heap.items()]
+    assert costs(steps) == {
+        "plateau": 200,
+        **{name: 100 * (i + 1) for i, (name, _e, _s) in enumerate(FAULTS)},
+    }
