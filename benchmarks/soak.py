@@ -5,7 +5,9 @@ Triton per pool replica, two replicas of the small tier, the gateway in front) a
 a closed loop of ``--users`` through the gateway's OpenAI API with Dolly prompts and mixed
 output lengths: two thirds of the users name the small tier (its two replicas are where
 the faults land), one third send ``model: auto`` (the classifier on the front pool picks
-the tier). During the run it
+the tier). Before the load, every LLM replica streams as many answers of the largest cap
+at once as the gateway allows it (:func:`peak_warmup`), so that the after-warm-up memory
+sample already holds the heap's high-water mark. During the run it
 
 - SIGKILLs replica 1 of the small pool at 25 % of the run, and restarts it 15 s later;
 - SIGKILLs the ``llm_small`` Python stub of replica 0 at 60 % (the launcher's supervisor
@@ -75,9 +77,13 @@ from client.loadgen import LoadShape  # noqa: E402
 from client.metrics import RequestRecord, summarize  # noqa: E402
 from client.openai_load import openai_load  # noqa: E402
 from client.report import mark_events, write_plots  # noqa: E402
+from client.sdk import AsyncClient  # noqa: E402
 from client.workload import jobs, load_prompts  # noqa: E402
 from gateway import manifests  # noqa: E402
 from gateway.cluster import LocalCluster  # noqa: E402
+from gateway.config import DEFAULT_ROUTER_CONFIG, RoutingSettings  # noqa: E402
+from gateway.service import tier_inputs  # noqa: E402
+from gateway.tokenizer import load as load_tokenizer  # noqa: E402
 from serving.stubs import find_stubs  # noqa: E402
 
 ROOT = REPO
@@ -217,6 +223,44 @@ async def slow_reader(base_url: str, prompt: str, t: Timeline, limit_s: float) -
         sock.close()
     rude.end = t.now()
     return rude
+
+
+# ---------------------------------------------------------------------- warm-up
+async def peak_warmup(cluster: LocalCluster, prompt: str, tokens: int) -> dict[str, Any]:
+    """Every LLM replica streams its pool's ``max_in_flight`` answers of ``tokens`` at once.
+
+    A tritonserver's heap keeps the high-water mark of the answers it has streamed at once
+    (on one server, 256-token answers: 4.9 MiB idle, 11.9 after 16 at once, then 12.1 and
+    12.2 after two more such bursts; docs/reliability.md), and the load alone reaches
+    that width on a replica only by chance, at any time in the run. Warmed up to the width
+    the gateway allows (its ``max_in_flight`` per replica), the after-warm-up sample holds
+    the peak, and later growth is growth. Sent straight to each replica over gRPC, as the
+    gateway sends, with an ``end_id`` that matches no token so every answer is ``tokens``
+    long. Returns the seconds it took and the responses per replica.
+    """
+    routing = RoutingSettings.from_file(DEFAULT_ROUTER_CONFIG)
+    tokenizer = load_tokenizer(None, routing.tokenizer_dir)
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+    inputs = tier_inputs(ids, tokens, -1, tokenizer.pad_id)
+
+    async def stream(client: AsyncClient, model: str) -> int:
+        return len([r async for r in client.stream_tensors(model, inputs)])
+
+    async def replica(name: str, url: str, model: str, width: int) -> tuple[str, int]:
+        async with AsyncClient(url) as client:
+            counts = await asyncio.gather(*(stream(client, model) for _ in range(width)))
+        return name, sum(counts)
+
+    began = time.perf_counter()
+    bursts = [
+        replica(f"{pool['name']}-{r.index}/{model}", r.grpc_url, model, pool["max_in_flight"])
+        for pool in cluster.source["pools"]
+        for r in cluster.replicas.get(pool["name"], [])
+        for model in pool["models"]
+        if model.startswith("llm_")
+    ]
+    responses = dict(await asyncio.gather(*bursts))
+    return {"seconds": time.perf_counter() - began, "tokens": tokens, "responses": responses}
 
 
 # ---------------------------------------------------------------------- the load thread
@@ -367,8 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-wait", type=float, default=300.0, help="admission wait budget (see cpu_topology)"
     )
+    parser.add_argument(
+        "--peak-tokens",
+        type=int,
+        default=None,
+        help="answer length of the warm-up burst (default: the largest cap; 0: no burst)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.peak_tokens is None:
+        args.peak_tokens = max(int(x) for x in args.output_tokens.split(","))
 
     t = Timeline()
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -379,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     with cluster:
         print(cluster.describe(), flush=True)
+        warmup: dict[str, Any] = {}
+        if args.peak_tokens:
+            print(f"warm-up: the widest burst of {args.peak_tokens}-token answers ...", flush=True)
+            prompt = load_prompts(args.prompts)[0]
+            warmup = asyncio.run(peak_warmup(cluster, prompt, args.peak_tokens))
+            warmup["sample"] = sample(cluster)
+            print(f"warm-up done in {warmup['seconds']:.0f} s: {warmup['responses']}", flush=True)
         loader = threading.Thread(target=lambda: asyncio.run(_load(cluster, args, t)), daemon=True)
         loader.start()
         fault_report = faults(cluster, args, t)
@@ -388,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         end_sample = sample(cluster)
         end_slots = slots(cluster)
     report = _report(args, t, fault_report, load_end, drained, end_sample, end_slots)
+    report["peak_warmup"] = warmup
     _write(args.out, report, t)
     print(Path(args.out / "soak.md").read_text())
     return 0 if report["judgement_met"] else 1
@@ -556,6 +616,7 @@ def markdown(report: dict[str, Any]) -> str:
             )
             + " after the load stopped.",
         ]
+    lines += _memory_lines(report)
     lines += ["", "## Faults", "", "| at (s) | fault | target | detail |", "|---|---|---|---|"]
     for f in report["faults"]:
         lines.append(f"| {f['at']:.1f} | {f['kind']} | {f['target']} | {f['detail']} |")
@@ -580,6 +641,46 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _memory_lines(report: dict[str, Any]) -> list[str]:
+    """Each process's resident memory (and a tritonserver's heap) at the three moments."""
+    peak = report.get("peak_warmup") or {}
+    moments = [("warm-up burst", peak.get("sample"))] if peak else []
+    moments += [
+        ("first fault (baseline)", report["warm_sample"]),
+        ("load end", report["loaded_end_sample"]),
+    ]
+    moments = [(name, s) for name, s in moments if s]
+    lines = ["", "## Memory", ""]
+    if peak:
+        lines += [
+            f"Before the load, every LLM replica streamed its pool's `max_in_flight` answers "
+            f"of {peak['tokens']} tokens at once ({sum(peak['responses'].values())} responses "
+            f"in {peak['seconds']:.0f} s), so the baseline holds the heap's high-water mark "
+            "(see `peak_warmup` in soak.py). The baseline is the last sample before the first "
+            "fault. MiB; a tritonserver's own heap (`RssAnon`) in brackets.",
+            "",
+        ]
+    lines += [
+        "| process | " + " | ".join(name for name, _ in moments) + " | change |",
+        "|---|" + "---|" * (len(moments) + 1),
+    ]
+    base, end = report["warm_sample"]["memory"], report["loaded_end_sample"]["memory"]
+
+    def cell(s: dict[str, Any], role: str) -> str:
+        if role not in s["memory"]:
+            return "-"
+        text = f"{s['memory'][role] / 2**20:.1f}"
+        anon = (s.get("parts") or {}).get(role, {}).get("anon")
+        return f"{text} ({anon / 2**20:.1f})" if anon and role.endswith("tritonserver") else text
+
+    for role in base:
+        change = f"{(end[role] - base[role]) / base[role]:+.1%}" if role in end else "-"
+        lines.append(
+            f"| {role} | " + " | ".join(cell(s, role) for _, s in moments) + f" | {change} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -162,3 +162,42 @@ def test_shm_bytes_counts_allocated_blocks_not_sizes(tmp_path: Path) -> None:
     (tmp_path / "full").write_bytes(b"x" * 2**20)
     used = shm_bytes(tmp_path)
     assert 2**20 <= used < 2 * 2**20
+
+
+def test_memory_table_shows_each_moment_and_a_servers_heap_against_the_baseline() -> None:
+    from benchmarks.soak import _memory_lines
+
+    mib = 2**20
+
+    def at(server: float, heap: float, stub: float) -> dict[str, object]:
+        return {
+            "memory": {
+                "small-0/tritonserver": int(server * mib),
+                "small-0/llm_small_0_0": int(stub * mib),
+            },
+            "parts": {"small-0/tritonserver": {"anon": int(heap * mib), "shmem": 0, "file": 0}},
+        }
+
+    report = {
+        "peak_warmup": {
+            "tokens": 256,
+            "seconds": 61.0,
+            "responses": {"a": 4096, "b": 2048},
+            "sample": at(44, 12, 1300),
+        },
+        "warm_sample": at(45, 12.5, 1310),
+        "loaded_end_sample": at(49.5, 16, 1310),
+    }
+    text = "\n".join(_memory_lines(report))
+    assert (
+        "streamed its pool's `max_in_flight` answers of 256 tokens at once (6144 responses in 61 s)"
+        in text
+    )
+    assert "| process | warm-up burst | first fault (baseline) | load end | change |" in text
+    assert "| small-0/tritonserver | 44.0 (12.0) | 45.0 (12.5) | 49.5 (16.0) | +10.0% |" in text
+    assert "| small-0/llm_small_0_0 | 1300.0 | 1310.0 | 1310.0 | +0.0% |" in text
+
+    del report["peak_warmup"]
+    text = "\n".join(_memory_lines(report))
+    assert "| process | first fault (baseline) | load end | change |" in text
+    assert "max_in_flight" not in text
