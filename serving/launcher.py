@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -521,8 +522,15 @@ class TritonLauncher:
 
     # ----------------------------------------------------------------- deep health
     def deep_health(self) -> tuple[bool, dict]:
-        """Ready only if the server answers, every wanted model is READY and no stub is dead."""
-        report: dict = {"server": "down", "models": {}, "broken": []}
+        """Ready only if the server answers, every wanted model is READY and no stub is dead.
+
+        ``revived`` counts, per model, the reloads after a dead stub since the server
+        started: each leaves some of the dead instance's memory behind in tritonserver
+        (about 2.5 MiB for a stub killed with 16 answers streaming; docs/reliability.md),
+        so a replica with many is one to roll.
+        """
+        revived = Counter(self.supervisor.reloads) if self.supervisor else Counter()
+        report: dict = {"server": "down", "models": {}, "broken": [], "revived": dict(revived)}
         if self.process is None or self.process.poll() is not None:
             return False, report
         try:

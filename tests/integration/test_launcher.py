@@ -189,7 +189,9 @@ def tiny_server(tmp_path: Path) -> Iterator[TritonLauncher]:
 
 def test_dead_stub_breaks_model_until_supervisor_reloads(tiny_server: TritonLauncher) -> None:
     url = tiny_server.http_url
-    assert _get(tiny_server.health_url)[0] == 200
+    status, report = _get(tiny_server.health_url)
+    assert status == 200
+    assert report["revived"] == {}
     stubs = [s for s in find_stubs(tiny_server.pid) if s.model == "echo"]
     assert len(stubs) == 2  # instance_group count 2
     victim = stubs[0]
@@ -209,6 +211,7 @@ def test_dead_stub_breaks_model_until_supervisor_reloads(tiny_server: TritonLaun
     status, report = _get(tiny_server.health_url)
     assert status == 200, report
     assert report["models"] == {"echo": "READY", "echo_twice": "READY"}
+    assert report["revived"] == {"echo": 1}  # what each revival leaves behind adds up
     for value in (1.0, 2.0, 3.0, 4.0):  # both instances answer again, through the ensemble
         assert _echo(url, "echo_twice", value) == value
 
