@@ -230,8 +230,8 @@ async def peak_warmup(cluster: LocalCluster, prompt: str, tokens: int) -> dict[s
     """Every LLM replica streams its pool's ``max_in_flight`` answers of ``tokens`` at once.
 
     A tritonserver's heap keeps the high-water mark of the answers it has streamed at once
-    (on one server, 256-token answers: 4.9 MiB idle, 11.9 after 16 at once, then 12.1 and
-    12.2 after two more such bursts; docs/reliability.md), and the load alone reaches
+    (on one server, 256-token answers: 4.8 MiB idle, 11.6 after 16 at once, then 11.9 and
+    12.0 after two more such bursts; results/triton_heap_peak.md), and the load alone reaches
     that width on a replica only by chance, at any time in the run. Warmed up to the width
     the gateway allows (its ``max_in_flight`` per replica), the after-warm-up sample holds
     the peak, and later growth is growth. Sent straight to each replica over gRPC, as the
@@ -658,10 +658,14 @@ def _memory_lines(report: dict[str, Any]) -> list[str]:
             f"Before the load, every LLM replica streamed its pool's `max_in_flight` answers "
             f"of {peak['tokens']} tokens at once ({sum(peak['responses'].values())} responses "
             f"in {peak['seconds']:.0f} s), so the baseline holds the heap's high-water mark "
-            "(see `peak_warmup` in soak.py). The baseline is the last sample before the first "
-            "fault. MiB; a tritonserver's own heap (`RssAnon`) in brackets.",
+            "(see `peak_warmup` in soak.py).",
             "",
         ]
+    lines += [
+        "The baseline is the last sample before the first fault. MiB; a tritonserver's own "
+        "heap (`RssAnon`) in brackets.",
+        "",
+    ]
     lines += [
         "| process | " + " | ".join(name for name, _ in moments) + " | change |",
         "|---|" + "---|" * (len(moments) + 1),
