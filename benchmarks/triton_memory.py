@@ -1,9 +1,10 @@
 """Does tritonserver's own memory grow per request, and does it settle? (issue 13, item 4)
 
-The soak (``benchmarks/soak.py``) saw the busiest tritonserver end 10.9 % above its
+The soak (``benchmarks/soak.py``) once saw the busiest tritonserver end 10.9 % above its
 warm-up sample while ``/dev/shm`` stayed flat, and a rerun with jemalloc preloaded grew
-more, so the growth is real allocations, not glibc keeping freed memory. This isolates
-it: one server with only ``llm_small`` (no gateway, no faults), rounds of requests at a
+more. This asks whether requests are the cause (they are not: the heap settles, by
+kilobytes; what moves it by megabytes is the widest burst and a stub dying mid-stream,
+``benchmarks/triton_heap_peak.py``): one server with only ``llm_small`` (no gateway, no faults), rounds of requests at a
 fixed concurrency, and after each round (load stopped, 1 s idle) tritonserver's resident
 memory split into anonymous (its heap), file and shared pages (``/proc/<pid>/status``).
 
