@@ -66,10 +66,10 @@ from benchmarks.soak_probe import (  # noqa: E402
     cpu_name,
     gauge,
     judge,
-    memory_by_role,
     memory_drift,
     memory_split_by_role,
     pids_by_role,
+    resident,
     samples,
     shm_bytes,
 )
@@ -133,12 +133,8 @@ class Timeline:
 # ---------------------------------------------------------------------- sampling
 def sample(cluster: LocalCluster) -> dict[str, Any]:
     servers = {f"{r.pool}-{r.index}": r.pid for rs in cluster.replicas.values() for r in rs}
-    pids = pids_by_role(servers, {"gateway": cluster.gateway_pid})  # one scan for both
-    return {
-        "memory": memory_by_role(pids),
-        "parts": memory_split_by_role(pids),
-        "shm": shm_bytes(),
-    }
+    parts = memory_split_by_role(pids_by_role(servers, {"gateway": cluster.gateway_pid}))
+    return {"memory": resident(parts), "parts": parts, "shm": shm_bytes()}
 
 
 def scrape(url: str) -> str:

@@ -3,10 +3,10 @@
 Kept apart from ``benchmarks/soak.py`` (which drives the cluster, the load and the faults)
 so that the judging is plain code with unit tests: ``tests/unit/test_soak.py``.
 
-- :func:`memory_by_role` reads the resident memory of every process of the cluster, keyed
-  by what the process *is* (``small-1/tritonserver``, ``small-1/llm_small_0_0``,
-  ``gateway``), so a replica restarted with new pids is compared with its former self;
-  :func:`memory_split_by_role` splits it into the process's own memory and shared pages.
+- :func:`memory_split_by_role` reads the resident memory of every process of the cluster,
+  keyed by what the process *is* (``small-1/tritonserver``, ``small-1/llm_small_0_0``,
+  ``gateway``), so a replica restarted with new pids is compared with its former self,
+  split into the process's own memory and shared pages; :func:`resident` is its total.
 - :func:`shm_bytes` is what ``/dev/shm`` really holds (allocated blocks, not sizes).
 - :func:`gauge` reads one sample of a Prometheus text page.
 - :func:`judge` checks the issue's goals against the request records, the fault times and
@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.stubs import SHM_DIR, find_stubs
@@ -49,14 +48,6 @@ def status_kib(pid: int) -> dict[str, int]:
     return out
 
 
-def rss(pid: int) -> int | None:
-    """Resident bytes of ``pid``, or None when it is gone."""
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-        return None
-
-
 def pids_by_role(
     servers: Mapping[str, int | None], others: Mapping[str, int | None]
 ) -> dict[str, int]:
@@ -77,13 +68,6 @@ def pids_by_role(
     return out
 
 
-def memory_by_role(pids: Mapping[str, int]) -> dict[str, int]:
-    """Resident bytes per role of :func:`pids_by_role`. Processes that are gone (a killed
-    replica) are simply absent."""
-    sizes = {role: rss(pid) for role, pid in pids.items()}
-    return {role: size for role, size in sizes.items() if size is not None}
-
-
 def memory_split_by_role(pids: Mapping[str, int]) -> dict[str, dict[str, int]]:
     """Per role of :func:`pids_by_role`, the bytes of :func:`status_kib`'s split without
     VmRSS: ``anon`` (the process's own), ``shmem`` and ``file`` (pages it shares). Gone
@@ -100,6 +84,12 @@ def memory_split_by_role(pids: Mapping[str, int]) -> dict[str, dict[str, int]]:
             "file": kib["RssFile"] * 1024,
         }
     return out
+
+
+def resident(parts: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """Resident bytes per role (``VmRSS``) from :func:`memory_split_by_role`'s reading:
+    the sum of its parts, so both come from one read of each process's status."""
+    return {role: sum(split.values()) for role, split in parts.items()}
 
 
 def cpu_name() -> str:

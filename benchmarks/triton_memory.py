@@ -4,9 +4,10 @@ The soak (``benchmarks/soak.py``) once saw the busiest tritonserver end 10.9 % a
 warm-up sample while ``/dev/shm`` stayed flat, and a rerun with jemalloc preloaded grew
 more. This asks whether requests are the cause (they are not: the heap settles, by
 kilobytes; what moves it by megabytes is the widest burst and a stub dying mid-stream,
-``benchmarks/triton_heap_peak.py``): one server with only ``llm_small`` (no gateway, no faults), rounds of requests at a
-fixed concurrency, and after each round (load stopped, 1 s idle) tritonserver's resident
-memory split into anonymous (its heap), file and shared pages (``/proc/<pid>/status``).
+``benchmarks/triton_heap_peak.py``): one server with only ``llm_small`` (no gateway, no
+faults), rounds of requests at a fixed concurrency, and after each round (load stopped,
+1 s idle) tritonserver's resident memory split into anonymous (its heap), file and shared
+pages (``/proc/<pid>/status``).
 
 Variants, one after another on the same server: gRPC streams and HTTP
 ``generate_stream``, with short and longer answers, so that growth per request and per

@@ -13,10 +13,10 @@ from benchmarks.soak_probe import (
     excused,
     gauge,
     judge,
-    memory_by_role,
     memory_drift,
     memory_split_by_role,
     pids_by_role,
+    resident,
     shm_bytes,
 )
 
@@ -134,7 +134,8 @@ def test_gauge_reads_labelled_samples_of_a_prometheus_page() -> None:
     assert gauge(page, "nv_inference_count") == []
 
 
-def test_memory_by_role_reads_live_processes_and_skips_gone_ones() -> None:
+def test_memory_split_reads_live_processes_and_skips_gone_ones() -> None:
+    """One read of each process's status gives its split and its total (VmRSS)."""
     child = subprocess.Popen(
         [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
         stdout=subprocess.PIPE,
@@ -143,17 +144,20 @@ def test_memory_by_role_reads_live_processes_and_skips_gone_ones() -> None:
         assert child.stdout is not None and child.stdout.readline() == b"up\n"  # exec is done
         pids = pids_by_role({"small-0": child.pid, "small-1": None}, {"gateway": os.getpid()})
         assert pids == {"small-0/tritonserver": child.pid, "gateway": os.getpid()}
-        roles = memory_by_role(pids)
+        roles = resident(memory_split_by_role(pids))
         assert set(roles) == {"small-0/tritonserver", "gateway"}  # a sleeping python has no stubs
         assert all(size > 1_000_000 for size in roles.values())
         parts = memory_split_by_role({"small-0/tritonserver": child.pid})
         assert set(parts) == {"small-0/tritonserver"}
         assert set(parts["small-0/tritonserver"]) == {"anon", "shmem", "file"}
         assert parts["small-0/tritonserver"]["anon"] > 1_000_000
+        assert resident(parts) == {
+            "small-0/tritonserver": sum(parts["small-0/tritonserver"].values())
+        }
     finally:
         child.kill()
         child.wait()
-    assert memory_by_role({"small-0/tritonserver": child.pid}) == {}
+    assert resident(memory_split_by_role({"small-0/tritonserver": child.pid})) == {}
     assert memory_split_by_role({"small-0/tritonserver": child.pid}) == {}
 
 
