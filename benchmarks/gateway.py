@@ -5,7 +5,10 @@
    paths with the same prompt: the gateway (``POST /v1/chat/completions``, streamed,
    ``model: llm_small``) and Triton directly (gRPC stream to ``llm_small`` with the same
    token ids, what the gateway sends). Both run in one load, side by side; TTFT is the
-   time to the first response carrying text.
+   time to the first response carrying text. ``--upstream ticker`` serves a paced
+   stand-in for ``llm_small`` instead (``tests/fixtures/tier_ticker_repo``: the tier's
+   tensor interface, one token every 20 ms, no CPU work), so the gateway's cost can be
+   read at concurrency 32, which the CPU model cannot serve without queueing.
 2. ``relay``: the gateway process pinned to one core, its Triton replaced in process by
    an instant backend (every token ready at once), and a load generator pinned to the
    other core counting streamed SSE chunks per second. It measures the gateway's own
@@ -15,6 +18,7 @@
 Usage::
 
     python benchmarks/gateway.py latency --requests 40 --max-tokens 8
+    python benchmarks/gateway.py latency --upstream ticker --isolate --requests 256
     python benchmarks/gateway.py relay --duration 20 --streams 64 --tokens 256
 """
 
@@ -48,6 +52,7 @@ from serving.repository import configured_copy  # noqa: E402
 from serving.runtime import child_command  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+TIER_TICKER_REPO = REPO / "tests" / "fixtures" / "tier_ticker_repo"
 PROMPTS = [
     "What is the capital of France?",
     "Summarize: the city council voted to add 40 km of bike lanes.",
@@ -105,8 +110,15 @@ async def direct(client: AsyncClient, inputs: dict[str, np.ndarray]) -> float:
 
 
 async def latency_level(
-    base: str, grpc_url: str, concurrency: int, requests: int, max_tokens: int
+    base: str,
+    grpc_url: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    stagger: float = 0.0,
 ) -> dict[str, Any]:
+    """One concurrency level; worker ``w`` starts ``w * stagger / concurrency`` seconds
+    late, so a jitter-free upstream does not keep every worker's requests in lockstep."""
     routing = RoutingSettings.from_file(DEFAULT_ROUTER_CONFIG)
     tok = load_tokenizer(None, routing.tokenizer_dir)
     client = AsyncClient(grpc_url)
@@ -122,6 +134,7 @@ async def latency_level(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def worker(w: int) -> None:
+            await asyncio.sleep(w * stagger / concurrency)
             for i in counter:
                 prompt = PROMPTS[i % len(PROMPTS)]
                 order = ("g", "d") if (i + w) % 2 == 0 else ("d", "g")
@@ -147,13 +160,25 @@ async def latency_level(
     return row
 
 
+def latency_key(isolate: bool, upstream: str, stagger: float = 0.0) -> str:
+    """Where one ``latency`` configuration's results live in gateway.json."""
+    key = "latency" + ("_isolated" if isolate else "")
+    if upstream == "ticker":
+        key += "_ticker" + ("_staggered" if stagger else "")
+    return key
+
+
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     """``--isolate``: Triton (``torch_threads`` 1) on core 1, the gateway and the load on
     core 0, as in a cluster where the gateway does not share the model's CPU; affinity is
     inherited, so it is set before each process starts."""
     with tempfile.TemporaryDirectory(prefix="gateway-latency-") as tmp:
         options: dict[str, Any] = {"models": ["llm_small"], "ready_timeout": 900}
-        if args.isolate:
+        if args.upstream == "ticker":
+            options["repository"] = TIER_TICKER_REPO
+            if args.isolate:
+                os.sched_setaffinity(0, {1})
+        elif args.isolate:
             options["repository"] = configured_copy(
                 DEFAULT_REPOSITORY,
                 Path(tmp),
@@ -167,7 +192,13 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         if args.isolate:
             os.sched_setaffinity(0, {0})
         result = _measure_latency(args, launcher)
-        return {**result, "isolated": args.isolate}
+        return {
+            **result,
+            "isolated": args.isolate,
+            "upstream": args.upstream,
+            "max_tokens": args.max_tokens,
+            "stagger_s": args.stagger_s,
+        }
 
 
 def _measure_latency(args: argparse.Namespace, launcher: TritonLauncher) -> dict[str, Any]:
@@ -190,12 +221,17 @@ def _measure_latency(args: argparse.Namespace, launcher: TritonLauncher) -> dict
         base = f"http://127.0.0.1:{port}/v1"
         rows = []
         for concurrency in args.concurrency:
-            asyncio.run(
-                latency_level(base, launcher.grpc_url, concurrency, args.warmup, args.max_tokens)
-            )
-            row = asyncio.run(
-                latency_level(base, launcher.grpc_url, concurrency, args.requests, args.max_tokens)
-            )
+            for requests in (args.warmup, args.requests):
+                row = asyncio.run(
+                    latency_level(
+                        base,
+                        launcher.grpc_url,
+                        concurrency,
+                        requests,
+                        args.max_tokens,
+                        args.stagger_s,
+                    )
+                )
             print(json.dumps(row), flush=True)
             rows.append(row)
         return {"rows": rows}
@@ -613,26 +649,45 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']}; {report['when']}.",
         "",
     ]
-    for key in ("latency", "latency_isolated"):
+    keys = [latency_key(i, "llm_small") for i in (False, True)]
+    keys += [latency_key(i, "ticker", s) for i in (False, True) for s in (0.0, 1.0)]
+    for key in keys:
         if key not in report:
             continue
         lat = report[key]
+        ticker = lat.get("upstream") == "ticker"
+        triton = "Triton on core 1" + ("" if ticker else " with one torch thread")
         where = (
-            "Triton on core 1 with one torch thread, the gateway and the load generator on "
+            f"{triton}, the gateway and the load generator on "
             "core 0 (`--isolate`: the gateway does not share the model's CPU, as in a cluster)"
             if lat.get("isolated")
             else "gateway and Triton share the machine's 2 cores"
         )
+        model = (
+            "the paced stand-in `tests/fixtures/tier_ticker_repo` (the tier's tensor "
+            "interface, one token every 20 ms, the first after 20 ms; no model work), "
+            f"{lat['max_tokens']} tokens per answer"
+            if ticker
+            else "`llm_small` only (CPU, SmolLM2-135M)"
+        )
+        if lat.get("stagger_s"):
+            model += (
+                f"; the workers' first requests spread over {lat['stagger_s']:g} s "
+                "(`--stagger-s`, about one pair's duration)"
+            )
+        elif ticker:
+            model += "; workers start together, and the jitter-free upstream keeps them in lockstep"
         lines += [
             "## Added latency: gateway vs Triton directly (TTFT, ms)"
+            + (", paced upstream" if ticker else "")
+            + (", staggered" if lat.get("stagger_s") else ", lockstep" if ticker else "")
             + (", gateway on its own core" if lat.get("isolated") else ""),
             "",
             f"Command: `{lat['command']}`",
             "",
             "Each worker alternates the two paths with the same prompt in one load: the gateway "
             "(`/v1/chat/completions`, streamed, `model: llm_small`) and a gRPC stream to "
-            "`llm_small` with the same token ids. One Triton with `llm_small` only (CPU, "
-            f"SmolLM2-135M); {where}.",
+            f"`llm_small` with the same token ids. One Triton with {model}; {where}.",
             "",
             "| concurrency | pairs | gateway p50 | direct p50 | added p50 | paired added p50 | gateway p90 | direct p90 | added p90 | gateway p99 | direct p99 | added p99 |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -714,6 +769,20 @@ def main(argv: list[str] | None = None) -> int:
     lat.add_argument(
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32]
     )
+    lat.add_argument(
+        "--upstream",
+        choices=["llm_small", "ticker"],
+        default="llm_small",
+        help="llm_small: the CPU model; ticker: a paced stand-in with the tier's interface "
+        "(one token every 20 ms, no CPU work)",
+    )
+    lat.add_argument(
+        "--stagger-s",
+        type=float,
+        default=0.0,
+        help="spread the workers' first requests over this many seconds (about one pair's "
+        "duration), so a jitter-free upstream does not keep them in lockstep",
+    )
     relay = sub.add_parser("relay", help="streamed chunks/s one gateway core relays")
     relay.add_argument("--duration", type=float, default=20.0)
     relay.add_argument("--streams", type=int, default=64)
@@ -773,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     report["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "python benchmarks/gateway.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.what == "latency":
-        key = "latency_isolated" if args.isolate else "latency"
+        key = latency_key(args.isolate, args.upstream, args.stagger_s)
         report[key] = {"command": command, **run_latency(args)}
     else:
         key = "relay" if args.backend == "inprocess" else "relay_grpc"
