@@ -176,8 +176,6 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         options: dict[str, Any] = {"models": ["llm_small"], "ready_timeout": 900}
         if args.upstream == "ticker":
             options["repository"] = TIER_TICKER_REPO
-            if args.isolate:
-                os.sched_setaffinity(0, {1})
         elif args.isolate:
             options["repository"] = configured_copy(
                 DEFAULT_REPOSITORY,
@@ -185,6 +183,7 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
                 {"llm_small": {"torch_threads": "1"}},
                 models=["llm_small"],
             )
+        if args.isolate:
             os.sched_setaffinity(0, {1})
         launcher = TritonLauncher(LaunchOptions.on_free_ports(**options))
         print("starting Triton with llm_small ...", flush=True)

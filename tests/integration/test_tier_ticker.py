@@ -17,9 +17,9 @@ import openai
 import pytest
 
 from client import AsyncClient
-from gateway import process as gateway_process
 from gateway.service import tier_inputs
-from serving.launcher import LaunchOptions, TritonLauncher, free_port
+from serving.launcher import LaunchOptions, TritonLauncher
+from tests.integration.conftest import running_gateway
 
 REPO = Path(__file__).resolve().parents[1] / "fixtures" / "tier_ticker_repo"
 INTERVAL_S = 0.020  # the fixture's interval_ms
@@ -29,12 +29,8 @@ TOKEN_ID = 1000  # the fixture's token_id
 @pytest.fixture(scope="module")
 def ticker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonLauncher]:
     log = tmp_path_factory.mktemp("tier_ticker") / "triton.log"
-    launcher = TritonLauncher(LaunchOptions.on_free_ports(repository=REPO, log_path=log))
-    launcher.start()
-    try:
+    with TritonLauncher(LaunchOptions.on_free_ports(repository=REPO, log_path=log)) as launcher:
         yield launcher
-    finally:
-        launcher.stop()
 
 
 def test_streams_one_output_id_per_interval_over_grpc(ticker: TritonLauncher) -> None:
@@ -59,21 +55,10 @@ def test_streams_one_output_id_per_interval_over_grpc(ticker: TritonLauncher) ->
     assert got[-1][0] >= 6 * INTERVAL_S
 
 
-def test_the_gateway_routes_to_it_as_to_the_tier(ticker: TritonLauncher) -> None:
-    port = free_port()
-    proc = gateway_process.start(
-        [
-            "--port",
-            str(port),
-            "--triton-grpc",
-            ticker.grpc_url,
-            "--triton-health",
-            ticker.health_url,
-        ],
-        f"http://127.0.0.1:{port}/health/ready",
-    )
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+def test_the_gateway_routes_to_it_as_to_the_tier(ticker: TritonLauncher, tmp_path: Path) -> None:
+    args = ["--triton-grpc", ticker.grpc_url, "--triton-health", ticker.health_url]
+    with running_gateway(tmp_path, *args) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0)
         stream = client.chat.completions.create(
             model="llm_small",
             messages=[{"role": "user", "content": "hi"}],
@@ -82,9 +67,7 @@ def test_the_gateway_routes_to_it_as_to_the_tier(ticker: TritonLauncher) -> None
             stream_options={"include_usage": True},
         )
         chunks = list(stream)
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        assert text == "()" * 5
-        assert chunks[-1].usage.completion_tokens == 5
-        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    finally:
-        gateway_process.stop(proc)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "()" * 5
+    assert chunks[-1].usage.completion_tokens == 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
