@@ -17,6 +17,7 @@ import openai
 import pytest
 
 from client import AsyncClient
+from client.errors import InvalidInput
 from gateway.service import tier_inputs
 from serving.launcher import LaunchOptions, TritonLauncher
 from tests.integration.conftest import running_gateway
@@ -71,3 +72,17 @@ def test_the_gateway_routes_to_it_as_to_the_tier(ticker: TritonLauncher, tmp_pat
     assert text == "()" * 5
     assert chunks[-1].usage.completion_tokens == 5
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_a_bad_length_is_named_and_the_next_request_works(ticker: TritonLauncher) -> None:
+    async def tokens(length: int) -> int:
+        client = AsyncClient(ticker.grpc_url)
+        try:
+            inputs = tier_inputs([1, 2, 3], length, end_id=2, pad_id=2)
+            return len([t async for t in client.stream_tensors("llm_small", inputs)])
+        finally:
+            await client.close()
+
+    with pytest.raises(InvalidInput, match="'request_output_len' must be at least 1, got 0"):
+        asyncio.run(tokens(0))
+    assert asyncio.run(tokens(2)) == 2
