@@ -76,11 +76,12 @@ def prepack_float32(weight: torch.Tensor) -> torch.Tensor:
 
     Over the 30 layers' weights (2 threads, AVX-512 Xeon) oneDNN's prepacked linear took
     47 ms at 16 rows against 60 for MKL on the plain ``[in, out]`` weight (which repacks
-    the weight on every call), and 109 ms against 161 at 64 rows; at one row it was slower
-    (39 against 24 ms), which is why the float32 tier's layer weights stay plain. It is
-    used for the ``lm_head`` (one big product, faster at every row count) and for the int8
-    tier's products of more than :data:`INT8_MAX_ROWS` rows. The plain weight is returned
-    where PyTorch was built without oneDNN; :func:`float32_matmul` takes either.
+    the weight on every call), and 109 ms against 161 at 64 rows; at one row it was no
+    faster, which is why :class:`Float32Weight` keeps a plain copy for one-row products.
+    It is used for the ``lm_head`` (one big product, faster at every row count), for the
+    float32 tier's products of more than :data:`FLOAT32_PLAIN_MAX_ROWS` rows and for the
+    int8 tier's products of more than :data:`INT8_MAX_ROWS` rows. The plain weight is
+    returned where PyTorch was built without oneDNN; :func:`float32_matmul` takes either.
     """
     if torch.backends.mkldnn.is_available():
         try:
@@ -158,8 +159,55 @@ class Int8Weight:
         return self.q.nbytes + self.scales.nbytes
 
 
+#: Products of at most this many rows (a one-sequence decode step) read the float32 tier's
+#: plain ``[in, out]`` weights; more rows use its oneDNN-blocked copy. Over the 30 layers'
+#: weights, 2 threads (``benchmarks/llm_matmul.py``, results in
+#: ``benchmarks/results/llm_matmul.md``), plain vs blocked: on an AVX2 AMD EPYC 1 row
+#: 36.0 vs 36.9 ms, 2 rows 49.9 vs 35.0, 4 rows 100 vs 38, 16 rows 101 vs 63; on an
+#: AVX-512 Xeon 1 row 28-30 vs 28-35, 2 rows 45 vs 31, 4 rows 85-90 vs 35-52.
+FLOAT32_PLAIN_MAX_ROWS = 1
+
+
+@dataclass(frozen=True)
+class Float32Weight:
+    """A float32 matmul weight held in two layouts, one for each kind of product.
+
+    ``plain`` is ``[in, out]`` for one-row products: a decode step of one sequence is a
+    memory-bound read of every weight, and MKL's product streams the plain layout at least
+    as fast as oneDNN's. ``blocked`` is oneDNN's layout (:func:`prepack_float32`) for
+    products of more rows (decode steps of several sequences, prefills), where MKL repacks
+    the plain weight on every call and was 1.5-2.5x slower. Both are exact float32 products
+    with float32 accumulation; they differ only in summation order (within 1e-4 on the
+    logits). The price is memory: the tier holds its layer weights twice (425 MB more for
+    SmolLM2-135M), as the int8 tier holds a float32 copy beside its int8 weights.
+    """
+
+    plain: torch.Tensor
+    blocked: torch.Tensor  # oneDNN-blocked, or the plain tensor where PyTorch lacks oneDNN
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> Float32Weight:
+        """From a float ``[in, out]`` weight (the runner's ``x @ w`` layout)."""
+        plain = weight.detach().float().contiguous()
+        return cls(plain=plain, blocked=prepack_float32(plain))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ w`` as float32 (``x`` float32 ``[rows, in]``)."""
+        if x.shape[0] <= FLOAT32_PLAIN_MAX_ROWS:
+            return torch.mm(x, self.plain)
+        return float32_matmul(x, self.blocked)
+
+    def numel(self) -> int:
+        return self.plain.numel()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a one-sequence decode step reads (the plain weight)."""
+        return self.plain.nbytes
+
+
 #: A matmul weight: a float tensor ``[in, out]`` or int8 with per-channel scales.
-Weight = torch.Tensor | Int8Weight
+Weight = torch.Tensor | Int8Weight | Float32Weight
 
 
 @dataclass
@@ -197,12 +245,10 @@ class LlamaRunner:
     bfloat16 product therefore only perturbs the logits by the weights' own rounding, and
     no longer turns a 0.09 margin into a tie that each CPU's kernels break their own way.
 
-    Weights are stored transposed (``[in, out]``, used as ``x @ w``): MKL's batched
-    float32 product is 2-4x faster in that layout than ``F.linear``'s ``[out, in]`` at
-    4-32 rows (measured in docs/llm.md). The ``lm_head``, and the int8 tier's float32
-    weights for products of many rows, are in oneDNN's blocked layout instead
-    (:func:`prepack_float32`); the float32 tier's layer weights are not, because oneDNN's
-    per-call cost made one-row steps slower over 120 small products (39 against 24 ms).
+    Weight layouts: the float32 tier's layer weights are :class:`Float32Weight` (plain
+    ``[in, out]`` for one-sequence steps, oneDNN-blocked for more rows), the int8 tier's
+    :class:`Int8Weight`, bfloat16 ones plain ``[in, out]``. The ``lm_head`` is float32 in
+    oneDNN's blocked layout in every dtype (:func:`prepack_float32`).
     """
 
     def __init__(
@@ -224,6 +270,8 @@ class LlamaRunner:
             weight = torch.cat([p.detach() for p in parts]).t()
             if dtype == torch.int8:
                 return Int8Weight.quantize(weight)
+            if dtype == torch.float32:
+                return Float32Weight.of(weight)
             return weight.to(dtype).contiguous()
 
         def vector(t: torch.Tensor) -> torch.Tensor:
@@ -260,6 +308,10 @@ class LlamaRunner:
         freqs = torch.outer(torch.arange(max_context, dtype=f32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self._cos, self._sin = emb.cos(), emb.sin()
+        half = s.head_dim // 2
+        self._rotate_half = torch.zeros(s.head_dim, s.head_dim)
+        self._rotate_half[torch.arange(half, s.head_dim), torch.arange(half)] = -1.0
+        self._rotate_half[torch.arange(half), torch.arange(half, s.head_dim)] = 1.0
         # Uninitialised, so memory is committed only as sequences grow, and cleaned lazily:
         # a decode step attends over every slot up to the longest one and masks the
         # rest, but a masked NaN in never-written memory still poisons the weighted sum
@@ -273,7 +325,7 @@ class LlamaRunner:
 
     def _matmul(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """``x @ weight`` in the weights' dtype, returned as float32."""
-        if isinstance(weight, Int8Weight):
+        if isinstance(weight, (Int8Weight, Float32Weight)):
             return weight.matmul(x)
         return (x.to(weight.dtype) @ weight).float()
 
@@ -285,11 +337,10 @@ class LlamaRunner:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.shape.rms_eps)
 
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x * cos + rotate_half(x) * sin``; ``rotate_half`` is one product with a signed
+        permutation (exact: each output is one input times +-1 plus zeros)."""
+        return x * cos + torch.matmul(x, self._rotate_half) * sin
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         gate, up = self._matmul(self._norm(x, layer.norm2), layer.gate_up).chunk(2, dim=-1)
@@ -369,11 +420,14 @@ class LlamaRunner:
         span = max(positions) + 1
         self._clean_up_to(n, span)
         rows = torch.arange(n)
-        # Additive mask [n, 1, 1, span]: 0 where a slot may attend, -inf past its position.
-        mask = torch.zeros(n, 1, 1, span).masked_fill_(
-            (self._positions[:span].unsqueeze(0) > pos.unsqueeze(1)).view(n, 1, 1, span),
-            float("-inf"),
-        )
+        # Additive mask [n, 1, 1, span]: 0 where a slot may attend, -inf past its position;
+        # none when every slot is at the last position (always so for one sequence).
+        mask = None
+        if min(positions) < span - 1:
+            mask = torch.zeros(n, 1, 1, span).masked_fill_(
+                (self._positions[:span].unsqueeze(0) > pos.unsqueeze(1)).view(n, 1, 1, span),
+                float("-inf"),
+            )
         cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)  # [n, 1, d]
         x = self.embed[torch.tensor(token_ids)]  # [n, hidden] float32
         for i, layer in enumerate(self.layers):
@@ -382,7 +436,9 @@ class LlamaRunner:
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
             q = q.reshape(n, s.kv_heads, self._group, s.head_dim)
-            scores = torch.matmul(q, kc[:n, :, :span].transpose(2, 3)) * self._scale + mask
+            scores = torch.matmul(q, kc[:n, :, :span].transpose(2, 3)) * self._scale
+            if mask is not None:
+                scores = scores + mask
             attn = torch.matmul(torch.softmax(scores, dim=-1), vc[:n, :, :span])
             x = x + self._matmul(attn.reshape(n, self._q), layer.out)
             x = self._mlp(x, layer)

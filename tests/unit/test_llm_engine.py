@@ -14,7 +14,9 @@ from serving.assets import smollm2_gguf
 from serving.errors import ConfigError, ValidationError
 from serving.llm.engine import Engine, EngineLimits, FinishReason, GenerationRequest, StepOutput
 from serving.llm.runner import (
+    FLOAT32_PLAIN_MAX_ROWS,
     INT8_MAX_ROWS,
+    Float32Weight,
     Int8Weight,
     LlamaRunner,
     float32_matmul,
@@ -190,6 +192,34 @@ def test_int8_weights_round_each_weight_to_half_a_step() -> None:
     assert packed.matmul(rows).dtype == torch.float32
     assert torch.allclose(packed.matmul(rows), rows @ weight, rtol=1e-5, atol=1e-5)
     assert torch.allclose(float32_matmul(rows, prepack_float32(weight)), rows @ weight, atol=1e-5)
+
+
+def test_float32_weights_use_the_plain_layout_for_one_row_and_oneDNN_for_more() -> None:
+    """Both layouts are float32 products of the same weight; one row reads the plain one."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 48)  # [in, out]
+    held = Float32Weight.of(weight)
+    assert torch.equal(held.plain, weight) and held.nbytes == weight.nbytes
+    assert held.numel() == weight.numel()
+    assert held.blocked.is_mkldnn == torch.backends.mkldnn.is_available()
+    one = torch.randn(FLOAT32_PLAIN_MAX_ROWS, 64)
+    assert torch.equal(held.matmul(one), torch.mm(one, weight))
+    for rows in (FLOAT32_PLAIN_MAX_ROWS + 1, 16, 150):
+        x = torch.randn(rows, 64)
+        got = held.matmul(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, 48)
+        assert torch.allclose(got, x @ weight, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_rotation_is_exactly_rotate_half(hf_model) -> None:
+    """RoPE's ``rotate_half`` as one product with a signed permutation changes no bit."""
+    runner = LlamaRunner(hf_model, 1, 16)
+    torch.manual_seed(0)
+    x = torch.randn(5, 12, runner.shape.head_dim) * 100
+    half = runner.shape.head_dim // 2
+    cos, sin = runner._cos[:5].unsqueeze(1), runner._sin[:5].unsqueeze(1)
+    reference = x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    assert torch.equal(runner._rope(x, cos, sin), reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=["float32", "int8"])
