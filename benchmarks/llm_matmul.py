@@ -1,0 +1,155 @@
+"""Which weight layout the CPU tier's products should use, by row count, on this machine.
+
+One decode step of n sequences is a product of n rows with each of the 120 layer weights;
+a prefill is one of many rows. This times the 30 layers' real weights (SmolLM2-135M) in
+each layout the runner has, at 1-64 rows, in interleaved rounds (so a drift of the VM
+hits every layout alike), and reports the median per layout and row count:
+
+- ``plain``: float32 ``[in, out]``, ``x @ w`` (MKL);
+- ``blocked``: float32 in oneDNN's blocked layout (``prepack_float32``);
+- ``int8``: int8 with bfloat16 scales (``_weight_int8pack_mm``, the int8 tier's decode).
+
+``serving.llm.runner.FLOAT32_PLAIN_MAX_ROWS`` and ``INT8_MAX_ROWS`` are read off this.
+
+    flock /tmp/bench.lock .venv/bin/python benchmarks/llm_matmul.py
+
+Results go to ``benchmarks/results/llm_matmul.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from llm import cpu_model  # benchmarks/ is on sys.path when run as a script
+
+from serving.assets import smollm2_gguf
+from serving.llm.runner import (
+    FLOAT32_PLAIN_MAX_ROWS,
+    INT8_MAX_ROWS,
+    Float32Weight,
+    Int8Weight,
+    LlamaRunner,
+    float32_matmul,
+    load_hf_model,
+)
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def layouts(runner: LlamaRunner) -> dict[str, Callable[[dict[int, torch.Tensor]], None]]:
+    """Layout name -> one pass of products over every layer weight, given rows per width."""
+    held: list[Float32Weight] = [w for layer in runner.layers for w in layer.matmul_weights()]
+    int8 = [Int8Weight.quantize(w.plain) for w in held]
+
+    def plain(xs: dict[int, torch.Tensor]) -> None:
+        for w in held:
+            torch.mm(xs[w.plain.shape[0]], w.plain)
+
+    def blocked(xs: dict[int, torch.Tensor]) -> None:
+        for w in held:
+            float32_matmul(xs[w.plain.shape[0]], w.blocked)
+
+    def int8_mm(xs: dict[int, torch.Tensor]) -> None:
+        for w in int8:
+            torch.ops.aten._weight_int8pack_mm(xs[w.q.shape[1]].to(torch.bfloat16), w.q, w.scales)
+
+    return {"plain": plain, "blocked": blocked, "int8": int8_mm}
+
+
+def measure(runner: LlamaRunner, rows: list[int], rounds: int, repeats: int) -> dict:
+    passes = layouts(runner)
+    widths = {w.plain.shape[0] for layer in runner.layers for w in layer.matmul_weights()}
+    times: dict[str, dict[int, list[float]]] = {k: {r: [] for r in rows} for k in passes}
+    for _ in range(rounds):
+        for n in rows:
+            xs = {width: torch.randn(n, width) for width in widths}
+            for name, one_pass in passes.items():
+                one_pass(xs)  # warm
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    one_pass(xs)
+                    best = min(best, time.perf_counter() - start)
+                times[name][n].append(best * 1e3)
+    return {
+        name: {str(n): {"median_ms": statistics.median(v), "rounds_ms": v} for n, v in by.items()}
+        for name, by in times.items()
+    }
+
+
+def markdown(report: dict) -> str:
+    rows = report["rows"]
+    names = list(report["ms"])
+    lines = [
+        "# Weight layouts for the CPU tier's products, by row count",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['cpu']}, {report['threads']} threads, torch {report['torch']}; "
+        f"load average at the end {', '.join(f'{x:.2f}' for x in report['load_average_at_end'])}. "
+        f"One pass = the 120 layer weights of SmolLM2-135M ({report['float32_mb']:.0f} MB in "
+        f"float32); median over {report['rounds']} interleaved rounds of the best of "
+        f"{report['repeats']}.",
+        "",
+        "| rows | " + " | ".join(f"{n} (ms)" for n in names) + " | fastest float32 |",
+        "|---|" + "---|" * (len(names) + 1),
+    ]
+    for n in rows:
+        med = {name: report["ms"][name][str(n)]["median_ms"] for name in names}
+        best = min(("plain", "blocked"), key=lambda k: med[k])
+        lines.append(f"| {n} | " + " | ".join(f"{med[k]:.1f}" for k in names) + f" | {best} |")
+    lines += [
+        "",
+        f"The runner uses `plain` up to {report['float32_plain_max_rows']} row(s) and `blocked` "
+        f"above (`FLOAT32_PLAIN_MAX_ROWS`); the int8 tier uses `int8` up to "
+        f"{report['int8_max_rows']} rows (`INT8_MAX_ROWS`) and `blocked` above.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "llm_matmul")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runner = LlamaRunner(load_hf_model(smollm2_gguf()), 1, 8, torch.float32)
+    report = {
+        "command": "flock /tmp/bench.lock .venv/bin/python benchmarks/llm_matmul.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "cpu": cpu_model(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "rows": args.rows,
+        "float32_mb": sum(w.nbytes for layer in runner.layers for w in layer.matmul_weights())
+        / 1e6,
+        "float32_plain_max_rows": FLOAT32_PLAIN_MAX_ROWS,
+        "int8_max_rows": INT8_MAX_ROWS,
+        "ms": measure(runner, args.rows, args.rounds, args.repeats),
+        "load_average_at_end": os.getloadavg(),
+    }
+    report["command"] = report["command"].strip()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
