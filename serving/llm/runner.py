@@ -164,7 +164,7 @@ class Int8Weight:
 #: weights, 2 threads (``benchmarks/llm_matmul.py``, results in
 #: ``benchmarks/results/llm_matmul.md``), plain vs blocked: on an AVX2 AMD EPYC 1 row
 #: 36.0 vs 36.9 ms, 2 rows 49.9 vs 35.0, 4 rows 100 vs 38, 16 rows 101 vs 63; on an
-#: AVX-512 Xeon 1 row 28-30 vs 28-35, 2 rows 45 vs 31, 4 rows 85-90 vs 35-52.
+#: AVX-512 Xeon (an earlier session) 1 row 24 vs 39 ms, 16 rows 60 vs 47.
 FLOAT32_PLAIN_MAX_ROWS = 1
 
 
@@ -308,10 +308,6 @@ class LlamaRunner:
         freqs = torch.outer(torch.arange(max_context, dtype=f32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self._cos, self._sin = emb.cos(), emb.sin()
-        half = s.head_dim // 2
-        self._rotate_half = torch.zeros(s.head_dim, s.head_dim)
-        self._rotate_half[torch.arange(half, s.head_dim), torch.arange(half)] = -1.0
-        self._rotate_half[torch.arange(half), torch.arange(half, s.head_dim)] = 1.0
         # Uninitialised, so memory is committed only as sequences grow, and cleaned lazily:
         # a decode step attends over every slot up to the longest one and masks the
         # rest, but a masked NaN in never-written memory still poisons the weighted sum
@@ -337,10 +333,11 @@ class LlamaRunner:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.shape.rms_eps)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x * cos + rotate_half(x) * sin``; ``rotate_half`` is one product with a signed
-        permutation (exact: each output is one input times +-1 plus zeros)."""
-        return x * cos + torch.matmul(x, self._rotate_half) * sin
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
 
     def _mlp(self, x: torch.Tensor, layer: _Layer) -> torch.Tensor:
         gate, up = self._matmul(self._norm(x, layer.norm2), layer.gate_up).chunk(2, dim=-1)

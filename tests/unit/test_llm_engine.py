@@ -211,17 +211,6 @@ def test_float32_weights_use_the_plain_layout_for_one_row_and_oneDNN_for_more() 
         assert torch.allclose(got, x @ weight, rtol=1e-5, atol=1e-5)
 
 
-def test_rope_rotation_is_exactly_rotate_half(hf_model) -> None:
-    """RoPE's ``rotate_half`` as one product with a signed permutation changes no bit."""
-    runner = LlamaRunner(hf_model, 1, 16)
-    torch.manual_seed(0)
-    x = torch.randn(5, 12, runner.shape.head_dim) * 100
-    half = runner.shape.head_dim // 2
-    cos, sin = runner._cos[:5].unsqueeze(1), runner._sin[:5].unsqueeze(1)
-    reference = x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-    assert torch.equal(runner._rope(x, cos, sin), reference)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=["float32", "int8"])
 def test_packed_prefill_equals_one_prompt_at_a_time(hf_model, template, dtype) -> None:
     """Prompts prefilled together (in any slot order) give each prompt's own logits and
