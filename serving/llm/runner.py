@@ -257,7 +257,10 @@ class LlamaRunner:
         max_active: int,
         max_context: int,
         dtype: torch.dtype = torch.float32,
+        float32_blocked_copy: bool = True,
     ) -> None:
+        """``float32_blocked_copy=False`` keeps float32 layer weights plain only: half
+        their memory, slower products of more than one row (see :class:`Float32Weight`)."""
         self.shape = LlamaShape.from_config(hf_model.config)
         self.dtype = dtype
         self.max_active = max_active
@@ -270,7 +273,7 @@ class LlamaRunner:
             weight = torch.cat([p.detach() for p in parts]).t()
             if dtype == torch.int8:
                 return Int8Weight.quantize(weight)
-            if dtype == torch.float32:
+            if dtype == torch.float32 and float32_blocked_copy:
                 return Float32Weight.of(weight)
             return weight.to(dtype).contiguous()
 

@@ -40,6 +40,7 @@ class TierConfig:
     limits: EngineLimits
     dtype: str = "float32"
     checkpoint: str = SMOLLM2_CHECKPOINT
+    float32_blocked_copy: bool = True
 
     @classmethod
     def from_params(cls, params: Params) -> TierConfig:
@@ -62,7 +63,8 @@ class TierConfig:
                 f"the CPU tier serves {SMOLLM2_CHECKPOINT!r}; parameter checkpoint says "
                 f"{checkpoint!r}"
             )
-        return cls(limits=limits, dtype=dtype, checkpoint=checkpoint)
+        blocked = params.get("float32_blocked_copy", bool, True)
+        return cls(limits=limits, dtype=dtype, checkpoint=checkpoint, float32_blocked_copy=blocked)
 
 
 class Tier:
@@ -137,7 +139,11 @@ def build_engine(config: TierConfig, observer: Callable[[int, int], None] | None
     tokenizer = load_tokenizer(path)
     model = load_hf_model(path)
     runner = LlamaRunner(
-        model, config.limits.max_active, config.limits.max_context, _DTYPES[config.dtype]
+        model,
+        config.limits.max_active,
+        config.limits.max_context,
+        _DTYPES[config.dtype],
+        float32_blocked_copy=config.float32_blocked_copy,
     )
     del model
     release_freed_memory()

@@ -211,6 +211,20 @@ def test_float32_weights_use_the_plain_layout_for_one_row_and_oneDNN_for_more() 
         assert torch.allclose(got, x @ weight, rtol=1e-5, atol=1e-5)
 
 
+def test_float32_runner_without_the_blocked_copy_holds_plain_weights(hf_model) -> None:
+    """``float32_blocked_copy=False``: one layout, the same logits within float32 rounding."""
+    lean = LlamaRunner(hf_model, 2, 64, torch.float32, float32_blocked_copy=False)
+    full = LlamaRunner(hf_model, 2, 64, torch.float32)
+    assert all(isinstance(w, torch.Tensor) for w in lean.layers[0].matmul_weights())
+    assert all(isinstance(w, Float32Weight) for w in full.layers[0].matmul_weights())
+    assert lean.weight_footprint() == full.weight_footprint()
+    prompts = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    for runner in (lean, full):
+        runner.prefill_batch([0, 1], prompts)
+    step = [9, 10], [5, 3]
+    assert torch.allclose(lean.decode(*step), full.decode(*step), atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=["float32", "int8"])
 def test_packed_prefill_equals_one_prompt_at_a_time(hf_model, template, dtype) -> None:
     """Prompts prefilled together (in any slot order) give each prompt's own logits and

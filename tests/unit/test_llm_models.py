@@ -422,3 +422,16 @@ def test_max_queue_size_is_read_and_checked() -> None:
     config = {"parameters": {"max_prefill_tokens": {"string_value": "0"}}}
     with pytest.raises(ConfigError, match="max_prefill_tokens"):
         TierConfig.from_params(Params(config, "llm_small"))
+
+
+def test_float32_blocked_copy_is_read_and_checked() -> None:
+    from serving.errors import ConfigError
+    from serving.llm.service import TierConfig
+    from serving.params import Params
+
+    assert TierConfig.from_params(Params({}, "llm_small")).float32_blocked_copy is True
+    config = {"parameters": {"float32_blocked_copy": {"string_value": "false"}}}
+    assert TierConfig.from_params(Params(config, "llm_small")).float32_blocked_copy is False
+    config = {"parameters": {"float32_blocked_copy": {"string_value": "maybe"}}}
+    with pytest.raises(ConfigError, match="float32_blocked_copy"):
+        TierConfig.from_params(Params(config, "llm_small"))
