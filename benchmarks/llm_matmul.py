@@ -44,9 +44,13 @@ from serving.llm.runner import (
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
-def layouts(runner: LlamaRunner) -> dict[str, Callable[[dict[int, torch.Tensor]], None]]:
+def layer_weights(runner: LlamaRunner) -> list[Float32Weight]:
+    """The 120 layer weights of a float32 runner (built with its blocked copy)."""
+    return [w for layer in runner.layers for w in layer.matmul_weights()]
+
+
+def layouts(held: list[Float32Weight]) -> dict[str, Callable[[dict[int, torch.Tensor]], None]]:
     """Layout name -> one pass of products over every layer weight, given rows per width."""
-    held: list[Float32Weight] = [w for layer in runner.layers for w in layer.matmul_weights()]
     int8 = [Int8Weight.quantize(w.plain) for w in held]
 
     def plain(xs: dict[int, torch.Tensor]) -> None:
@@ -64,9 +68,9 @@ def layouts(runner: LlamaRunner) -> dict[str, Callable[[dict[int, torch.Tensor]]
     return {"plain": plain, "blocked": blocked, "int8": int8_mm}
 
 
-def measure(runner: LlamaRunner, rows: list[int], rounds: int, repeats: int) -> dict:
-    passes = layouts(runner)
-    widths = {w.plain.shape[0] for layer in runner.layers for w in layer.matmul_weights()}
+def measure(held: list[Float32Weight], rows: list[int], rounds: int, repeats: int) -> dict:
+    passes = layouts(held)
+    widths = {w.plain.shape[0] for w in held}
     times: dict[str, dict[int, list[float]]] = {k: {r: [] for r in rows} for k in passes}
     for _ in range(rounds):
         for n in rows:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "llm_matmul")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    runner = LlamaRunner(load_hf_model(smollm2_gguf()), 1, 8, torch.float32)
+    held = layer_weights(LlamaRunner(load_hf_model(smollm2_gguf()), 1, 8, torch.float32))
     report = {
         "command": "flock /tmp/bench.lock .venv/bin/python benchmarks/llm_matmul.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
@@ -135,11 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "repeats": args.repeats,
         "rows": args.rows,
-        "float32_mb": sum(w.nbytes for layer in runner.layers for w in layer.matmul_weights())
-        / 1e6,
+        "float32_mb": sum(w.nbytes for w in held) / 1e6,
         "float32_plain_max_rows": FLOAT32_PLAIN_MAX_ROWS,
         "int8_max_rows": INT8_MAX_ROWS,
-        "ms": measure(runner, args.rows, args.rounds, args.repeats),
+        "ms": measure(held, args.rows, args.rounds, args.repeats),
         "load_average_at_end": os.getloadavg(),
     }
     report["command"] = report["command"].strip()
