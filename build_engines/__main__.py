@@ -23,7 +23,7 @@ from build_engines.architectures import ARCHITECTURES, architecture
 from build_engines.build import dry_run_text, make_flow, placement, plan_tiers
 from build_engines.planner import PlanOptions, Target, plan
 from build_engines.render import (
-    AUX_MODEL,
+    AUX_MODELS,
     REPO_ROOT,
     aux_config,
     h100_config_path,
@@ -301,8 +301,8 @@ def cmd_configure(args: argparse.Namespace, console: Console) -> None:
         console.print(
             f"{path}: gpu_device_ids={tplan.gpu_device_ids}", markup=False, highlight=False
         )
-    if result.aux_gpu is not None:
-        path = h100_config_path(args.repository, AUX_MODEL)
+    for model in AUX_MODELS if result.aux_gpu is not None else ():
+        path = h100_config_path(args.repository, model)
         path.write_text(
             aux_config(path.read_text(), result.aux_gpu, f"planned on {topology.source}")
         )

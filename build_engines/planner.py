@@ -11,7 +11,7 @@ The rules encode what was measured on real boxes:
    instance, whose all-reduces cross PCIe and the inter-socket link.
 3. LLM tiers never share a GPU: TensorRT-LLM sizes its KV cache as a fraction of the
    memory that is free when it loads, so a second engine on the same GPU gets what is
-   left, or nothing. The small embedding and intent-head models share one GPU instead.
+   left, or nothing. The small encoders (embedding, intent_encoder) share one GPU instead.
 
 Throughput numbers are roofline estimates (memory bandwidth / bytes read per step), an
 upper bound that real engines reach perhaps 60-80% of; they are labelled as such.
@@ -80,7 +80,7 @@ class Target:
 class PlanOptions:
     headroom: float = 0.9  # plan at most this fraction of each GPU's memory
     overhead_gib: float = 3.0  # CUDA context, cuBLAS/NCCL workspaces, activations
-    aux_gib: float = 2.0  # embedding + intent_head instances on the shared GPU
+    aux_gib: float = 2.0  # embedding + intent_encoder instances on the shared GPU
     gpu_hour_price: float | None = None
     max_replicas: int | None = None
 
@@ -143,7 +143,7 @@ class Plan:
                 for gpu in replica.gpus:
                     usage[gpu].append((f"{tplan.target.name} replica {n}", need))
         if self.aux_gpu is not None:
-            usage[self.aux_gpu].append(("embedding + intent_head", self.options.aux_gib))
+            usage[self.aux_gpu].append(("embedding + intent_encoder", self.options.aux_gib))
         return usage
 
 
@@ -347,7 +347,7 @@ def estimate(topology: Topology, tplan: TargetPlan, options: PlanOptions) -> Est
 
 
 AUX_NOTE = (
-    "intent_head stays KIND_CPU (one numpy [n,769]x[769,3] product: a GPU would spend "
+    "intent_head stays KIND_CPU (one numpy [n,1153]x[1153,3] product: a GPU would spend "
     "longer copying than computing)"
 )
 
@@ -355,14 +355,15 @@ AUX_NOTE = (
 def _aux_gpu(
     topology: Topology, result: Plan, free: list[int], options: PlanOptions
 ) -> tuple[int | None, str]:
-    """Where embedding + intent_head run: an idle GPU, else the one with most spare memory."""
+    """Where the encoders (embedding, intent_encoder) run: an idle GPU, else the one with
+    the most spare memory. intent_head stays on the host."""
     if not topology.gpus:
-        return None, "no GPU for embedding / intent_head"
+        return None, "no GPU for embedding / intent_encoder / intent_head"
     if free:
         gpu = min(free)
         return gpu, (
-            f"embedding + intent_head: embedding's KIND_GPU instances on GPU{gpu} (otherwise "
-            f"idle); {AUX_NOTE}"
+            f"embedding, intent_encoder + intent_head: the encoders' KIND_GPU instances on "
+            f"GPU{gpu} (otherwise idle); {AUX_NOTE}"
         )
     spare = {}
     for tplan in result.targets:
@@ -372,8 +373,8 @@ def _aux_gpu(
                 spare[g] = topology.gpu(g).memory_gib * options.headroom - need
     gpu = max(spare, key=lambda g: (spare[g], -g))
     note = (
-        f"embedding + intent_head: embedding's KIND_GPU instances share GPU{gpu} "
-        f"({spare[gpu]:.1f} GiB spare after its LLM replica, {options.aux_gib:g} GiB needed); "
+        f"embedding, intent_encoder + intent_head: the encoders' KIND_GPU instances share "
+        f"GPU{gpu} ({spare[gpu]:.1f} GiB spare after its LLM replica, {options.aux_gib:g} GiB needed); "
         f"{AUX_NOTE}"
     )
     if spare[gpu] < options.aux_gib:

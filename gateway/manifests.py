@@ -81,14 +81,24 @@ def _launcher_args(pool: PoolSpec, profile: str) -> list[str]:
 
 
 def pod_gpu_ids(pool: PoolSpec) -> dict[str, str]:
-    """Per GPU model of the pool, its GPUs inside one pod: a tier's TP group from 0."""
+    """Per GPU model the pool loads, its GPUs inside one pod: a tier's TP group from 0.
+
+    The pool's models are closed over ensemble steps first, as the launcher loads them:
+    ``intent_classifier`` brings ``intent_encoder``, a GPU model of its own.
+    """
+    from build_engines.render import AUX_MODELS
+    from serving.repository import load_order, load_repository
+
+    repository = load_repository(REPO_ROOT / "model_repository", "h100")
+    wanted = [m for m in pool.models if m in repository]
+    loaded = [m for wave in load_order(repository, wanted) for m in sorted(wave)]
     tp = tier_tp()
     ids = {}
-    for model in pool.models:
+    for model in loaded:
         if model in tp:
             ids[model] = ",".join(str(g) for g in range(tp[model]))
-        elif model == "embedding":
-            ids[model] = "0"  # KIND_GPU instances share the pod's first GPU
+        elif model in AUX_MODELS:
+            ids[model] = "0"  # the encoders' KIND_GPU instances share the pod's first GPU
     return ids
 
 

@@ -1,7 +1,17 @@
-"""Sentence embeddings with all-MiniLM-L6-v2: mean pooled, L2-normalised, 384 floats.
+"""Sentence encoders: all-MiniLM-L6-v2 for search, SmolLM2's first layers for intent.
 
-The ``embedding`` model is a thin adapter over :class:`Embedder`. Two runtimes compute
-the same function:
+Two encoders (:data:`ENCODERS`), one machinery:
+
+- ``minilm`` (the ``embedding`` model): all-MiniLM-L6-v2, mean pooled, L2-normalised,
+  384 floats;
+- ``smollm2_prefix`` (the ``intent_encoder`` model): the first 8 decoder layers of
+  SmolLM2-135M-Instruct (the GGUF the CPU tiers serve), mean pooled over the tokens, 576
+  floats, not normalised. An instruction-tuned decoder's middle layers tell a question
+  from a writing task from a summarization request better than a sentence-similarity
+  encoder does: ``docs/intent.md`` has the measurement.
+
+Both Triton models are the one adapter :class:`serving.embedding_model.EmbeddingModel`
+over :class:`Embedder`. Two runtimes compute the same function:
 
 - ``onnx`` (the CPU default): the PyTorch model, with pooling and normalisation folded
   into the graph, exported once per machine into :func:`serving.assets.cache_dir` and run
@@ -28,14 +38,16 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.assets import cache_dir, minilm_dir
+from serving.assets import cache_dir, minilm_dir, smollm2_gguf
 from serving.errors import ConfigError
 from serving.text import text_rows
 
 log = logging.getLogger(__name__)
 
 DIM = 384
-#: Bump when the exported graph changes, so stale cached exports are not reused.
+#: Decoder layers of SmolLM2 the intent encoder keeps (of 30): measured in docs/intent.md.
+PREFIX_LAYERS = 8
+#: Bump when an exported graph changes, so stale cached exports are not reused.
 EXPORT_VERSION = 1
 ONNX_OPSET = 17
 
@@ -104,11 +116,88 @@ def pooled_module(model_dir: Path):  # -> torch.nn.Module; torch is imported laz
     return MeanPooled().eval()
 
 
-def torch_encoder(model_dir: Path, device: str = "cpu") -> Encoder:
+def prefix_module(gguf: Path, layers: int = PREFIX_LAYERS):  # -> torch.nn.Module
+    """SmolLM2's embeddings and first ``layers`` decoder layers, mean pooled over the tokens.
+
+    The hidden state is taken before any final norm (the model's own norm belongs after
+    layer 30). Rows are right-padded and attention is causal, so a real token never sees
+    padding: a row's vector does not depend on what it is batched with.
+    """
+    import torch
+
+    from serving.llm.runner import load_hf_model
+
+    base = load_hf_model(gguf).model
+    base.layers = base.layers[:layers]
+    base.norm = torch.nn.Identity()
+    base.config.num_hidden_layers = layers
+
+    class PrefixMean(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = base
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.base(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    return PrefixMean().eval()
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What differs between the encoders; everything else is shared."""
+
+    name: str
+    dim: int
+    describe: str
+
+    def source(self) -> Path:
+        """The weights: MiniLM's unpacked folder, or SmolLM2's GGUF file."""
+        return minilm_dir() if self.name == "minilm" else smollm2_gguf()
+
+    def window(self, source: Path) -> int:
+        return max_tokens(source) if self.name == "minilm" else PREFIX_WINDOW
+
+    def tokenizer(self, source: Path):  # -> tokenizers.Tokenizer
+        from tokenizers import Tokenizer
+
+        if self.name == "minilm":
+            return Tokenizer.from_file(str(source / "tokenizer.json"))
+        from serving.llm.tokenizer import load_tokenizer
+
+        return load_tokenizer(source).backend_tokenizer
+
+    def module(self, source: Path):  # -> torch.nn.Module
+        return pooled_module(source) if self.name == "minilm" else prefix_module(source)
+
+
+#: Tokens the intent encoder reads: instructions are short; a longer one is cut and flagged.
+PREFIX_WINDOW = 256
+
+MINILM = EncoderSpec("minilm", DIM, "all-MiniLM-L6-v2, mean pooled, L2-normalised")
+SMOLLM2_PREFIX = EncoderSpec(
+    "smollm2_prefix", 576, f"SmolLM2-135M-Instruct layers 1-{PREFIX_LAYERS}, mean pooled"
+)
+ENCODERS = {spec.name: spec for spec in (MINILM, SMOLLM2_PREFIX)}
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    """The encoder a config parameter names, or a ConfigError listing the choices."""
+    try:
+        return ENCODERS[name]
+    except KeyError:
+        raise ConfigError(f"encoder must be one of {', '.join(ENCODERS)}, got {name!r}") from None
+
+
+def torch_encoder(model_dir: Path, device: str = "cpu", spec: EncoderSpec = MINILM) -> Encoder:
     """The PyTorch reference runtime (threads are set by the caller, once per process)."""
     import torch
 
-    module = pooled_module(model_dir).to(device)
+    module = spec.module(model_dir).to(device)
 
     def encode(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -120,16 +209,17 @@ def torch_encoder(model_dir: Path, device: str = "cpu") -> Encoder:
     return encode
 
 
-def onnx_path(model_dir: Path) -> Path:
-    """Where the export of ``model_dir`` lives: keyed by model folder, torch and version."""
+def onnx_path(model_dir: Path, spec: EncoderSpec = MINILM) -> Path:
+    """Where the export of ``model_dir`` lives: keyed by source, torch and version."""
     import torch
 
     key = f"{model_dir.resolve()}:{torch.__version__}:{ONNX_OPSET}:{EXPORT_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return cache_dir() / "onnx" / f"minilm-mean-pooled-{digest}.onnx"
+    stem = "minilm-mean-pooled" if spec is MINILM else f"{spec.name}{PREFIX_LAYERS}"
+    return cache_dir() / "onnx" / f"{stem}-{digest}.onnx"
 
 
-def export_onnx(model_dir: Path) -> Path:
+def export_onnx(model_dir: Path, spec: EncoderSpec = MINILM) -> Path:
     """Export the pooled model to ONNX once; safe when several instances start together.
 
     An exclusive file lock serialises exporters, the file is written beside its final
@@ -138,14 +228,15 @@ def export_onnx(model_dir: Path) -> Path:
     """
     import torch
 
-    target = onnx_path(model_dir)
+    target = onnx_path(model_dir, spec)
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_file():
             return target
         log.info("exporting %s to ONNX at %s", model_dir.name, target)
-        module = pooled_module(model_dir)
+        module = spec.module(model_dir)
+        # Any token ids of either vocabulary; the second row is padded.
         ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]], dtype=torch.int64)
         mask = (ids != 0).to(torch.int64)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
@@ -203,12 +294,16 @@ class Embedder:
     """
 
     def __init__(
-        self, model_dir: Path, encoder: Encoder, chunk_tokens: int = 256, max_rows: int = 64
+        self,
+        model_dir: Path,
+        encoder: Encoder,
+        chunk_tokens: int = 256,
+        max_rows: int = 64,
+        spec: EncoderSpec = MINILM,
     ) -> None:
-        from tokenizers import Tokenizer
-
-        self.window = max_tokens(model_dir)
-        self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.spec = spec
+        self.window = spec.window(model_dir)
+        self.tokenizer = spec.tokenizer(model_dir)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=self.window)
         self.encoder = encoder
@@ -235,7 +330,7 @@ class Embedder:
     def embed(self, texts: Sequence[str]) -> Embeddings:
         encodings = self.tokenizer.encode_batch(list(texts))
         lengths = [len(e.ids) for e in encodings]
-        vectors = np.empty((len(texts), DIM), dtype=np.float32)
+        vectors = np.empty((len(texts), self.spec.dim), dtype=np.float32)
         for group in self.chunks(lengths):
             width = max(lengths[i] for i in group)
             ids = np.zeros((len(group), width), dtype=np.int64)
@@ -254,6 +349,7 @@ def load_embedder(
     device: str = "cpu",
     model_dir: Path | None = None,
     chunk_tokens: int = 256,
+    spec: EncoderSpec = MINILM,
 ) -> Embedder:
     """Build the embedder a model instance serves with (exporting to ONNX if needed).
 
@@ -262,11 +358,11 @@ def load_embedder(
     """
     if chunk_tokens < 1:
         raise ConfigError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    model_dir = model_dir or minilm_dir()
+    model_dir = model_dir or spec.source()
     if runtime is Runtime.ONNX:
         if device != "cpu":
             raise ConfigError("the onnx runtime is CPU only here; use runtime 'torch' on GPU")
-        encoder = onnx_encoder(export_onnx(model_dir), threads)
+        encoder = onnx_encoder(export_onnx(model_dir, spec), threads)
     else:
-        encoder = torch_encoder(model_dir, device)
-    return Embedder(model_dir, encoder, chunk_tokens=chunk_tokens)
+        encoder = torch_encoder(model_dir, device, spec)
+    return Embedder(model_dir, encoder, chunk_tokens=chunk_tokens, spec=spec)

@@ -62,8 +62,14 @@ CONTRACTS: dict[str, tuple[Tensors, Tensors, Tensors, bool | None]] = {
         {"instruction": (DT.TYPE_STRING, [1]), "has_context": (DT.TYPE_BOOL, [1])},
         False,
     ),
+    "intent_encoder": (
+        {"text": (DT.TYPE_STRING, [1])},
+        {},
+        {"embedding": (DT.TYPE_FP32, [576]), "truncated": (DT.TYPE_BOOL, [1])},
+        False,
+    ),
     "intent_head": (
-        {"embedding": (DT.TYPE_FP32, [384]), "has_context": (DT.TYPE_BOOL, [1])},
+        {"embedding": (DT.TYPE_FP32, [576]), "has_context": (DT.TYPE_BOOL, [1])},
         {},
         CLASSIFIER_OUTPUTS,
         False,

@@ -7,6 +7,8 @@ import pytest
 
 from serving.embedding import (
     DIM,
+    PREFIX_LAYERS,
+    SMOLLM2_PREFIX,
     Embedder,
     EmbeddingRequest,
     Runtime,
@@ -204,6 +206,7 @@ def test_model_matches_library(model, onnx_embedder):
     ("key", "value", "message"),
     [
         ("runtime", "tensorrt", "runtime must be one of onnx, torch"),
+        ("encoder", "bert", "encoder must be one of minilm, smollm2_prefix"),
         ("chunk_tokens", "0", "chunk_tokens must be >= 1"),
         ("chunk_tokens", "many", "'chunk_tokens'='many' is not a valid int"),
     ],
@@ -222,3 +225,69 @@ def test_model_rejects_bad_parameters_at_load(key, value, message):
     instance = load_model_module("embedding").TritonPythonModel()
     with pytest.raises(TritonModelException, match=message):
         instance.initialize(model_args("embedding", cfg))
+
+
+@pytest.mark.parametrize("model_name", ["embedding", "intent_encoder"])
+def test_both_encoder_models_serve_the_one_shared_adapter(model_name):
+    """``embedding`` and ``intent_encoder`` are the same import; neither drifts."""
+    from serving.embedding_model import EmbeddingModel
+    from tests.conftest import ROOT
+
+    path = ROOT / "model_repository" / model_name / "1" / "model.py"
+    code = [line for line in path.read_text().splitlines() if line and not line.startswith('"')]
+    assert code == [
+        "from serving.embedding_model import EmbeddingModel as TritonPythonModel",
+        '__all__ = ["TritonPythonModel"]',
+    ]
+    assert load_model_module(model_name).TritonPythonModel is EmbeddingModel
+
+
+@pytest.fixture(scope="module")
+def prefix_embedder():
+    return load_embedder(Runtime.ONNX, threads=1, spec=SMOLLM2_PREFIX)
+
+
+def test_intent_encoder_onnx_matches_transformers_hidden_states(prefix_embedder):
+    """The export equals transformers' own forward: hidden state after layer 8, token mean.
+
+    The reference is written independently of :func:`prefix_module`: the whole 30-layer
+    model with ``output_hidden_states``, whose entry 8 is the input of layer 9.
+    """
+    import torch
+
+    from serving.assets import smollm2_gguf
+    from serving.llm.runner import load_hf_model
+    from serving.llm.tokenizer import load_tokenizer
+
+    full = load_hf_model(smollm2_gguf())
+    tokenizer = load_tokenizer(smollm2_gguf())
+    texts = [*TEXTS[:4], TEXTS[5]]
+    got = prefix_embedder.embed(texts)  # one padded, length-sorted batch
+    assert got.vectors.shape == (len(texts), SMOLLM2_PREFIX.dim)
+    assert not got.truncated.any()
+    for text, vector in zip(texts, got.vectors, strict=True):
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.inference_mode():
+            hidden = full(input_ids=ids, output_hidden_states=True).hidden_states[PREFIX_LAYERS]
+        ref = hidden[0].mean(0).numpy()
+        np.testing.assert_allclose(vector, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_intent_encoder_model_serves_576_floats_and_flags_long_text():
+    import json
+
+    args = model_args("intent_encoder")
+    (output, _) = json.loads(args["model_config"])["output"]
+    assert (output["name"], output["dims"]) == ("embedding", [str(SMOLLM2_PREFIX.dim)])
+    instance = load_model_module("intent_encoder").TritonPythonModel()
+    instance.initialize(args)
+    responses = instance.execute(
+        [
+            FakeRequest(_text(b"Write a haiku about rain.", ("word " * 300).encode())),
+            FakeRequest(_text(b"")),
+        ]
+    )
+    out = {t.name(): t.as_numpy() for t in responses[0].output_tensors()}
+    assert out["embedding"].shape == (2, SMOLLM2_PREFIX.dim)
+    assert out["truncated"].tolist() == [[False], [True]]
+    assert responses[1].error().code() == TritonError.INVALID_ARG

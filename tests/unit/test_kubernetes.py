@@ -207,6 +207,8 @@ def test_h100_pods_hold_their_tiers_gpus_and_never_surge() -> None:
             args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--gpu-device-ids"
         )
         gpu_models = {m for m in pool.models if m in tp or m == "embedding"}
+        if "intent_classifier" in pool.models:  # its encoder step is a GPU model too
+            gpu_models.add("intent_encoder")
         assert set(placed) == gpu_models
         for ids in placed.values():
             used = {int(g) for g in ids.replace(";", ",").split(",")}

@@ -111,11 +111,11 @@ def test_tiers_share_the_sxm_node_without_sharing_gpus() -> None:
     assert ids == {"llm_large": "0,1,2,3", "llm_medium": "4,5", "llm_small": "6;7"}
     assert result.idle == []
     assert result.aux_gpu in {4, 5, 6, 7}
-    assert any("embedding + intent_head" in n for n in result.notes)
+    assert any("embedding, intent_encoder + intent_head" in n for n in result.notes)
     usage = result.gpu_usage()
     assert [name for name, _ in usage[0]] == ["llm_large replica 1"]
     assert [name for name, _ in usage[7]] == ["llm_small replica 2"]
-    assert ("embedding + intent_head", 2.0) in usage[result.aux_gpu]
+    assert ("embedding + intent_encoder", 2.0) in usage[result.aux_gpu]
     assert all(sum(gib for _, gib in items) <= 80 * 0.9 for items in usage.values())
 
 

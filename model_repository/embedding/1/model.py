@@ -1,54 +1,5 @@
-"""Triton adapter for ``embedding``: all-MiniLM-L6-v2 sentence embeddings.
+"""A sentence encoder: the shared adapter in :mod:`serving.embedding_model` (config picks which)."""
 
-Everything but the tensor plumbing is in :mod:`serving.embedding`. Each request may carry
-several rows; a bad row (empty, invalid UTF-8) fails only its own request with INVALID_ARG.
-"""
+from serving.embedding_model import EmbeddingModel as TritonPythonModel
 
-from __future__ import annotations
-
-from typing import Any
-
-import numpy as np
-
-from serving.embedding import EmbeddingRequest, Runtime, load_embedder
-from serving.triton import (
-    ModelSetup,
-    execute_batch,
-    get_input,
-    model_exception,
-    run_rows,
-    tensors,
-)
-
-
-class TritonPythonModel:
-    def initialize(self, args: dict[str, str]) -> None:
-        try:
-            setup = ModelSetup(args)
-            threads = setup.set_torch_threads(default=1)
-            runtime = Runtime.parse(setup.params.get("runtime", str, default=Runtime.ONNX.value))
-            device = "cpu"
-            if args.get("model_instance_kind") == "GPU":
-                device = f"cuda:{args.get('model_instance_device_id', '0')}"
-            chunk_tokens = setup.params.get("chunk_tokens", int, default=256)
-            self.embedder = load_embedder(runtime, threads, device, chunk_tokens=chunk_tokens)
-        except Exception as exc:
-            raise model_exception(exc) from exc
-        self.name = setup.name
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        return execute_batch(
-            requests,
-            self._parse,
-            lambda items: run_rows(self._embed, items),
-            tensors,
-            self.name,
-        )
-
-    @staticmethod
-    def _parse(request: Any) -> list[str]:
-        return EmbeddingRequest.from_array(get_input(request, "text", np.object_)).texts
-
-    def _embed(self, texts: list[str]) -> dict[str, np.ndarray]:
-        result = self.embedder.embed(texts)
-        return {"embedding": result.vectors, "truncated": result.truncated.reshape(-1, 1)}
+__all__ = ["TritonPythonModel"]
