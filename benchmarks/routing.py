@@ -74,12 +74,12 @@ def committed_policy() -> RoutingPolicy:
 def policy_sweep(dolly: Path, thresholds: list[float]) -> dict[str, Any]:
     """Route the intent head's held-out prompts in-process at several thresholds."""
     from serving.embedding import Runtime, load_embedder
-    from serving.intent import LABELS, IntentHead, prompt_features
+    from serving.intent import ENCODER, LABELS, IntentHead, prompt_features
     from serving.intent_training import build_dataset, read_jsonl
 
     own = ROOT / "serving" / "data" / "intent_extra.jsonl"
     held_out = build_dataset(read_jsonl(dolly), read_jsonl(own)).held_out
-    embedder = load_embedder(Runtime.ONNX, threads=1)
+    embedder = load_embedder(Runtime.ONNX, threads=1, spec=ENCODER)
     x = prompt_features([e.text for e in held_out], lambda texts: embedder.embed(texts).vectors)
     prediction = IntentHead.load().predict(x)
     policy = committed_policy()

@@ -1,11 +1,13 @@
-"""The intent head: which kind of task a prompt is, from its instruction's MiniLM embedding.
+"""The intent head: which kind of task a prompt is, from its instruction's encoder vector.
 
 A prompt is an instruction, optionally followed by a blank line and a context
 (:func:`prompt_text`). The head sees the embedding of the instruction alone and whether a
 context follows (:func:`split_prompt`): a mean-pooled embedding of instruction + context is
 mostly the context, which says little about the task. It is a multinomial logistic
 regression with one set of weights for prompts with a context and one for prompts
-without (2 x 384 + 1 features -> 3), trained by ``scripts/train_intent_head.py`` on
+without (2 x 576 + 1 features -> 3) on the ``intent_encoder`` vector (SmolLM2's first
+8 layers, :data:`serving.embedding.SMOLLM2_PREFIX`), trained by
+``scripts/train_intent_head.py`` on
 Databricks Dolly 15k prompts (CC BY-SA 3.0, see ``serving/data/LICENSE-dolly.md``).
 It lives here, not in the model, so the ``intent_split`` and ``intent_head`` models, the
 router's tests and the training script share one definition of the labels, the text and
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.embedding import DIM
+from serving.embedding import SMOLLM2_PREFIX
 from serving.errors import ConfigError, ValidationError
 
 #: Output order of ``probabilities``; the contract in DESIGN.md.
@@ -41,6 +43,12 @@ CATEGORY_TO_INTENT = {
 }
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "data" / "intent_head.npz"
+#: A retrained version folder of ``intent_head`` holds its weights under this name.
+WEIGHTS_NAME = "intent_head.npz"
+
+#: The encoder the head reads, and its width.
+ENCODER = SMOLLM2_PREFIX
+DIM = ENCODER.dim
 
 #: Features the head reads: the instruction embedding gated by "has a context", twice,
 #: and the flag itself (see :func:`features`).
@@ -81,7 +89,12 @@ def features(embeddings: np.ndarray, has_context: np.ndarray) -> np.ndarray:
     sharing one set of class weights.
     """
     x = check_embeddings(embeddings)
-    c = check_context_flags(has_context, len(x)).astype(x.dtype)[:, None]
+    return gated(x, check_context_flags(has_context, len(x)))
+
+
+def gated(x: np.ndarray, has_context: np.ndarray) -> np.ndarray:
+    """[x * c, x * (1 - c), c] for rows x of any width (training compares other encoders)."""
+    c = np.asarray(has_context).astype(x.dtype)[:, None]
     return np.hstack([x * c, x * (1 - c), c])
 
 
@@ -152,8 +165,21 @@ class IntentHead:
         )
 
 
+def weights_path(model_repository: str, version: str, configured: str) -> Path | None:
+    """Which weights an ``intent_head`` instance loads.
+
+    The ``weights`` parameter when set; else the version folder's own ``intent_head.npz``
+    (a version written by ``scripts/retrain_intent.py``); else None, the committed
+    :data:`DEFAULT_WEIGHTS` (version 1 holds only ``model.py``).
+    """
+    if configured:
+        return Path(configured)
+    own = Path(model_repository) / version / WEIGHTS_NAME
+    return own if own.is_file() else None
+
+
 def check_embeddings(embeddings: np.ndarray) -> np.ndarray:
-    """Rows of MiniLM embeddings as float32 [n, 384], or a ValidationError saying what is off."""
+    """Rows of encoder vectors as float32 [n, DIM], or a ValidationError saying what is off."""
     x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != DIM or len(x) == 0:
         raise ValidationError(f"'embedding' must have shape [n, {DIM}], got {list(x.shape)}")

@@ -2,17 +2,23 @@
 
 The head (features, weights, softmax, labels) is :class:`serving.intent.IntentHead`; this
 file only moves tensors. The ``intent_classifier`` ensemble feeds it from ``intent_split``
-and ``embedding``.
+and ``intent_encoder``. A version folder written by ``scripts/retrain_intent.py`` is a
+copy of this file beside that version's weights.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from serving.intent import IntentHead, check_context_flags, check_embeddings, features
+from serving.intent import (
+    IntentHead,
+    check_context_flags,
+    check_embeddings,
+    features,
+    weights_path,
+)
 from serving.triton import (
     ModelSetup,
     execute_batch,
@@ -28,8 +34,9 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         try:
             setup = ModelSetup(args)
-            weights = setup.params.get("weights", str, default="")
-            self.head = IntentHead.load(Path(weights) if weights else None)
+            configured = setup.params.get("weights", str, default="")
+            path = weights_path(args["model_repository"], args["model_version"], configured)
+            self.head = IntentHead.load(path)
         except Exception as exc:
             raise model_exception(exc) from exc
         self.name = setup.name
