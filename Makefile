@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 SERVE_ARGS ?=
 
-.PHONY: venv serve test unit integration lint format manifests k8s cluster bench-embedding bench-llm bench-routing bench-balancing bench-replicas
+.PHONY: venv serve test unit integration lint format manifests k8s cluster bench-embedding bench-llm bench-routing bench-intent bench-balancing bench-replicas
 
 venv:
 	@scripts/bootstrap.sh
@@ -53,6 +53,9 @@ bench-llm: venv
 
 bench-routing: venv
 	$(PY) benchmarks/routing.py --requests 60 --max-tokens 12 --warmup 4
+
+bench-intent: venv
+	$(PY) benchmarks/intent.py
 
 bench-balancing: venv
 	$(PY) benchmarks/balancing.py --duration 60
