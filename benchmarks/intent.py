@@ -69,7 +69,7 @@ def measure(call: Callable[[list[str]], Any], texts: list[str], batch: int) -> d
 
 def in_process_calls() -> dict[str, Callable[[list[str]], Any]]:
     from serving.embedding import MINILM, Runtime, load_embedder
-    from serving.intent import ENCODER, IntentHead, prompt_features, split_prompt
+    from serving.intent import ENCODER, IntentHead, prompt_features, split_prompts
 
     encoder = load_embedder(Runtime.ONNX, threads=1, spec=ENCODER)
     head = IntentHead.load()
@@ -79,7 +79,7 @@ def in_process_calls() -> dict[str, Callable[[list[str]], Any]]:
         head.predict(prompt_features(texts, lambda t: encoder.embed(t).vectors))
 
     def minilm_alone(texts: list[str]) -> None:
-        minilm.embed([split_prompt(t).instruction for t in texts])
+        minilm.embed(split_prompts(texts)[0])
 
     return {
         f"in-process classifier ({ENCODER.describe}, ONNX, 1 thread)": classify,

@@ -147,6 +147,22 @@ def prefix_module(gguf: Path, layers: int = PREFIX_LAYERS):  # -> torch.nn.Modul
     return PrefixMean().eval()
 
 
+def minilm_tokenizer(model_dir: Path):  # -> tokenizers.Tokenizer
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+def gguf_tokenizer(gguf: Path):  # -> tokenizers.Tokenizer
+    from serving.llm.tokenizer import load_tokenizer
+
+    return load_tokenizer(gguf).backend_tokenizer
+
+
+#: Tokens the intent encoder reads: instructions are short; a longer one is cut and flagged.
+PREFIX_WINDOW = 256
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """What differs between the encoders; everything else is shared."""
@@ -154,33 +170,32 @@ class EncoderSpec:
     name: str
     dim: int
     describe: str
-
-    def source(self) -> Path:
-        """The weights: MiniLM's unpacked folder, or SmolLM2's GGUF file."""
-        return minilm_dir() if self.name == "minilm" else smollm2_gguf()
-
-    def window(self, source: Path) -> int:
-        return max_tokens(source) if self.name == "minilm" else PREFIX_WINDOW
-
-    def tokenizer(self, source: Path):  # -> tokenizers.Tokenizer
-        from tokenizers import Tokenizer
-
-        if self.name == "minilm":
-            return Tokenizer.from_file(str(source / "tokenizer.json"))
-        from serving.llm.tokenizer import load_tokenizer
-
-        return load_tokenizer(source).backend_tokenizer
-
-    def module(self, source: Path):  # -> torch.nn.Module
-        return pooled_module(source) if self.name == "minilm" else prefix_module(source)
+    onnx_stem: str  # the cached export's file name, before its key digest
+    source: Callable[[], Path]  # the weights: a model folder or a GGUF file
+    window: Callable[[Path], int]  # tokens read per text, given the source
+    tokenizer: Callable[[Path], object]  # tokenizers.Tokenizer for the source
+    module: Callable[[Path], object]  # the torch module both runtimes compute
 
 
-#: Tokens the intent encoder reads: instructions are short; a longer one is cut and flagged.
-PREFIX_WINDOW = 256
-
-MINILM = EncoderSpec("minilm", DIM, "all-MiniLM-L6-v2, mean pooled, L2-normalised")
+MINILM = EncoderSpec(
+    "minilm",
+    DIM,
+    "all-MiniLM-L6-v2, mean pooled, L2-normalised",
+    "minilm-mean-pooled",
+    minilm_dir,
+    max_tokens,
+    minilm_tokenizer,
+    pooled_module,
+)
 SMOLLM2_PREFIX = EncoderSpec(
-    "smollm2_prefix", 576, f"SmolLM2-135M-Instruct layers 1-{PREFIX_LAYERS}, mean pooled"
+    "smollm2_prefix",
+    576,
+    f"SmolLM2-135M-Instruct layers 1-{PREFIX_LAYERS}, mean pooled",
+    f"smollm2_prefix{PREFIX_LAYERS}",
+    smollm2_gguf,
+    lambda _gguf: PREFIX_WINDOW,
+    gguf_tokenizer,
+    prefix_module,
 )
 ENCODERS = {spec.name: spec for spec in (MINILM, SMOLLM2_PREFIX)}
 
@@ -215,8 +230,7 @@ def onnx_path(model_dir: Path, spec: EncoderSpec = MINILM) -> Path:
 
     key = f"{model_dir.resolve()}:{torch.__version__}:{ONNX_OPSET}:{EXPORT_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    stem = "minilm-mean-pooled" if spec is MINILM else f"{spec.name}{PREFIX_LAYERS}"
-    return cache_dir() / "onnx" / f"{stem}-{digest}.onnx"
+    return cache_dir() / "onnx" / f"{spec.onnx_stem}-{digest}.onnx"
 
 
 def export_onnx(model_dir: Path, spec: EncoderSpec = MINILM) -> Path:

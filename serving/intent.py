@@ -104,8 +104,14 @@ def prompt_features(texts: Sequence[str], embed: Callable[[list[str]], np.ndarra
     What ``intent_classifier`` computes in the server (split, embed the instruction, gate);
     training and the in-process benchmarks use it so they see exactly the same features.
     """
+    instructions, flags = split_prompts(texts)
+    return features(embed(instructions), flags)
+
+
+def split_prompts(texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Instructions and has-context flags of whole prompts, as ``intent_split`` cuts them."""
     parts = [split_prompt(t) for t in texts]
-    return features(embed([p.instruction for p in parts]), np.array([p.has_context for p in parts]))
+    return [p.instruction for p in parts], np.array([p.has_context for p in parts])
 
 
 def check_context_flags(has_context: np.ndarray, rows: int) -> np.ndarray:

@@ -34,7 +34,7 @@ from serving.intent import (
     gated,
     prompt_text,
     softmax,
-    split_prompt,
+    split_prompts,
 )
 
 #: In ``intent_extra.jsonl``: "pair this instruction with a context from the training data".
@@ -461,12 +461,8 @@ def instruction_parts(
     examples: Sequence[Example],
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Instructions, has-context flags and labels of examples, as the server splits them."""
-    parts = [split_prompt(e.text) for e in examples]
-    return (
-        [p.instruction for p in parts],
-        np.array([p.has_context for p in parts]),
-        np.array([e.label for e in examples]),
-    )
+    instructions, flags = split_prompts([e.text for e in examples])
+    return instructions, flags, np.array([e.label for e in examples])
 
 
 @dataclass(frozen=True)
