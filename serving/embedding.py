@@ -175,6 +175,8 @@ class EncoderSpec:
     window: Callable[[Path], int]  # tokens read per text, given the source
     tokenizer: Callable[[Path], object]  # tokenizers.Tokenizer for the source
     module: Callable[[Path], object]  # the torch module both runtimes compute
+    #: The ONNX export's weight matrices in int8 (:func:`quantize_int8`); torch stays float32.
+    int8: bool = False
 
 
 MINILM = EncoderSpec(
@@ -191,11 +193,12 @@ SMOLLM2_PREFIX = EncoderSpec(
     "smollm2_prefix",
     576,
     f"SmolLM2-135M-Instruct layers 1-{PREFIX_LAYERS}, mean pooled",
-    f"smollm2_prefix{PREFIX_LAYERS}",
+    f"smollm2_prefix{PREFIX_LAYERS}-int8",
     smollm2_gguf,
     lambda _gguf: PREFIX_WINDOW,
     gguf_tokenizer,
     prefix_module,
+    int8=True,
 )
 ENCODERS = {spec.name: spec for spec in (MINILM, SMOLLM2_PREFIX)}
 
@@ -225,10 +228,17 @@ def torch_encoder(model_dir: Path, device: str = "cpu", spec: EncoderSpec = MINI
 
 
 def onnx_path(model_dir: Path, spec: EncoderSpec = MINILM) -> Path:
-    """Where the export of ``model_dir`` lives: keyed by source, torch and version."""
+    """Where the export of ``model_dir`` lives: keyed by source, torch and version.
+
+    An int8 export is also keyed by onnxruntime's version, whose tool quantizes it.
+    """
     import torch
 
     key = f"{model_dir.resolve()}:{torch.__version__}:{ONNX_OPSET}:{EXPORT_VERSION}"
+    if spec.int8:
+        import onnxruntime
+
+        key += f":int8:{onnxruntime.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir() / "onnx" / f"{spec.onnx_stem}-{digest}.onnx"
 
@@ -272,8 +282,42 @@ def export_onnx(model_dir: Path, spec: EncoderSpec = MINILM) -> Path:
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
+        if spec.int8:
+            quantized = target.with_suffix(f".int8tmp{os.getpid()}")
+            quantize_int8(tmp, quantized)
+            os.replace(quantized, tmp)
         os.replace(tmp, target)
     return target
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Store the weight matrices of ``source`` in int8; activations are quantized per call.
+
+    Only MatMuls with a constant weight are quantized (per output channel, symmetric); the
+    attention products of two activations stay float32: quantizing them cost accuracy and
+    saved no time. Measured on the intent encoder (docs/intent.md): 2.2x faster at batch 1
+    on one thread, as the layers' weights are a quarter of the bytes read per call.
+
+    ``reduce_range`` keeps weights in 7 bits. Without it the u8 x s8 products overflow the
+    int16 pair sums of AVX2's ``vpmaddubsw`` on CPUs without VNNI: on an AVX2 EPYC the
+    full-range export's vectors fell to cosine 0.61 of float32. With it every x86-64
+    kernel (AVX2, AVX-512 VNNI, AMX) computes the same integer products exactly.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    constants = {init.name for init in graph.initializer}
+    weighted = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    quantize_dynamic(
+        str(source),
+        str(target),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=True,
+        op_types_to_quantize=["MatMul"],
+        nodes_to_quantize=weighted,
+    )
 
 
 def onnx_encoder(path: Path, threads: int) -> Encoder:
@@ -322,7 +366,10 @@ class Embedder:
         self.tokenizer.enable_truncation(max_length=self.window)
         self.encoder = encoder
         self.chunk_tokens = chunk_tokens
-        self.max_rows = max_rows
+        # An int8 export quantizes each input over the whole batch, so a row's vector would
+        # depend on its companions; one row per call keeps it batch-invariant, and costs
+        # nothing on CPU (docs/intent.md: 85 rows/s in one call of 32, 99/s one by one).
+        self.max_rows = 1 if spec.int8 else max_rows
 
     def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
         """Row indices grouped by similar length, each group's padded size bounded."""
