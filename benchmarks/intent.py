@@ -10,7 +10,8 @@ instruction alone.
    instructions: what the switch to SmolLM2's first layers costs.
 2. ``served``: tritonserver with only ``intent_classifier`` (and its steps), one gRPC
    client sending one prompt at a time (batch 1, as a router sees it), then 32 prompts
-   per request.
+   per request. Then each step of the ensemble alone at batch 1, fed what the step
+   before it gives, so the table shows what the ensemble's hops cost on top of them.
 
 Results go to ``benchmarks/results/intent.{json,md}``. Run under the shared lock::
 
@@ -87,18 +88,42 @@ def in_process_calls() -> dict[str, Callable[[list[str]], Any]]:
     }
 
 
-def served_call(url: str) -> Callable[[list[str]], Any]:
+def served_calls(url: str) -> dict[str, Callable[[list[str]], Any]]:
+    """``intent_classifier`` and each of its steps, by the model's name, on whole prompts."""
     import tritonclient.grpc as grpcclient
+
+    from serving.intent import DIM, split_prompts
 
     client = grpcclient.InferenceServerClient(url)
 
-    def call(texts: list[str]) -> None:
-        data = np.array([[t.encode()] for t in texts], dtype=object)
-        text = grpcclient.InferInput("text", list(data.shape), "BYTES")
-        text.set_data_from_numpy(data)
-        client.infer("intent_classifier", [text])
+    def tensor(name: str, data: np.ndarray, dtype: str) -> Any:
+        t = grpcclient.InferInput(name, list(data.shape), dtype)
+        t.set_data_from_numpy(data)
+        return t
 
-    return call
+    def strings(texts: list[str]) -> np.ndarray:
+        return np.array([[t.encode()] for t in texts], dtype=object)
+
+    def whole(model: str) -> Callable[[list[str]], Any]:
+        return lambda texts: client.infer(model, [tensor("text", strings(texts), "BYTES")])
+
+    def encoder(texts: list[str]) -> None:
+        data = strings(split_prompts(texts)[0])
+        client.infer("intent_encoder", [tensor("text", data, "BYTES")])
+
+    def head(texts: list[str]) -> None:
+        # The head's cost does not depend on the vector's values.
+        flags = split_prompts(texts)[1].reshape(-1, 1)
+        vectors = np.ones((len(texts), DIM), dtype=np.float32)
+        inputs = [tensor("embedding", vectors, "FP32"), tensor("has_context", flags, "BOOL")]
+        client.infer("intent_head", inputs)
+
+    return {
+        "intent_classifier": whole("intent_classifier"),
+        "intent_split": whole("intent_split"),
+        "intent_encoder": encoder,
+        "intent_head": head,
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -147,12 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     launcher.start()
     try:
-        call = served_call(launcher.grpc_url)
-        call(single[:10])
-        for texts, batch in ((single, 1), (batched, 32)):
-            rows.append(
-                {"where": "served (gRPC, intent_classifier)", **measure(call, texts, batch)}
+        calls = served_calls(launcher.grpc_url)
+        for model, call in calls.items():
+            call(single[:10])
+            sizes = ((single, 1), (batched, 32)) if model == "intent_classifier" else ((single, 1),)
+            where = (
+                "served (gRPC, intent_classifier)"
+                if model == "intent_classifier"
+                else (f"served step alone (gRPC, {model})")
             )
+            for texts, batch in sizes:
+                rows.append({"where": where, **measure(call, texts, batch)})
     finally:
         launcher.stop()
 
