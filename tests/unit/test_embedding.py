@@ -279,7 +279,11 @@ PREFIX_TEXTS = [*TEXTS[:4], TEXTS[5]]
 
 
 def test_intent_encoder_torch_equals_transformers_hidden_states(prefix_reference):
-    """The module both runtimes compute is layer 8's hidden state, mean pooled, in float32."""
+    """The module both runtimes compute is layer 8's hidden state, mean pooled, in float32.
+
+    The torch runtime serves it as is (the H100 profile); the ONNX export stores its
+    weights in int8 (the next test).
+    """
     got = load_embedder(Runtime.TORCH, threads=1, spec=SMOLLM2_PREFIX).embed(PREFIX_TEXTS)
     ref = prefix_reference(PREFIX_TEXTS)
     np.testing.assert_allclose(got.vectors, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
@@ -287,7 +291,7 @@ def test_intent_encoder_torch_equals_transformers_hidden_states(prefix_reference
 
 def test_intent_encoder_int8_onnx_within_cosine_099_of_float32(prefix_embedder, prefix_reference):
     """The served export (int8 weights) keeps the float32 vectors' direction and length."""
-    got = prefix_embedder.embed(PREFIX_TEXTS)  # one padded, length-sorted batch
+    got = prefix_embedder.embed(PREFIX_TEXTS)
     assert got.vectors.shape == (len(PREFIX_TEXTS), SMOLLM2_PREFIX.dim)
     assert not got.truncated.any()
     ref = prefix_reference(PREFIX_TEXTS)
