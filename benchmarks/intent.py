@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             where = (
                 "served (gRPC, intent_classifier)"
                 if model == "intent_classifier"
-                else (f"served step alone (gRPC, {model})")
+                else f"served step alone (gRPC, {model})"
             )
             for texts, batch in sizes:
                 rows.append({"where": where, **measure(call, texts, batch)})

@@ -371,10 +371,7 @@ class Embedder:
         self.tokenizer.enable_truncation(max_length=self.window)
         self.encoder = encoder
         self.chunk_tokens = chunk_tokens
-        # An int8 export quantizes each input over the whole batch, so a row's vector would
-        # depend on its companions; one row per call keeps it batch-invariant, and costs
-        # nothing on CPU (docs/intent.md: 85 rows/s in one call of 32, 99/s one by one).
-        self.max_rows = 1 if spec.int8 else max_rows
+        self.max_rows = max_rows
 
     def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
         """Row indices grouped by similar length, each group's padded size bounded."""
@@ -431,4 +428,9 @@ def load_embedder(
         encoder = onnx_encoder(export_onnx(model_dir, spec), threads)
     else:
         encoder = torch_encoder(model_dir, device, spec)
-    return Embedder(model_dir, encoder, chunk_tokens=chunk_tokens, spec=spec)
+    # An int8 export quantizes each input over the whole call, so a row's vector would
+    # depend on its companions: one row per call keeps it batch-invariant, and costs
+    # nothing on CPU (docs/intent.md: 85 rows/s in one call of 32, 99/s one by one). The
+    # torch runtime (float32, the GPU profile) keeps batching.
+    max_rows = 1 if runtime is Runtime.ONNX and spec.int8 else 64
+    return Embedder(model_dir, encoder, chunk_tokens=chunk_tokens, max_rows=max_rows, spec=spec)

@@ -284,7 +284,10 @@ def test_intent_encoder_torch_equals_transformers_hidden_states(prefix_reference
     The torch runtime serves it as is (the H100 profile); the ONNX export stores its
     weights in int8 (the next test).
     """
-    got = load_embedder(Runtime.TORCH, threads=1, spec=SMOLLM2_PREFIX).embed(PREFIX_TEXTS)
+    embedder = load_embedder(Runtime.TORCH, threads=1, spec=SMOLLM2_PREFIX)
+    # float32 is batch-invariant: the GPU runtime batches rows (only int8 goes one by one)
+    assert [len(g) for g in embedder.chunks([8] * len(PREFIX_TEXTS))] == [len(PREFIX_TEXTS)]
+    got = embedder.embed(PREFIX_TEXTS)
     ref = prefix_reference(PREFIX_TEXTS)
     np.testing.assert_allclose(got.vectors, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
 
@@ -304,6 +307,7 @@ def test_intent_encoder_int8_onnx_within_cosine_099_of_float32(prefix_embedder, 
 
 def test_int8_encoder_row_does_not_depend_on_its_batch(prefix_embedder):
     """Dynamic quantization scales over the whole input: rows are encoded one per call."""
+    assert [len(g) for g in prefix_embedder.chunks([8, 8, 8])] == [1, 1, 1]
     batched = prefix_embedder.embed(PREFIX_TEXTS).vectors
     alone = np.stack([prefix_embedder.embed([t]).vectors[0] for t in PREFIX_TEXTS])
     np.testing.assert_array_equal(batched, alone)
