@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -345,20 +346,42 @@ def test_clear_test_set_gets_the_right_intent_in_process():
     assert 1 - len(wrong) / len(rows) >= 0.97, wrong
 
 
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
 def test_clear_test_set_is_balanced_and_kept_out_of_training():
     """No clear prompt's instruction is a training instruction, and no text of it (a passage,
-    a one-line request) appears anywhere in the own examples or the Dolly sample."""
+    a one-line request) appears anywhere in the own examples or the Dolly sample.
+
+    Own examples are also no paraphrase of a clear prompt: no own instruction shares 60 %
+    of its words (Jaccard) with a clear one. "Write a bedtime story about a sleepy bear"
+    beside the clear "... a sleepy dragon" made the clear set partly a training set.
+    """
     rows = read_jsonl(CLEAR)
     counts = {label: sum(r["intent"] == label for r in rows) for label in LABELS}
     assert counts == {label: 20 for label in LABELS}
-    records = read_jsonl(OWN) + read_jsonl(DOLLY)
-    instructions = {r["instruction"].strip().lower() for r in records}
-    corpus = " ".join(r["instruction"] + " " + r["context"] for r in records).lower()
+    own, dolly = read_jsonl(OWN), read_jsonl(DOLLY)
+    instructions = {r["instruction"].strip().lower() for r in own + dolly}
+    corpus = " ".join(r["instruction"] + " " + r["context"] for r in own + dolly).lower()
+    own_words = [_words(r["instruction"]) for r in own]
     for r in rows:
         parts = split_prompt(r["text"])
         assert parts.instruction.strip().lower() not in instructions, r["text"]
         longest = max(parts.instruction, r["text"][len(parts.instruction) :].strip(), key=len)
         assert longest.lower() not in corpus, r["text"]
+        words = _words(parts.instruction)
+        closest = max(len(words & o) / len(words | o) for o in own_words)
+        assert closest < 0.6, (r["text"][:60], closest)
+
+
+def test_own_examples_are_not_dolly_prompts():
+    """An own example that is a Dolly instruction trains on that prompt when it is held out."""
+    dolly = {r["instruction"].strip().lower() for r in read_jsonl(DOLLY)}
+    copied = [
+        r["instruction"] for r in read_jsonl(OWN) if r["instruction"].strip().lower() in dolly
+    ]
+    assert not copied
 
 
 def test_scaler_folds_into_the_head_exactly():
