@@ -206,11 +206,11 @@ def classify_all(url: str, prompts: list[str], policy: RoutingPolicy) -> list[di
     return overrides
 
 
-#: The arms, and the differences reported: (name, minuend, subtrahend).
+#: The arms, and the differences reported: (key in the results, minuend, subtrahend).
 ARMS = ("routed", "given", "direct")
 DIFFERENCES = (
     ("classifier", "routed", "given"),
-    ("router path", "given", "direct"),
+    ("router_path", "given", "direct"),
     ("routing", "routed", "direct"),
 )
 
@@ -263,13 +263,16 @@ def run_level(
     wall = time.perf_counter() - wall
     if errors:
         raise errors[0]
+    # No error means every client ran its prompts to the end: every slot is filled, and
+    # the arms stay aligned prompt by prompt for the per-prompt differences.
     done = {arm: [t for t in ts if t is not None] for arm, ts in timings.items()}
+    if any(len(ts) != len(prompts) for ts in done.values()):
+        raise RuntimeError("a prompt was left unmeasured")
     result: dict[str, Any] = {"concurrency": concurrency, "prompts": len(prompts), "wall_s": wall}
     for metric in ("ttft", "total"):
         values = {arm: [getattr(t, metric) for t in done[arm]] for arm in ARMS}
         stats = {f"{arm}_ms": distribution(values[arm]) for arm in ARMS}
-        for name, a, b in DIFFERENCES:
-            key = name.replace(" ", "_")
+        for key, a, b in DIFFERENCES:
             stats[f"{key}_added_p50_ms"] = stats[f"{a}_ms"]["p50"] - stats[f"{b}_ms"]["p50"]
             stats[f"{key}_added_p99_ms"] = stats[f"{a}_ms"]["p99"] - stats[f"{b}_ms"]["p99"]
             paired = np.subtract(values[a], values[b]) * 1000
@@ -320,8 +323,8 @@ def markdown(report: dict[str, Any]) -> str:
         for metric in ("ttft", "total"):
             m = level[metric]
             name = metric.upper() if metric == "ttft" else metric
-            for part, a, b in DIFFERENCES:
-                key = part.replace(" ", "_")
+            for key, a, b in DIFFERENCES:
+                part = key.replace("_", " ")
                 lines.append(
                     f"| {level['concurrency']} | {name} | {part} ({a} - {b}) "
                     f"| {m[f'{key}_added_p50_ms']:+.1f} | **{m[f'{key}_paired_p50_ms']:+.1f}** "
