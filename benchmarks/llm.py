@@ -17,7 +17,9 @@
 Every request generates exactly ``--tokens`` tokens (end-of-sequence is disabled:
 ``min_new_tokens`` for ``generate``, ``end_id=-1`` for the tier, ``ignore_eos`` for vLLM),
 so the token counts match. Prompts are Dolly 15k instructions (CC BY-SA 3.0, Databricks)
-through SmolLM2's chat template, sent as token ids to every engine. Reports aggregate
+through SmolLM2's chat template, sent as token ids to every engine: one for the warm-up,
+``--single-requests`` for the one-stream runs and ``--batch`` for the concurrent streams,
+all different (:class:`Workload`). Reports aggregate
 output tokens/s, TTFT and inter-token latency p50/p90/p99, and the ratios. Results go to
 ``benchmarks/results/llm.{json,md}``.
 
@@ -87,6 +89,26 @@ def summarize(name: str, runs: list[Run], wall: float, concurrency: int) -> dict
         "ttft_ms": distribution(ttft),
         "inter_chunk_latency_ms": distribution(icl),
     }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Distinct prompts (as chat token ids) for the warm-up, the one-stream runs and the
+    concurrent streams: no measured request repeats an earlier one, so an engine that
+    reuses a repeated prompt's KV cache (ours; vLLM's by 128-token blocks) is measured on
+    what new prompts share (the chat template's system prompt), not on repeats."""
+
+    warmup: list[int]
+    singles: list[list[int]]
+    streams: list[list[int]]
+
+    @classmethod
+    def of(cls, encoded: list[list[int]], singles: int, streams: int) -> Workload:
+        if len(encoded) < 1 + singles + streams:
+            raise ValueError(f"need {1 + singles + streams} prompts, got {len(encoded)}")
+        return cls(
+            encoded[0], encoded[1 : 1 + singles], encoded[1 + singles : 1 + singles + streams]
+        )
 
 
 def prompts(count: int) -> list[str]:
@@ -234,16 +256,16 @@ def sequential(fn, batches: list[list[int]]) -> list[Run]:
 def in_process(
     args: argparse.Namespace,
     tokenizer: Any,
-    batch: list[list[int]],
+    work: Workload,
     progress: Progress,
     task: Any,
     dtypes: list[str],
 ) -> list[dict[str, Any]]:
     """(a) ``generate``, (d) transformers' continuous batching, (c) the tier's engine."""
     results: list[dict[str, Any]] = []
-    singles = batch[: args.single_requests]
+    singles, batch = work.singles, work.streams
     model = load_hf_model(smollm2_gguf())
-    hf_generate(model, tokenizer, [singles[0]], 4)  # warm-up
+    hf_generate(model, tokenizer, [work.warmup], 4)
     results.append(
         timed(
             "in-process generate, batch 1",
@@ -271,7 +293,7 @@ def in_process(
     manager = model.init_continuous_batching(generation_config=config)
     manager.start()
     try:
-        cb_runs(manager, [singles[0]], 4)  # warm-up
+        cb_runs(manager, [work.warmup], 4)
         results.append(
             timed(
                 "in-process transformers continuous batching, 1 stream",
@@ -295,7 +317,7 @@ def in_process(
         limits = EngineLimits(max_active=args.batch, max_context=1024, max_new_tokens=args.tokens)
         runner = LlamaRunner(model, args.batch, 1024, getattr(torch, dtype))
         engine = Engine(runner, limits, default_end_id=tokenizer.eos_token_id)
-        engine_runs(engine, [singles[0]], 4)  # warm-up
+        engine_runs(engine, [work.warmup], 4)
 
         def one_by_one(engine: Engine = engine) -> list[Run]:
             return sequential(lambda b: engine_runs(engine, b, args.tokens), singles)
@@ -314,13 +336,13 @@ def in_process(
 
 def served_tier(
     args: argparse.Namespace,
-    batch: list[list[int]],
+    work: Workload,
     dtype: str,
     progress: Progress,
     task: Any,
 ) -> list[dict[str, Any]]:
     """(b) the tier through a real tritonserver, its weights in ``dtype``."""
-    singles = batch[: args.single_requests]
+    singles, batch = work.singles, work.streams
     tmp = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     repository = configured_copy(
         ROOT / "model_repository", tmp / "repository", {TIER: {"dtype": dtype}}, models=[TIER]
@@ -334,7 +356,7 @@ def served_tier(
     launcher.start()
     try:
         progress.update(task, description=f"served tier ({dtype})")
-        served_runs(launcher.grpc_url, [singles[0]], 4)  # warm-up
+        served_runs(launcher.grpc_url, [work.warmup], 4)
         return [
             timed(
                 f"served {TIER} ({dtype}), 1 stream",
@@ -354,12 +376,12 @@ def served_tier(
 
 
 def baselines(
-    args: argparse.Namespace, batch: list[list[int]], progress: Progress, task: Any
+    args: argparse.Namespace, work: Workload, progress: Progress, task: Any
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """(e) vLLM's served CPU build and (f) llama.cpp; notes say what could not run."""
     results: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
-    singles = batch[: args.single_requests]
+    singles, batch = work.singles, work.streams
     if not llm_baselines.baseline_python().exists():
         notes["vLLM"] = "not run: its virtualenv is missing (scripts/vllm_env.sh builds it)"
     else:
@@ -373,7 +395,7 @@ def baselines(
                     def streams(b: list[list[int]], url: str = url) -> list[Run]:
                         return llm_baselines.openai_runs(url, b, args.tokens, Run)
 
-                    streams([singles[0]])  # warm-up
+                    streams([work.warmup])
                     results.append(
                         timed(
                             f"vLLM CPU served ({dtype}), 1 stream",
@@ -435,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(smollm2_gguf())
     template = ChatTemplate(tokenizer)
-    batch = [template.encode(p) for p in prompts(args.batch)]
+    count = 1 + args.single_requests + args.batch
+    work = Workload.of(
+        [template.encode(p) for p in prompts(count)], args.single_requests, args.batch
+    )
     results: list[dict[str, Any]] = []
     # The tier's own dtype first, so (b) and (c) run the engine exactly as the server does.
     tier_config = parse_config(ROOT / "model_repository" / TIER / "config.pbtxt")
@@ -456,10 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         console.log(f"ceilings: {limits}")
 
         progress.update(task, description="in-process transformers generate")
-        results += in_process(args, tokenizer, batch, progress, task, served_dtypes)
+        results += in_process(args, tokenizer, work, progress, task, served_dtypes)
         for dtype in served_dtypes:
-            results += served_tier(args, batch, dtype, progress, task)
-        extra, notes = baselines(args, batch, progress, task)
+            results += served_tier(args, work, dtype, progress, task)
+        extra, notes = baselines(args, work, progress, task)
         results += extra
 
     def rate(prefix: str, streams: int) -> float | None:
@@ -549,7 +574,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Model: {report['checkpoint']}; {report['tokens_per_request']} new tokens per request "
         "(end-of-sequence disabled); prompts: Dolly 15k instructions (CC BY-SA 3.0) through "
-        f"the chat template. Machine: {report['machine']['cpus']} CPUs, "
+        "the chat template, no prompt sent twice (one warm-up, then the one-stream prompts, "
+        f"then the concurrent ones). Machine: {report['machine']['cpus']} CPUs, "
         f"{report['machine'].get('cpu_model', '?')}, torch "
         f"{report['machine']['torch']}, load average at the end "
         f"{', '.join(f'{x:.2f}' for x in report['machine']['load_average_at_end'])} "

@@ -363,7 +363,9 @@ class LlamaRunner:
         return self.prefill_batch([slot], [token_ids])[0]
 
     @torch.inference_mode()
-    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def prefill_batch(
+        self, slots: list[int], prompts: list[list[int]], cached: list[int] | None = None
+    ) -> torch.Tensor:
         """Run several prompts, packed, into their slots' caches; logits ``[n, vocab]``.
 
         The prompts are concatenated into one ``[sum of lengths, hidden]`` activation, so
@@ -372,37 +374,78 @@ class LlamaRunner:
         few dozen). Only attention is per prompt: each prompt attends causally to itself.
         No padding: the tokens computed are exactly the prompts' tokens. Row ``b`` of the
         result is the last position of ``prompts[b]``.
+
+        ``cached[b]`` (default 0) is how many leading tokens of ``prompts[b]`` already sit
+        in its slot's cache (put there by :meth:`load_prefix`): only the tokens after them
+        are computed, and they attend to the cached ones. At least one token must be left.
         """
         if len(slots) != len(prompts) or not prompts or not all(prompts):
             raise ValueError("prefill_batch needs one non-empty prompt per slot")
-        lengths = [len(ids) for ids in prompts]
+        cached = cached or [0] * len(prompts)
+        if len(cached) != len(prompts) or not all(
+            0 <= c < len(ids) for c, ids in zip(cached, prompts, strict=True)
+        ):
+            raise ValueError("prefill_batch: each cached prefix must leave a token to compute")
+        new = [ids[c:] for ids, c in zip(prompts, cached, strict=True)]
+        lengths = [len(ids) for ids in new]
         starts = [0]
         for length in lengths:
             starts.append(starts[-1] + length)
-        x = self.embed[torch.tensor([t for ids in prompts for t in ids])]  # [T, hidden]
-        positions = torch.cat([self._positions[:length] for length in lengths])
+        x = self.embed[torch.tensor([t for ids in new for t in ids])]  # [T, hidden]
+        positions = torch.cat(
+            [self._positions[c : c + n] for c, n in zip(cached, lengths, strict=True)]
+        )
         cos, sin = self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1)
+        # A prompt with a cached prefix attends to its whole cache span, causally from its
+        # first new position: a boolean mask [new, cached + new] (True = may attend).
+        masks = [
+            None
+            if c == 0
+            else self._positions[: c + n].unsqueeze(0) <= self._positions[c : c + n].unsqueeze(1)
+            for c, n in zip(cached, lengths, strict=True)
+        ]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(x, layer, cos, sin)
             q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [h, T, d]
+            kc, vc = self.k_cache[i], self.v_cache[i]
             attn = torch.empty(x.shape[0], self._q)
-            for slot, start, end in zip(slots, starts[:-1], starts[1:], strict=True):
+            spans = zip(slots, cached, starts[:-1], starts[1:], masks, strict=True)
+            for slot, c, start, end, mask in spans:
                 length = end - start
-                self.k_cache[i][slot, :, :length] = k[:, start:end]
-                self.v_cache[i][slot, :, :length] = v[:, start:end]
+                kc[slot, :, c : c + length] = k[:, start:end]
+                vc[slot, :, c : c + length] = v[:, start:end]
+                if mask is None:
+                    keys, values = k[:, start:end], v[:, start:end]
+                else:
+                    keys, values = kc[slot, :, : c + length], vc[slot, :, : c + length]
                 out = F.scaled_dot_product_attention(
                     q[:, start:end].unsqueeze(0),
-                    k[:, start:end].unsqueeze(0),
-                    v[:, start:end].unsqueeze(0),
-                    is_causal=True,
+                    keys.unsqueeze(0),
+                    values.unsqueeze(0),
+                    attn_mask=mask,
+                    is_causal=mask is None,
                     enable_gqa=True,
                 )
                 attn[start:end] = out[0].transpose(0, 1).reshape(length, self._q)
             x = x + self._matmul(attn, layer.out)
             x = self._mlp(x, layer)
-        for slot, length in zip(slots, lengths, strict=True):
-            self._clean[slot] = max(self._clean[slot], length)
+        for slot, total in zip(slots, (len(ids) for ids in prompts), strict=True):
+            self._clean[slot] = max(self._clean[slot], total)
         return self._logits(x[torch.tensor(starts[1:]) - 1])
+
+    def save_prefix(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of ``slot``'s first ``length`` cache positions: K and V, each
+        ``[layers, kv_heads, length, head_dim]`` (for :meth:`load_prefix` into any slot)."""
+        keys = torch.stack([kc[slot, :, :length] for kc in self.k_cache])
+        values = torch.stack([vc[slot, :, :length] for vc in self.v_cache])
+        return keys, values
+
+    def load_prefix(self, slot: int, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """Put the first ``length`` positions of a :meth:`save_prefix` copy into ``slot``."""
+        for i, (kc, vc) in enumerate(zip(self.k_cache, self.v_cache, strict=True)):
+            kc[slot, :, :length] = keys[i, :, :length]
+            vc[slot, :, :length] = values[i, :, :length]
+        self._clean[slot] = max(self._clean[slot], length)
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:

@@ -52,6 +52,9 @@ class TierConfig:
             max_tokens=params.get("max_num_tokens", int, defaults.max_tokens),
             max_waiting=params.get("max_queue_size", int, defaults.max_waiting),
             max_prefill_tokens=params.get("max_prefill_tokens", int, defaults.max_prefill_tokens),
+            kv_cache_reuse_tokens=params.get(
+                "kv_cache_reuse_tokens", int, defaults.kv_cache_reuse_tokens
+            ),
         )
         limits.validate()
         dtype = params.get("dtype", str, "float32")

@@ -47,10 +47,18 @@ class ScriptedRunner:
         logits[self.script[min(index, len(self.script) - 1)]] = 1.0
         return logits
 
-    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def prefill_batch(
+        self, slots: list[int], prompts: list[list[int]], cached: list[int] | None = None
+    ) -> torch.Tensor:
         for slot, token_ids in zip(slots, prompts, strict=True):
             self.prompt_len[slot] = len(token_ids)
         return torch.stack([self._logits(0) for _ in slots])
+
+    def save_prefix(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty(0), torch.empty(0)
+
+    def load_prefix(self, slot: int, keys: torch.Tensor, values: torch.Tensor, n: int) -> None:
+        pass
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         return torch.stack(
@@ -354,9 +362,11 @@ class _PackRecorder(_HeldRunner):
         super().__init__(*args)
         self.packs: list[list[int]] = []
 
-    def prefill_batch(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    def prefill_batch(
+        self, slots: list[int], prompts: list[list[int]], cached: list[int] | None = None
+    ) -> torch.Tensor:
         self.packs.append(list(slots))
-        return super().prefill_batch(slots, prompts)
+        return super().prefill_batch(slots, prompts, cached)
 
 
 @pytest.mark.parametrize(
@@ -421,6 +431,11 @@ def test_max_queue_size_is_read_and_checked() -> None:
     assert TierConfig.from_params(Params(config, "llm_small")).limits.max_prefill_tokens == 512
     config = {"parameters": {"max_prefill_tokens": {"string_value": "0"}}}
     with pytest.raises(ConfigError, match="max_prefill_tokens"):
+        TierConfig.from_params(Params(config, "llm_small"))
+    config = {"parameters": {"kv_cache_reuse_tokens": {"string_value": "0"}}}
+    assert TierConfig.from_params(Params(config, "llm_small")).limits.kv_cache_reuse_tokens == 0
+    config = {"parameters": {"kv_cache_reuse_tokens": {"string_value": "-1"}}}
+    with pytest.raises(ConfigError, match="kv_cache_reuse_tokens"):
         TierConfig.from_params(Params(config, "llm_small"))
 
 
