@@ -168,8 +168,13 @@ class Engine:
         default_end_id: int | None,
         observer: Callable[[int, int], None] | None = None,
         cancel_probe_interval: float = 0.05,
+        on_prefill: Callable[[int, int], None] | None = None,
     ) -> None:
         """``observer(active, waiting)`` is called from the engine thread when they change.
+
+        ``on_prefill(computed, reused)`` is called from the engine thread after each
+        packed prefill with its prompt tokens: computed, and copied from the KV cache of
+        earlier prompts (see ``kv_cache_reuse_tokens``).
 
         ``cancel_probe_interval``: each sequence's ``is_cancelled`` probe is asked at most
         this often (seconds). In a Triton stub the probe is an IPC round trip, once per
@@ -179,6 +184,7 @@ class Engine:
         limits.validate()
         self._probe_interval = cancel_probe_interval
         self._observer = observer
+        self._on_prefill = on_prefill
         self._observed = (-1, -1)
         if limits.max_active > runner.max_active or limits.max_context > runner.max_context:
             raise ConfigError("engine limits exceed the runner's cache")
@@ -383,6 +389,12 @@ class Engine:
         if self.prefixes is not None:
             for slot, ids in zip(slots, prompts, strict=True):
                 self.prefixes.insert(ids, lambda n, slot=slot: self.runner.save_prefix(slot, n))
+        if self._on_prefill is not None:
+            reused = sum(cached)
+            try:
+                self._on_prefill(sum(len(ids) for ids in prompts) - reused, reused)
+            except Exception:  # metrics must never stop generation
+                log.exception("engine prefill callback failed")
         return logits
 
     def _accept(self, seq: _Sequence, token: int) -> None:

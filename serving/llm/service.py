@@ -133,10 +133,15 @@ def release_freed_memory() -> None:
         log.debug("malloc_trim is not available; freed memory stays in the heap")
 
 
-def build_engine(config: TierConfig, observer: Callable[[int, int], None] | None = None) -> Tier:
+def build_engine(
+    config: TierConfig,
+    observer: Callable[[int, int], None] | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
+) -> Tier:
     """Load SmolLM2 from its PyPI package and start an engine (one decode thread).
 
-    ``observer(active, waiting)`` sees the engine's sequence counts as they change.
+    ``observer(active, waiting)`` sees the engine's sequence counts as they change, and
+    ``on_prefill(computed, reused)`` each prefill's prompt tokens (:class:`Engine`).
     """
     path = smollm2_gguf()
     tokenizer = load_tokenizer(path)
@@ -151,7 +156,9 @@ def build_engine(config: TierConfig, observer: Callable[[int, int], None] | None
     del model
     release_freed_memory()
     end_id = int(tokenizer.eos_token_id)
-    engine = Engine(runner, config.limits, default_end_id=end_id, observer=observer)
+    engine = Engine(
+        runner, config.limits, default_end_id=end_id, observer=observer, on_prefill=on_prefill
+    )
     return Tier(engine, TokenBytes(tokenizer), end_id)
 
 

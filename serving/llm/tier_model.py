@@ -81,8 +81,25 @@ class TierModel:
             # (seen: "active 9" for hours after a stub was killed mid-load): start at 0.
             observe(0, 0)
 
+            # How much prefill KV cache reuse saves: reused / (computed + reused).
+            self.prompt_tokens = prompt_tokens = LabelledMetric(
+                "llm_engine_prompt_tokens",
+                "Prompt tokens prefilled by the CPU engine: computed, or reused from the KV "
+                "cache of an earlier prompt",
+                "counter",
+            )
+            computed = prompt_tokens.labels(model=self.name, source="computed")
+            reused = prompt_tokens.labels(model=self.name, source="reused")
+
+            def on_prefill(n_computed: int, n_reused: int) -> None:
+                computed.increment(n_computed)
+                if n_reused:
+                    reused.increment(n_reused)
+
             # Looked up on the module at call time so tests can put a scripted engine in.
-            self.tier = service.build_engine(TierConfig.from_params(setup.params), observe)
+            self.tier = service.build_engine(
+                TierConfig.from_params(setup.params), observe, on_prefill=on_prefill
+            )
         except Exception as exc:
             raise model_exception(exc) from exc
 

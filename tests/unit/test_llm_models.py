@@ -75,9 +75,10 @@ def tier_model(tokenizer, monkeypatch):
     end_id = tokenizer.eos_token_id
     limits = EngineLimits(max_active=4, max_context=512, max_new_tokens=64, max_tokens=2048)
 
-    def fake_build(config, observer=None):
+    def fake_build(config, observer=None, on_prefill=None):
         runner = ScriptedRunner(script, end_id, len(tokenizer))
-        return Tier(Engine(runner, limits, end_id), TokenBytes(tokenizer), end_id)
+        engine = Engine(runner, limits, end_id, observer=observer, on_prefill=on_prefill)
+        return Tier(engine, TokenBytes(tokenizer), end_id)
 
     monkeypatch.setattr(service, "build_engine", fake_build)
     model = TierModel()
@@ -98,10 +99,13 @@ def test_a_new_instance_resets_the_sequence_gauges_a_dead_stub_left(tokenizer, m
         return metric
 
     monkeypatch.setattr(pb_utils.MetricFamily, "Metric", dead_stubs_series)
-    monkeypatch.setattr(service, "build_engine", lambda config, observer=None: None)
+    monkeypatch.setattr(
+        service, "build_engine", lambda config, observer=None, on_prefill=None: None
+    )
     model = TierModel()
     model.initialize(model_args("llm_small"))
-    assert [(m.labels["state"], m.value) for m in left] == [("active", 0.0), ("waiting", 0.0)]
+    gauges = [(m.labels["state"], m.value) for m in left if "state" in m.labels]
+    assert gauges == [("active", 0.0), ("waiting", 0.0)]
 
 
 @pytest.mark.parametrize("tier", ["llm_small", "llm_medium", "llm_large"])
@@ -165,6 +169,19 @@ def test_non_streaming_sends_one_response(tier_model, tokenizer) -> None:
     tier_model.execute([request])
     _wait_closed(request)
     assert [c.decode("utf-8") for c in _texts(request, tokenizer)] == [ANSWER]
+
+
+def test_prompt_tokens_reused_from_an_earlier_prompt_are_counted(tier_model) -> None:
+    """``llm_engine_prompt_tokens{source=computed|reused}``: the same 20-token prompt twice
+    computes 20 + 1 tokens and reuses 19 (its last token is always computed)."""
+    ids = np.arange(100, 120, dtype=np.int32).reshape(1, -1)
+    for _ in range(2):
+        request = FakeRequest(_tier_inputs(input_ids=ids, input_lengths=np.array([20], np.int32)))
+        tier_model.execute([request])
+        _wait_closed(request)
+    counter = tier_model.prompt_tokens
+    assert counter.labels(model="llm_small", source="computed").value == 21
+    assert counter.labels(model="llm_small", source="reused").value == 19
 
 
 def test_request_output_len_cuts_the_answer(tier_model, tokenizer) -> None:
@@ -326,7 +343,7 @@ def test_full_queue_answers_unavailable_at_once(tokenizer, monkeypatch) -> None:
     )
     runner = _HeldRunner(script, end_id, len(tokenizer))
 
-    def held_build(config, observer=None):
+    def held_build(config, observer=None, on_prefill=None):
         return Tier(Engine(runner, limits, end_id), TokenBytes(tokenizer), end_id)
 
     monkeypatch.setattr(service, "build_engine", held_build)
