@@ -226,6 +226,21 @@ def test_float32_runner_without_the_blocked_copy_holds_plain_weights(hf_model) -
     assert torch.allclose(lean.decode(*step), full.decode(*step), atol=1e-3)
 
 
+def _same_caches_then_next_step(
+    got: LlamaRunner, want: LlamaRunner, slots: list[int], prompts: list[list[int]], logits
+) -> tuple[list[int], list[int]]:
+    """Assert both runners hold the prompts' caches (first and last layer); return the
+    decode step that continues every prompt with its greedy token, in slot order."""
+    for slot, ids in zip(slots, prompts, strict=True):
+        for mine, theirs in ((got.k_cache, want.k_cache), (got.v_cache, want.v_cache)):
+            for layer in (0, len(mine) - 1):
+                a, b = mine[layer][slot, :, : len(ids)], theirs[layer][slot, :, : len(ids)]
+                assert torch.allclose(a, b, atol=1e-4)
+    tokens = [int(t) for t in logits.argmax(dim=1)]
+    order = sorted(range(len(slots)), key=lambda b: slots[b])  # decode reads slots 0..n-1
+    return [tokens[b] for b in order], [len(prompts[b]) for b in order]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=["float32", "int8"])
 def test_packed_prefill_equals_one_prompt_at_a_time(hf_model, template, dtype) -> None:
     """Prompts prefilled together (in any slot order) give each prompt's own logits and
@@ -241,15 +256,8 @@ def test_packed_prefill_equals_one_prompt_at_a_time(hf_model, template, dtype) -
     assert logits.shape == (len(prompts), hf_model.config.vocab_size)
     assert torch.allclose(logits, expected, atol=1e-3)
     assert torch.equal(logits.argmax(dim=1), expected.argmax(dim=1))
-    for slot, ids in zip(slots, prompts, strict=True):
-        for mine, theirs in ((packed.k_cache, alone.k_cache), (packed.v_cache, alone.v_cache)):
-            for layer in (0, len(mine) - 1):
-                got, want = mine[layer][slot, :, : len(ids)], theirs[layer][slot, :, : len(ids)]
-                assert torch.allclose(got, want, atol=1e-4)
+    step = _same_caches_then_next_step(packed, alone, slots, prompts, logits)
     # Decoding on from the packed caches gives the same next logits.
-    tokens = [int(t) for t in logits.argmax(dim=1)]
-    order = sorted(range(len(slots)), key=lambda b: slots[b])  # decode reads slots 0..n-1
-    step = [tokens[b] for b in order], [len(prompts[b]) for b in order]
     assert torch.allclose(packed.decode(*step), alone.decode(*step), atol=1e-3)
     with pytest.raises(ValueError, match="non-empty"):
         packed.prefill_batch([0], [[]])
@@ -282,14 +290,7 @@ def test_prefill_after_a_reused_prefix_equals_the_full_prefill(hf_model, templat
     logits = reused.prefill_batch(slots, prompts, [shared] * len(prompts))
     assert torch.allclose(logits, expected, atol=1e-3)
     assert torch.equal(logits.argmax(dim=1), expected.argmax(dim=1))
-    for slot, ids in zip(slots, prompts, strict=True):
-        for mine, theirs in ((reused.k_cache, full.k_cache), (reused.v_cache, full.v_cache)):
-            for layer in (0, len(mine) - 1):
-                got, want = mine[layer][slot, :, : len(ids)], theirs[layer][slot, :, : len(ids)]
-                assert torch.allclose(got, want, atol=1e-4)
-    tokens = [int(t) for t in logits.argmax(dim=1)]
-    order = sorted(range(len(slots)), key=lambda b: slots[b])
-    step = [tokens[b] for b in order], [len(prompts[b]) for b in order]
+    step = _same_caches_then_next_step(reused, full, slots, prompts, logits)
     got, want = reused.decode(*step), full.decode(*step)
     if dtype == torch.float32:
         assert torch.allclose(got, want, atol=1e-3)
