@@ -113,14 +113,39 @@ def test_eight_concurrent_streams_complete(server: TritonLauncher) -> None:
     assert all(t.strip() for t in texts.values())
 
 
-def _active_sequences(server: TritonLauncher, model: str) -> float:
+def _metric(server: TritonLauncher, name: str, **labels: str) -> float:
+    """The value of ``name``'s series with these labels on the metrics page (0 if none)."""
     with urllib.request.urlopen(server.metrics_url, timeout=30) as r:
         metrics = r.read().decode()
     for line in metrics.splitlines():
-        labels = f'model="{model}"' in line and 'state="active"' in line
-        if line.startswith("llm_engine_sequences{") and labels:
+        matches = all(f'{key}="{value}"' in line for key, value in labels.items())
+        if line.startswith(f"{name}{{") and matches:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _active_sequences(server: TritonLauncher, model: str) -> float:
+    return _metric(server, "llm_engine_sequences", model=model, state="active")
+
+
+def test_a_repeated_prompt_reuses_its_kv_cache(server: TritonLauncher) -> None:
+    """The same chat prompt twice: the second prefill copies all but its last token from
+    the first one's KV cache (``llm_engine_prompt_tokens{source="reused"}``), and the
+    answer is the same."""
+    counter = "llm_engine_prompt_tokens"
+
+    def counts() -> tuple[float, float]:
+        return tuple(
+            _metric(server, counter, model="llm_small", source=source)
+            for source in ("computed", "reused")
+        )
+
+    computed, reused = counts()
+    answers = [_stream_text(server, "llm_small_text", QUESTION, 8, False) for _ in range(2)]
+    assert answers[0] == answers[1] and "".join(answers[0]).strip()
+    computed_after, reused_after = counts()
+    assert computed_after - computed >= 2  # each request computes at least its last token
+    assert reused_after - reused >= 16  # at least the chat template's system prompt
 
 
 def _wait_for(predicate, timeout: float = 60.0) -> bool:
