@@ -309,13 +309,13 @@ def test_prefill_after_a_reused_prefix_equals_the_full_prefill(hf_model, templat
 
 
 def test_a_repeated_prompt_reuses_its_cache_and_gets_the_same_answer(
-    hf_model, engine, template
+    hf_model, engine, template, tokenizer
 ) -> None:
-    """The engine stores each prompt's KV; the same prompt again computes only its last
-    token, a prompt with the same template its own words, and greedy tokens match an
-    engine without reuse."""
+    """The engine stores each prompt's KV: the same prompt again reuses all but its last
+    token, and greedy tokens match an engine without reuse."""
     limits = dataclasses.replace(LIMITS, kv_cache_reuse_tokens=0)
-    plain = Engine(LlamaRunner(hf_model, 4, 256, torch.float32), limits, default_end_id=None)
+    runner = LlamaRunner(hf_model, 4, 256, torch.float32)
+    plain = Engine(runner, limits, default_end_id=tokenizer.eos_token_id)
     try:
         assert plain.prefixes is None
         requests = [GenerationRequest(template.encode(p), 12) for p in PROMPTS[2:]]
