@@ -63,10 +63,7 @@ class PrefixCache:
         """(key, length) of the stored prompt sharing the longest prefix with ``ids``."""
         best, best_len = None, 0
         for key in reversed(self._entries):  # most recent first: it wins a tie
-            stored = self._entries[key].tokens
-            n = min(len(stored), len(ids))
-            same = stored[:n] == ids[:n]
-            length = n if same.all() else int(same.argmin())
+            length = _shared(self._entries[key].tokens, ids)
             if length > best_len:
                 best, best_len = key, length
         return best, best_len
@@ -99,7 +96,8 @@ class PrefixCache:
         if key is not None and length == len(ids):
             self._entries.move_to_end(key)
             return
-        for old in [k for k, e in self._entries.items() if _starts_with(ids, e.tokens)]:
+        extended = [k for k, e in self._entries.items() if _shared(e.tokens, ids) == len(e.tokens)]
+        for old in extended:
             self._drop(old)
         keys, values = save(len(ids))
         self._ids += 1
@@ -112,5 +110,8 @@ class PrefixCache:
         self.tokens -= len(self._entries.pop(key).tokens)
 
 
-def _starts_with(ids: np.ndarray, prefix: np.ndarray) -> bool:
-    return len(prefix) <= len(ids) and bool((ids[: len(prefix)] == prefix).all())
+def _shared(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    n = min(len(a), len(b))
+    same = a[:n] == b[:n]
+    return n if same.all() else int(same.argmin())
