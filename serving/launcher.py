@@ -181,6 +181,7 @@ class TritonLauncher:
         self._reaper: subprocess.Popen[bytes] | None = None
         self.supervisor: Supervisor | None = None
         self._health: ThreadingHTTPServer | None = None
+        self._loading = False
         self._log_file = None
         self._echo: threading.Thread | None = None
         self._echo_stop = threading.Event()
@@ -276,9 +277,24 @@ class TritonLauncher:
             ("--http-port", o.http_port),
             ("--grpc-port", o.grpc_port),
             ("--metrics-port", o.metrics_port),
-            ("--health-port", o.health_port),
         ):
             check_port_free(o.host, port, flag)
+        self.wanted = [m for wave in waves for m in wave]
+        # The health port is held from here on, not bound after the loads: a port picked
+        # free minutes earlier can meanwhile become some client's ephemeral port (it did,
+        # in CI). Until the models are loaded, /health/ready answers 503 "loading".
+        self._start_health_server()
+        try:
+            self._start_server(waves, progress)
+            self._loading = False
+        except BaseException:
+            # Nothing is served yet, so nothing to drain: Triton's own graceful exit would
+            # wait for the loads in progress, so it gets a few seconds, then SIGKILL.
+            self.stop(timeout=_STARTUP_STOP_TIMEOUT)
+            raise
+
+    def _start_server(self, waves: list[list[str]], progress: Callable[[str], None]) -> None:
+        o = self.options
         install = self._install()
         if o.log_path is None:
             o.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tritonserver-{o.http_port}.log"
@@ -303,20 +319,12 @@ class TritonLauncher:
             self._echo_stop.clear()
             self._echo = threading.Thread(target=self._echo_log, name="log-echo", daemon=True)
             self._echo.start()
-        try:
-            self._wait_server_ready(time.monotonic() + o.ready_timeout)
-            self.wanted = [m for wave in waves for m in wave]
-            for wave in waves:
-                progress(f"loading {', '.join(wave)}")
-                self._load_wave(wave)
-            self.supervisor = Supervisor(self, interval=o.supervise_interval)
-            self.supervisor.start()
-            self._start_health_server()
-        except BaseException:
-            # Nothing is served yet, so nothing to drain: Triton's own graceful exit would
-            # wait for the loads in progress, so it gets a few seconds, then SIGKILL.
-            self.stop(timeout=_STARTUP_STOP_TIMEOUT)
-            raise
+        self._wait_server_ready(time.monotonic() + o.ready_timeout)
+        for wave in waves:
+            progress(f"loading {', '.join(wave)}")
+            self._load_wave(wave)
+        self.supervisor = Supervisor(self, interval=o.supervise_interval)
+        self.supervisor.start()
 
     def _preflight(self) -> None:
         """Refuse to serve TensorRT-LLM engines built by another TensorRT-LLM version."""
@@ -531,6 +539,9 @@ class TritonLauncher:
         """
         revived = Counter(self.supervisor.reloads) if self.supervisor else Counter()
         report: dict = {"server": "down", "models": {}, "broken": [], "revived": dict(revived)}
+        if self._loading:
+            report["server"] = "loading"
+            return False, report
         if self.process is None or self.process.poll() is not None:
             return False, report
         try:
@@ -575,6 +586,15 @@ class TritonLauncher:
             def log_message(self, fmt: str, *args: object) -> None:
                 log.debug("health: " + fmt, *args)
 
-        self._health = ThreadingHTTPServer((self.options.host, self.options.health_port), Handler)
+        o = self.options
+        try:
+            self._health = ThreadingHTTPServer((o.host, o.health_port), Handler)
+        except OSError as exc:
+            # check_port_free's wording, for the port this process binds itself.
+            check_port_free(o.host, o.health_port, "--health-port")
+            raise LaunchError(
+                f"cannot serve health on {o.host}:{o.health_port}: {exc.strerror}"
+            ) from None
+        self._loading = True
         self._health.daemon_threads = True
         threading.Thread(target=self._health.serve_forever, name="health", daemon=True).start()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -219,6 +222,44 @@ class TestPortsAndOptions:
         with pytest.raises(LaunchError, match="unknown model"):
             launcher.start()
         assert launcher.process is None
+
+    def test_health_port_in_use_is_named_before_starting(self, repo: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            options = LaunchOptions.on_free_ports(repository=repo, health_port=port)
+            launcher = TritonLauncher(options)
+            with pytest.raises(LaunchError, match=f"port {port} \\(--health-port\\) is already"):
+                launcher.start()
+        assert launcher.process is None
+
+    def test_health_port_is_held_and_answers_loading_while_models_load(
+        self, repo: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Bound only after the loads, a port picked free minutes before could meanwhile be
+        # taken (a client's ephemeral port did, in CI): it is held from the start instead.
+        launcher = TritonLauncher(LaunchOptions.on_free_ports(repository=repo))
+        seen: list[tuple[int, dict]] = []
+
+        def loading(waves: list[list[str]], progress: object) -> None:
+            with pytest.raises(LaunchError, match="--health-port"):
+                check_port_free("127.0.0.1", launcher.options.health_port, "--health-port")
+            try:
+                urllib.request.urlopen(launcher.health_url, timeout=5)
+            except urllib.error.HTTPError as exc:
+                seen.append((exc.code, json.loads(exc.read())))
+
+        monkeypatch.setattr(launcher, "_start_server", loading)
+        try:
+            launcher.start()
+            assert seen == [(503, {**seen[0][1], "server": "loading"})]
+            assert sorted(launcher.wanted) == ["classifier", "embedding", "head", "llm", "outer"]
+            # Loaded: the deep check takes over (no server process here, so "down").
+            assert launcher.deep_health()[1]["server"] == "down"
+        finally:
+            launcher.stop()
+        check_port_free("127.0.0.1", launcher.options.health_port, "--health-port")
 
     def test_h100_profile_refuses_engines_it_cannot_serve(self) -> None:
         # No TensorRT-LLM (or engines) on this machine: the launcher says so before starting.
