@@ -67,6 +67,9 @@ class Replica:
     #: there are lost, since Triton 2.51 never answers them.
     dead_models: frozenset[str] = frozenset()
     slow_probes: int = 0  # health probes in a row that got no answer in time
+    #: Calls of :meth:`AsyncReplicaPool.eject` so far: a probe begun before the latest
+    #: one is stale, whatever it says.
+    marked_down: int = 0
 
 
 class Picker:
@@ -301,6 +304,7 @@ class AsyncReplicaPool(BaseAsyncClient):
         return self._picker.choose(candidates)
 
     def eject(self, replica: Replica, reason: str) -> None:
+        replica.marked_down += 1
         if replica.healthy:
             log.warning("ejecting replica %s: %s", replica.url, reason)
             replica.ejections += 1
@@ -317,6 +321,7 @@ class AsyncReplicaPool(BaseAsyncClient):
 
     async def check(self, replica: Replica) -> bool:
         """Probe one replica now and update its health."""
+        marked = replica.marked_down
         if replica.health_url is not None:
             if self._session is None:
                 self._session = aiohttp.ClientSession()
@@ -337,6 +342,12 @@ class AsyncReplicaPool(BaseAsyncClient):
                 ok = await self._clients[replica].server_ready()
             except Exception:
                 ok = False
+        if ok and replica.marked_down != marked:
+            # A request failed there while this probe was in flight (a SIGKILLed server
+            # answered the probe just before it died): the failure is the newer news.
+            # Readmitting it would send it requests until the next probe, and count a
+            # second ejection for one failure.
+            return False
         if ok and not replica.healthy:
             log.info("replica %s is back", replica.url)
             replica.failures = 0

@@ -121,7 +121,9 @@ def test_a_killed_small_replica_is_ejected_and_comes_back_after_restart(
     )
     with urllib.request.urlopen(f"{cluster.gateway_url}/metrics", timeout=10) as response:
         metrics = response.read().decode()
-    assert f'gateway_ejections_total{{pool="small",replica="{second.grpc_url}"}} 1.0' in metrics
+    ejections = f'gateway_ejections_total{{pool="small",replica="{second.grpc_url}"}} '
+    found = [line for line in metrics.splitlines() if line.startswith(ejections)]
+    assert found == [f"{ejections}1.0"], found
     assert 'gateway_pool_cost_per_million_tokens{pool="small"}' in metrics
 
     # Restart on the same ports: the static topology sees it come back and it serves again.

@@ -264,6 +264,46 @@ def test_a_stream_whose_stub_dies_before_answering_is_retried_elsewhere() -> Non
     asyncio.run(scenario())
 
 
+def test_a_probe_that_answered_before_a_failure_does_not_readmit_the_replica() -> None:
+    """The probe's 200 left the launcher just before the server died; a request fails
+    (ejection) before that answer arrives. The answer must not bring the replica back
+    (nor make the next probe count a second ejection for the one failure)."""
+    answer = asyncio.Event()
+    events: list[tuple[str, str]] = []
+
+    async def ready(_: web.Request) -> web.Response:
+        await answer.wait()
+        return web.json_response({"models": {}})
+
+    async def scenario() -> None:
+        runner, port = await _health_server(ready)
+        servers = {"a:1": FakeServer("a:1", chunks=text_chunks(b"ok"))}
+        pool = _pool(
+            servers,
+            health_urls=[f"http://127.0.0.1:{port}/health/ready"],
+            probe_interval=3600,  # probed by hand below
+            on_event=lambda kind, r: events.append((kind, r.url)),
+        )
+        (replica,) = pool.replicas
+        try:
+            probe = asyncio.ensure_future(pool.check(replica))
+            await asyncio.sleep(0.1)  # the probe waits for its answer
+            pool.eject(replica, "UNAVAILABLE: connection refused")
+            answer.set()
+            assert await probe is False
+            assert not replica.healthy and replica.ejections == 1
+            assert replica.last_error == "UNAVAILABLE: connection refused"
+            assert events == [("eject", "a:1")]
+            # A probe begun after the failure is news again: the replica comes back.
+            assert await pool.check(replica) is True
+            assert replica.healthy and events == [("eject", "a:1"), ("back", "a:1")]
+        finally:
+            await pool.close()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
 def test_a_slow_health_answer_ejects_only_after_several_in_a_row() -> None:
     """A saturated but healthy launcher sometimes answers its probe late: one late answer
     must not eject it; eject_after late answers in a row do."""
