@@ -31,6 +31,7 @@ Run alone (nothing else on the machine), under the shared benchmark lock::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,18 +345,8 @@ def served_tier(
 ) -> list[dict[str, Any]]:
     """(b) the tier through a real tritonserver, its weights in ``dtype``."""
     singles, batch = work.singles, work.streams
-    tmp = Path(tempfile.mkdtemp(prefix="bench-llm-"))
-    repository = configured_copy(
-        ROOT / "model_repository", tmp / "repository", {TIER: {"dtype": dtype}}, models=[TIER]
-    )
     progress.update(task, description=f"starting tritonserver with {TIER} ({dtype})")
-    launcher = TritonLauncher(
-        LaunchOptions.on_free_ports(
-            models=[TIER], repository=repository, log_path=tmp / "server.log", ready_timeout=900
-        )
-    )
-    launcher.start()
-    try:
+    with served_server(dtype) as launcher:
         progress.update(task, description=f"served tier ({dtype})")
         served_runs(launcher.grpc_url, [work.warmup], 4)
         return [
@@ -371,6 +363,23 @@ def served_tier(
                 lambda: served_runs(launcher.grpc_url, batch, args.tokens),
             ),
         ]
+
+
+@contextlib.contextmanager
+def served_server(dtype: str) -> Iterator[TritonLauncher]:
+    """A tritonserver serving only the tier, from a repository copy with ``dtype`` set."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-llm-"))
+    repository = configured_copy(
+        ROOT / "model_repository", tmp / "repository", {TIER: {"dtype": dtype}}, models=[TIER]
+    )
+    launcher = TritonLauncher(
+        LaunchOptions.on_free_ports(
+            models=[TIER], repository=repository, log_path=tmp / "server.log", ready_timeout=900
+        )
+    )
+    launcher.start()
+    try:
+        yield launcher
     finally:
         launcher.stop()
 
