@@ -5,7 +5,7 @@
 PY := .venv/bin/python
 SERVE_ARGS ?=
 
-.PHONY: venv serve test unit integration lint format manifests k8s cluster bench-embedding bench-llm bench-routing bench-intent bench-balancing bench-replicas
+.PHONY: venv serve test unit integration lint format manifests k8s cluster bench-embedding bench-llm bench-llm-paired bench-routing bench-intent bench-balancing bench-replicas
 
 venv:
 	@scripts/bootstrap.sh
@@ -50,6 +50,10 @@ bench-embedding: venv
 bench-llm: venv
 	scripts/vllm_env.sh
 	$(PY) benchmarks/llm.py
+
+bench-llm-paired: venv
+	scripts/vllm_env.sh
+	$(PY) benchmarks/llm_paired.py
 
 bench-routing: venv
 	$(PY) benchmarks/routing.py --requests 60 --max-tokens 12 --warmup 4

@@ -552,11 +552,16 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": ratios,
         "not_run": notes,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    console.print(markdown(report))
+    write_report(args.out, report, markdown(report))
     return 0
+
+
+def write_report(out: Path, report: dict[str, Any], text: str) -> None:
+    """``out``.json (the report) and ``out``.md (``text``, also printed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    console.print(text)
 
 
 def cpu_model() -> str:

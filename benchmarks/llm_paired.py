@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import statistics
@@ -202,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": pairs,
         "results": details,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
-    llm.console.print(markdown(report))
+    llm.write_report(args.out, report, markdown(report))
     return 0
 
 
