@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -75,6 +76,21 @@ async def _health_server(
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, port
+
+
+@contextlib.asynccontextmanager
+async def _probed_replica(
+    ready: Callable[[web.Request], Awaitable[web.Response]], **kwargs: object
+) -> AsyncIterator[tuple[AsyncReplicaPool, Replica]]:
+    """A one-replica pool whose deep health URL ``ready`` answers; closed on exit."""
+    runner, port = await _health_server(ready)
+    servers = {"a:1": FakeServer("a:1", chunks=text_chunks(b"ok"))}
+    pool = _pool(servers, health_urls=[f"http://127.0.0.1:{port}/health/ready"], **kwargs)
+    try:
+        yield pool, pool.replicas[0]
+    finally:
+        await pool.close()
+        await runner.cleanup()
 
 
 def test_pool_balances_streams_and_counts_in_flight() -> None:
@@ -276,16 +292,11 @@ def test_a_probe_that_answered_before_a_failure_does_not_readmit_the_replica() -
         return web.json_response({"models": {}})
 
     async def scenario() -> None:
-        runner, port = await _health_server(ready)
-        servers = {"a:1": FakeServer("a:1", chunks=text_chunks(b"ok"))}
-        pool = _pool(
-            servers,
-            health_urls=[f"http://127.0.0.1:{port}/health/ready"],
+        async with _probed_replica(
+            ready,
             probe_interval=3600,  # probed by hand below
             on_event=lambda kind, r: events.append((kind, r.url)),
-        )
-        (replica,) = pool.replicas
-        try:
+        ) as (pool, replica):
             probe = asyncio.ensure_future(pool.check(replica))
             await asyncio.sleep(0.1)  # the probe waits for its answer
             pool.eject(replica, "UNAVAILABLE: connection refused")
@@ -297,9 +308,6 @@ def test_a_probe_that_answered_before_a_failure_does_not_readmit_the_replica() -
             # A probe begun after the failure is news again: the replica comes back.
             assert await pool.check(replica) is True
             assert replica.healthy and events == [("eject", "a:1"), ("back", "a:1")]
-        finally:
-            await pool.close()
-            await runner.cleanup()
 
     asyncio.run(scenario())
 
@@ -314,16 +322,7 @@ def test_a_slow_health_answer_ejects_only_after_several_in_a_row() -> None:
         return web.json_response({"models": {}})
 
     async def scenario() -> None:
-        runner, port = await _health_server(ready)
-        servers = {"a:1": FakeServer("a:1", chunks=text_chunks(b"ok"))}
-        pool = _pool(
-            servers,
-            health_urls=[f"http://127.0.0.1:{port}/health/ready"],
-            probe_timeout=0.05,
-            eject_after=3,
-        )
-        (replica,) = pool.replicas
-        try:
+        async with _probed_replica(ready, probe_timeout=0.05, eject_after=3) as (pool, replica):
             state["delay"] = 0.2  # later than the probe waits
             assert await pool.check(replica) and await pool.check(replica)
             assert replica.healthy and replica.slow_probes == 2
@@ -332,9 +331,6 @@ def test_a_slow_health_answer_ejects_only_after_several_in_a_row() -> None:
             state["delay"] = 0.2
             results = [await pool.check(replica) for _ in range(3)]
             assert results == [True, True, False] and not replica.healthy
-        finally:
-            await pool.close()
-            await runner.cleanup()
 
     asyncio.run(scenario())
 
