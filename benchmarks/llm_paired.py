@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(encoded) < 1 + args.rounds * per_round:
         parser.error(f"the Dolly sample has only {len(encoded)} usable prompts")
     warmup, fresh = encoded[0], encoded[1:]
-    streams = {"1": 1, str(args.batch): args.batch}
+    streams = ["1", str(args.batch)]  # the keys of each round's rates
 
     log = llm.console.log
     rounds: list[dict[str, dict[str, float]]] = []
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(),
         "checkpoint": SMOLLM2_CHECKPOINT,
         "tokens_per_request": args.tokens,
-        "streams": list(streams),
+        "streams": streams,
         "machine": {
             "cpus": os.cpu_count(),
             "cpu_model": llm.cpu_model(),
