@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from serving.llm import native
+
 log = logging.getLogger(__name__)
 
 #: How many cache positions ahead of the longest sequence are zeroed at once.
@@ -258,9 +260,14 @@ class LlamaRunner:
         max_context: int,
         dtype: torch.dtype = torch.float32,
         float32_blocked_copy: bool = True,
+        native_attention: bool | None = None,
     ) -> None:
         """``float32_blocked_copy=False`` keeps float32 layer weights plain only: half
-        their memory, slower products of more than one row (see :class:`Float32Weight`)."""
+        their memory, slower products of more than one row (see :class:`Float32Weight`).
+
+        ``native_attention``: decode steps attend through the C kernel
+        (:mod:`serving.llm.native`) when ``True``, through ATen when ``False``; ``None``
+        uses the kernel wherever it builds and loads, the ATen path elsewhere."""
         self.shape = LlamaShape.from_config(hf_model.config)
         self.dtype = dtype
         self.max_active = max_active
@@ -321,6 +328,16 @@ class LlamaRunner:
         self.v_cache = [torch.empty(cache_shape, dtype=f32) for _ in range(s.layers)]
         self._clean = [0] * max_active
         self._positions = torch.arange(max_context)
+        self.native = None
+        if native_attention is not False:
+            kernel = (
+                native.load()
+                if native.NativeAttention.supports(s.heads, s.kv_heads, s.head_dim)
+                else None
+            )
+            if kernel is None and native_attention:
+                raise RuntimeError("native decode attention was asked for but is unavailable")
+            self.native = kernel
 
     def _matmul(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """``x @ weight`` in the weights' dtype, returned as float32."""
@@ -453,15 +470,33 @@ class LlamaRunner:
 
         Returns float32 logits ``[n, vocab]``. Each slot attends only to its own first
         ``positions[b] + 1`` cache entries, so sequences of any length share the step.
-        Attention is two batched products with the query heads grouped under their KV
-        head (no copy of the cache per query head); for one query position that is
-        several times cheaper than ``scaled_dot_product_attention``'s CPU kernel.
+        Attention runs in the native kernel where it loaded (:attr:`native`), else in ATen
+        (:meth:`_aten_attention`).
         """
-        s = self.shape
         n = len(token_ids)
         pos = torch.tensor(positions)
         span = max(positions) + 1
         self._clean_up_to(n, span)
+        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)  # [n, 1, d]
+        x = self.embed[torch.tensor(token_ids)]  # [n, hidden] float32
+        attend = self.native or self._aten_attention(positions, pos, span)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(x, layer, cos, sin)
+            attn = attend(q, k, v, self.k_cache[i], self.v_cache[i], pos, self._scale)
+            x = x + self._matmul(attn, layer.out)
+            x = self._mlp(x, layer)
+        return self._logits(x)
+
+    def _aten_attention(self, positions: list[int], pos: torch.Tensor, span: int):
+        """The ATen path of one step's attention, with the native kernel's signature.
+
+        Two batched products with the query heads grouped under their KV head (no copy of
+        the cache per query head); for one query position that is several times cheaper
+        than ``scaled_dot_product_attention``'s CPU kernel. Every slot attends over the
+        longest span, masked past its own position.
+        """
+        s = self.shape
+        n = len(positions)
         rows = torch.arange(n)
         # Additive mask [n, 1, 1, span]: 0 where a slot may attend, -inf past its position;
         # none when every slot is at the last position (always so for one sequence).
@@ -471,21 +506,18 @@ class LlamaRunner:
                 (self._positions[:span].unsqueeze(0) > pos.unsqueeze(1)).view(n, 1, 1, span),
                 float("-inf"),
             )
-        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)  # [n, 1, d]
-        x = self.embed[torch.tensor(token_ids)]  # [n, hidden] float32
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(x, layer, cos, sin)
-            kc, vc = self.k_cache[i], self.v_cache[i]
+
+        def attend(q, k, v, kc, vc, pos, scale):
             kc[rows, :, pos] = k
             vc[rows, :, pos] = v
             q = q.reshape(n, s.kv_heads, self._group, s.head_dim)
-            scores = torch.matmul(q, kc[:n, :, :span].transpose(2, 3)) * self._scale
+            scores = torch.matmul(q, kc[:n, :, :span].transpose(2, 3)) * scale
             if mask is not None:
                 scores = scores + mask
             attn = torch.matmul(torch.softmax(scores, dim=-1), vc[:n, :, :span])
-            x = x + self._matmul(attn.reshape(n, self._q), layer.out)
-            x = self._mlp(x, layer)
-        return self._logits(x)
+            return attn.reshape(n, self._q)
+
+        return attend
 
     def _clean_up_to(self, n: int, span: int) -> None:
         """Make positions ``< span`` finite in slots ``0..n-1`` (zeroing 64 ahead at a time)."""
