@@ -366,11 +366,19 @@ def served_tier(
 
 
 @contextlib.contextmanager
-def served_server(dtype: str) -> Iterator[TritonLauncher]:
-    """A tritonserver serving only the tier, from a repository copy with ``dtype`` set."""
+def served_server(variant: str) -> Iterator[TritonLauncher]:
+    """A tritonserver serving only the tier, from a repository copy with its dtype set.
+
+    ``variant`` is a dtype (``float32``, ``int8``, ``bfloat16``), optionally followed by
+    ``-aten`` for the ATen attention path instead of the native kernel (an A/B).
+    """
+    dtype, _, path = variant.partition("-")
+    if path not in ("", "aten"):
+        raise ValueError(f"served variant {variant!r}: expected <dtype> or <dtype>-aten")
+    parameters = {"dtype": dtype} | ({"native_attention": "false"} if path else {})
     tmp = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     repository = configured_copy(
-        ROOT / "model_repository", tmp / "repository", {TIER: {"dtype": dtype}}, models=[TIER]
+        ROOT / "model_repository", tmp / "repository", {TIER: parameters}, models=[TIER]
     )
     launcher = TritonLauncher(
         LaunchOptions.on_free_ports(

@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     def dtypes(text: str) -> list[str]:
         return [d for d in text.split(",") if d]
 
-    parser.add_argument("--served-dtypes", type=dtypes, default=["float32", "int8"])
+    parser.add_argument(
+        "--served-dtypes",
+        type=dtypes,
+        default=["float32", "int8"],
+        help="served variants: a dtype, or <dtype>-aten for the ATen attention path",
+    )
     parser.add_argument("--vllm-dtypes", type=dtypes, default=["float32", "bfloat16"])
     parser.add_argument(
         "--settle", type=float, default=10.0, help="seconds of pause before each engine's turn"

@@ -31,6 +31,7 @@ from serving.params import Params
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+_NATIVE = {"auto": None, "true": True, "false": False}
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class TierConfig:
     dtype: str = "float32"
     checkpoint: str = SMOLLM2_CHECKPOINT
     float32_blocked_copy: bool = True
+    #: Decode attention through :mod:`serving.llm.native`: ``None`` where it loads (else
+    #: ATen, logged), ``True`` required (the load fails without it), ``False`` ATen only.
+    native_attention: bool | None = None
 
     @classmethod
     def from_params(cls, params: Params) -> TierConfig:
@@ -67,7 +71,18 @@ class TierConfig:
                 f"{checkpoint!r}"
             )
         blocked = params.get("float32_blocked_copy", bool, True)
-        return cls(limits=limits, dtype=dtype, checkpoint=checkpoint, float32_blocked_copy=blocked)
+        attention = params.get("native_attention", str, "auto")
+        if attention not in _NATIVE:
+            raise ConfigError(
+                f"parameter native_attention must be one of {sorted(_NATIVE)}, got {attention!r}"
+            )
+        return cls(
+            limits=limits,
+            dtype=dtype,
+            checkpoint=checkpoint,
+            float32_blocked_copy=blocked,
+            native_attention=_NATIVE[attention],
+        )
 
 
 class Tier:
@@ -152,6 +167,7 @@ def build_engine(
         config.limits.max_context,
         _DTYPES[config.dtype],
         float32_blocked_copy=config.float32_blocked_copy,
+        native_attention=config.native_attention,
     )
     del model
     release_freed_memory()

@@ -467,3 +467,19 @@ def test_float32_blocked_copy_is_read_and_checked() -> None:
     config = {"parameters": {"float32_blocked_copy": {"string_value": "maybe"}}}
     with pytest.raises(ConfigError, match="float32_blocked_copy"):
         TierConfig.from_params(Params(config, "llm_small"))
+
+
+def test_native_attention_is_read_and_checked() -> None:
+    from serving.errors import ConfigError
+    from serving.llm.service import TierConfig
+    from serving.params import Params
+
+    def parse(value: str | None) -> TierConfig:
+        params = {} if value is None else {"native_attention": {"string_value": value}}
+        return TierConfig.from_params(Params({"parameters": params}, "llm_small"))
+
+    assert parse(None).native_attention is None  # auto: the kernel where it loads
+    assert parse("true").native_attention is True
+    assert parse("false").native_attention is False
+    with pytest.raises(ConfigError, match="native_attention must be one of"):
+        parse("fast")
