@@ -375,7 +375,7 @@ def served_server(variant: str) -> Iterator[TritonLauncher]:
     dtype, _, path = variant.partition("-")
     if path not in ("", "aten"):
         raise ValueError(f"served variant {variant!r}: expected <dtype> or <dtype>-aten")
-    parameters = {"dtype": dtype} | ({"native_attention": "false"} if path else {})
+    parameters = {"dtype": dtype} | ({"native_kernels": "false"} if path else {})
     tmp = Path(tempfile.mkdtemp(prefix="bench-llm-"))
     repository = configured_copy(
         ROOT / "model_repository", tmp / "repository", {TIER: parameters}, models=[TIER]

@@ -260,14 +260,15 @@ class LlamaRunner:
         max_context: int,
         dtype: torch.dtype = torch.float32,
         float32_blocked_copy: bool = True,
-        native_attention: bool | None = None,
+        native_kernels: bool | None = None,
     ) -> None:
         """``float32_blocked_copy=False`` keeps float32 layer weights plain only: half
         their memory, slower products of more than one row (see :class:`Float32Weight`).
 
-        ``native_attention``: decode steps attend through the C kernel
-        (:mod:`serving.llm.native`) when ``True``, through ATen when ``False``; ``None``
-        uses the kernel wherever it builds and loads, the ATen path elsewhere."""
+        ``native_kernels``: a decode step's work outside the weight products (RoPE, the
+        cache write, attention, residual adds, norms, SiLU) runs in the C kernels of
+        :mod:`serving.llm.native` when ``True``, in ATen when ``False``; ``None`` uses the
+        kernels wherever they build and load, the ATen path elsewhere."""
         self.shape = LlamaShape.from_config(hf_model.config)
         self.dtype = dtype
         self.max_active = max_active
@@ -328,16 +329,15 @@ class LlamaRunner:
         self.v_cache = [torch.empty(cache_shape, dtype=f32) for _ in range(s.layers)]
         self._clean = [0] * max_active
         self._positions = torch.arange(max_context)
-        self.native = None
-        if native_attention is not False:
-            kernel = (
-                native.load()
-                if native.NativeAttention.supports(s.heads, s.kv_heads, s.head_dim)
-                else None
+        self.native: native.NativeKernels | None = None
+        if native_kernels is not False:
+            fits = native.NativeKernels.supports(
+                s.heads, s.kv_heads, s.head_dim, s.hidden, hf_model.config.intermediate_size
             )
-            if kernel is None and native_attention:
-                raise RuntimeError("native decode attention was asked for but is unavailable")
-            self.native = kernel
+            kernels = native.load() if fits else None
+            if kernels is None and native_kernels:
+                raise RuntimeError("native decode kernels were asked for but are unavailable")
+            self.native = kernels
 
     def _matmul(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """``x @ weight`` in the weights' dtype, returned as float32."""
@@ -365,9 +365,12 @@ class LlamaRunner:
 
     def _qkv(self, x: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor):
         """Project ``x`` [L, hidden]; q and k rotated together: [L, heads(+kv), d] each."""
+        return self._split_rotate(self._matmul(self._norm(x, layer.norm1), layer.qkv), cos, sin)
+
+    def _split_rotate(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The fused projection [L, q + k + v] as q, k (rotated) and v [L, heads, d]."""
         s = self.shape
-        qkv = self._matmul(self._norm(x, layer.norm1), layer.qkv)
-        length = x.shape[0]
+        length = qkv.shape[0]
         qk = self._rope(qkv[:, : self._q + self._kv].view(length, -1, s.head_dim), cos, sin)
         v = qkv[:, self._q + self._kv :].view(length, s.kv_heads, s.head_dim)
         return qk[:, : s.heads], qk[:, s.heads :], v
@@ -470,54 +473,21 @@ class LlamaRunner:
 
         Returns float32 logits ``[n, vocab]``. Each slot attends only to its own first
         ``positions[b] + 1`` cache entries, so sequences of any length share the step.
-        Attention runs in the native kernel where it loaded (:attr:`native`), else in ATen
-        (:meth:`_aten_attention`).
+        Everything but the weight products runs in the native kernels where they loaded
+        (:attr:`native`: four calls a layer), else in ATen (:class:`_AtenDecode`).
         """
         n = len(token_ids)
         pos = torch.tensor(positions)
-        span = max(positions) + 1
-        self._clean_up_to(n, span)
-        cos, sin = self._cos[pos].unsqueeze(1), self._sin[pos].unsqueeze(1)  # [n, 1, d]
-        x = self.embed[torch.tensor(token_ids)]  # [n, hidden] float32
-        attend = self.native or self._aten_attention(positions, pos, span)
+        self._clean_up_to(n, max(positions) + 1)
+        ops = _NativeDecode(self, pos) if self.native else _AtenDecode(self, positions, pos)
+        x, h = ops.add_rms_norm(self.embed[torch.tensor(token_ids)], None, self.layers[0].norm1)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(x, layer, cos, sin)
-            attn = attend(q, k, v, self.k_cache[i], self.v_cache[i], pos, self._scale)
-            x = x + self._matmul(attn, layer.out)
-            x = self._mlp(x, layer)
-        return self._logits(x)
-
-    def _aten_attention(self, positions: list[int], pos: torch.Tensor, span: int):
-        """The ATen path of one step's attention, with the native kernel's signature.
-
-        Two batched products with the query heads grouped under their KV head (no copy of
-        the cache per query head); for one query position that is several times cheaper
-        than ``scaled_dot_product_attention``'s CPU kernel. Every slot attends over the
-        longest span, masked past its own position.
-        """
-        s = self.shape
-        n = len(positions)
-        rows = torch.arange(n)
-        # Additive mask [n, 1, 1, span]: 0 where a slot may attend, -inf past its position;
-        # none when every slot is at the last position (always so for one sequence).
-        mask = None
-        if min(positions) < span - 1:
-            mask = torch.zeros(n, 1, 1, span).masked_fill_(
-                (self._positions[:span].unsqueeze(0) > pos.unsqueeze(1)).view(n, 1, 1, span),
-                float("-inf"),
-            )
-
-        def attend(q, k, v, kc, vc, pos, scale):
-            kc[rows, :, pos] = k
-            vc[rows, :, pos] = v
-            q = q.reshape(n, s.kv_heads, self._group, s.head_dim)
-            scores = torch.matmul(q, kc[:n, :, :span].transpose(2, 3)) * scale
-            if mask is not None:
-                scores = scores + mask
-            attn = torch.matmul(torch.softmax(scores, dim=-1), vc[:n, :, :span])
-            return attn.reshape(n, self._q)
-
-        return attend
+            attn = ops.attention(i, self._matmul(h, layer.qkv))
+            x, h = ops.add_rms_norm(x, self._matmul(attn, layer.out), layer.norm2)
+            act = ops.silu_mul(self._matmul(h, layer.gate_up))
+            following = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.final_norm
+            x, h = ops.add_rms_norm(x, self._matmul(act, layer.down), following)
+        return float32_matmul(h, self.lm_head)
 
     def _clean_up_to(self, n: int, span: int) -> None:
         """Make positions ``< span`` finite in slots ``0..n-1`` (zeroing 64 ahead at a time)."""
@@ -536,3 +506,77 @@ class LlamaRunner:
             kc[dst, :, :length] = kc[src, :, :length]
             vc[dst, :, :length] = vc[src, :, :length]
         self._clean[dst] = max(self._clean[dst], length)
+
+
+class _NativeDecode:
+    """A decode step's non-matmul work in the native kernels (:mod:`serving.llm.native`)."""
+
+    def __init__(self, runner: LlamaRunner, pos: torch.Tensor) -> None:
+        assert runner.native is not None
+        self._kernels, self._runner, self._pos = runner.native, runner, pos
+
+    def add_rms_norm(self, x, delta, weight):
+        h = self._kernels.add_rms_norm(x, delta, weight, self._runner.shape.rms_eps)
+        return x, h  # x was added to in place
+
+    def silu_mul(self, gate_up):
+        return self._kernels.silu_mul(gate_up)
+
+    def attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        r = self._runner
+        return self._kernels.attention(
+            qkv,
+            r.shape.heads,
+            r.k_cache[layer],
+            r.v_cache[layer],
+            self._pos,
+            r._cos,
+            r._sin,
+            r._scale,
+        )
+
+
+class _AtenDecode:
+    """The same work in ATen operators: the reference the kernels are tested against, and
+    the path where they do not load.
+
+    Attention is two batched products with the query heads grouped under their KV head
+    (no copy of the cache per query head); for one query position that is several times
+    cheaper than ``scaled_dot_product_attention``'s CPU kernel. Every slot attends over
+    the longest span, masked past its own position.
+    """
+
+    def __init__(self, runner: LlamaRunner, positions: list[int], pos: torch.Tensor) -> None:
+        self._runner, self._pos = runner, pos
+        n, span = len(positions), max(positions) + 1
+        self._n, self._span, self._rows = n, span, torch.arange(n)
+        self._cos, self._sin = runner._cos[pos].unsqueeze(1), runner._sin[pos].unsqueeze(1)
+        # Additive mask [n, 1, 1, span]: 0 where a slot may attend, -inf past its position;
+        # none when every slot is at the last position (always so for one sequence).
+        self._mask = None
+        if min(positions) < span - 1:
+            self._mask = torch.zeros(n, 1, 1, span).masked_fill_(
+                (runner._positions[:span].unsqueeze(0) > pos.unsqueeze(1)).view(n, 1, 1, span),
+                float("-inf"),
+            )
+
+    def add_rms_norm(self, x, delta, weight):
+        x = x if delta is None else x + delta
+        return x, self._runner._norm(x, weight)
+
+    def silu_mul(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def attention(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        r, s, n, span = self._runner, self._runner.shape, self._n, self._span
+        q, k, v = r._split_rotate(qkv, self._cos, self._sin)
+        kc, vc = r.k_cache[layer], r.v_cache[layer]
+        kc[self._rows, :, self._pos] = k
+        vc[self._rows, :, self._pos] = v
+        q = q.reshape(n, s.kv_heads, r._group, s.head_dim)
+        scores = torch.matmul(q, kc[:n, :, :span].transpose(2, 3)) * r._scale
+        if self._mask is not None:
+            scores = scores + self._mask
+        attn = torch.matmul(torch.softmax(scores, dim=-1), vc[:n, :, :span])
+        return attn.reshape(n, r._q)

@@ -42,9 +42,9 @@ class TierConfig:
     dtype: str = "float32"
     checkpoint: str = SMOLLM2_CHECKPOINT
     float32_blocked_copy: bool = True
-    #: Decode attention through :mod:`serving.llm.native`: ``None`` where it loads (else
-    #: ATen, logged), ``True`` required (the load fails without it), ``False`` ATen only.
-    native_attention: bool | None = None
+    #: Decode steps through :mod:`serving.llm.native`'s kernels: ``None`` where they load
+    #: (else ATen, logged), ``True`` required (the load fails without them), ``False`` ATen.
+    native_kernels: bool | None = None
 
     @classmethod
     def from_params(cls, params: Params) -> TierConfig:
@@ -71,17 +71,17 @@ class TierConfig:
                 f"{checkpoint!r}"
             )
         blocked = params.get("float32_blocked_copy", bool, True)
-        attention = params.get("native_attention", str, "auto")
+        attention = params.get("native_kernels", str, "auto")
         if attention not in _NATIVE:
             raise ConfigError(
-                f"parameter native_attention must be one of {sorted(_NATIVE)}, got {attention!r}"
+                f"parameter native_kernels must be one of {sorted(_NATIVE)}, got {attention!r}"
             )
         return cls(
             limits=limits,
             dtype=dtype,
             checkpoint=checkpoint,
             float32_blocked_copy=blocked,
-            native_attention=_NATIVE[attention],
+            native_kernels=_NATIVE[attention],
         )
 
 
@@ -167,7 +167,7 @@ def build_engine(
         config.limits.max_context,
         _DTYPES[config.dtype],
         float32_blocked_copy=config.float32_blocked_copy,
-        native_attention=config.native_attention,
+        native_kernels=config.native_kernels,
     )
     del model
     release_freed_memory()

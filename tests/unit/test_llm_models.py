@@ -469,17 +469,17 @@ def test_float32_blocked_copy_is_read_and_checked() -> None:
         TierConfig.from_params(Params(config, "llm_small"))
 
 
-def test_native_attention_is_read_and_checked() -> None:
+def test_native_kernels_is_read_and_checked() -> None:
     from serving.errors import ConfigError
     from serving.llm.service import TierConfig
     from serving.params import Params
 
     def parse(value: str | None) -> TierConfig:
-        params = {} if value is None else {"native_attention": {"string_value": value}}
+        params = {} if value is None else {"native_kernels": {"string_value": value}}
         return TierConfig.from_params(Params({"parameters": params}, "llm_small"))
 
-    assert parse(None).native_attention is None  # auto: the kernel where it loads
-    assert parse("true").native_attention is True
-    assert parse("false").native_attention is False
-    with pytest.raises(ConfigError, match="native_attention must be one of"):
+    assert parse(None).native_kernels is None  # auto: the kernel where it loads
+    assert parse("true").native_kernels is True
+    assert parse("false").native_kernels is False
+    with pytest.raises(ConfigError, match="native_kernels must be one of"):
         parse("fast")

@@ -1,11 +1,12 @@
-"""The engine's native decode-attention kernel: C, compiled on first use, loaded by ctypes.
+"""The engine's native decode kernels: C, compiled on first use, loaded by ctypes.
 
-``decode_attention.c`` does one decode step's attention for every active sequence, with
-its KV cache write, in one call per layer. The ATen path it replaces (``index_put`` of the
-new keys and values, two batched products of 3x64 by 64xT matrices, a mask and a softmax)
-took 22 of the 34 ms that a 16-sequence step spends outside its weight products (AVX2
-EPYC, span 201). Each sequence attends to its own length only: no mask, no work on the
-positions between its end and the longest sequence's.
+``kernels.c`` does a decode step's work outside the weight products in four calls per
+layer: RoPE, the KV cache write and attention for every active sequence in one; the
+residual add with the next RMSNorm (twice); SiLU-and-multiply. ATen's attention alone
+(``index_put`` of the new keys and values, two batched products of 3x64 by 64xT matrices,
+a mask and a softmax) took 22 of the 34 ms that a 16-sequence step spent outside its weight
+products (AVX2 EPYC, span 201). Each sequence attends to its own length only: no mask, no
+work on the positions between its end and the longest sequence's.
 
 Built with the machine's C compiler (``$CC``, else ``cc``) for x86-64 with AVX2 and FMA
 (x86-64-v3, which every CPU the tiers target has), into the cache folder under a name that
@@ -15,7 +16,7 @@ threads are torch's (one pool, no second runtime spinning beside it).
 
 Where it cannot be used (no compiler, another architecture, a CPU without AVX2, a failed
 build, ``TRITON_LLM_NATIVE=0``) :func:`load` logs why once and returns ``None``, and the
-runner keeps the ATen path, which stays the reference the kernel is tested against.
+runner keeps the ATen path, which stays the reference the kernels are tested against.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from serving.assets import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-std=gnu11", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 #: The kernel's limits (``MAX_GROUP``, ``MAX_HEAD_DIM`` and ``CHUNK`` in the source).
 MAX_GROUP = 16
@@ -46,62 +47,74 @@ MAX_HEAD_DIM = 256
 ENV_SWITCH = "TRITON_LLM_NATIVE"
 
 
-class NativeAttention:
-    """The loaded kernel; :meth:`__call__` runs one layer's decode attention."""
+class NativeKernels:
+    """The loaded library: one method per kernel, each checking what it is given."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        fn = library.decode_attention
-        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr]
-        fn.argtypes += [i32, i32, i32, i32, i64, ctypes.c_float]
-        fn.restype = i32
-        self._fn = fn
+        ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        self._attention = library.decode_attention
+        self._attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+        self._attention.argtypes += [i32, i32, i32, i32, i64, f32]
+        self._attention.restype = i32
+        self._add_rms_norm = library.add_rms_norm
+        self._add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i32, i32, f32]
+        self._add_rms_norm.restype = None
+        self._silu_mul = library.silu_mul
+        self._silu_mul.argtypes = [ptr, ptr, i32, i32]
+        self._silu_mul.restype = None
 
     @staticmethod
-    def supports(heads: int, kv_heads: int, head_dim: int) -> bool:
-        group = heads // kv_heads
+    def supports(heads: int, kv_heads: int, head_dim: int, hidden: int, intermediate: int) -> bool:
+        """Whether a model of these dimensions fits the kernels' limits."""
         return (
             heads % kv_heads == 0
-            and group <= MAX_GROUP
+            and heads // kv_heads <= MAX_GROUP
             and head_dim % 64 == 0
             and head_dim <= MAX_HEAD_DIM
+            and hidden % 8 == 0
+            and intermediate % 8 == 0
         )
 
-    def __call__(
+    def attention(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        qkv: torch.Tensor,
+        heads: int,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """Write ``k``/``v`` [n, kv_heads, d] at ``positions`` [n] (int64) of slots 0..n-1
-        of the caches [slots, kv_heads, context, d], and attend ``q`` [n, heads, d] to
-        each slot's positions up to its own; returns [n, heads * d] float32.
-
-        Rows may be strided (views into the fused projection), heads and dimensions must
-        be contiguous within a row; the caches must be contiguous.
+        """One layer's decode attention from its fused projection ``qkv`` [n, (heads +
+        2 kv_heads) * d] (queries, keys, values, not rotated): rotates the queries and
+        keys by RoPE at ``positions`` [n] (int64, rows of the ``cos``/``sin`` tables
+        [context, d]), writes each key and value to its position in slots 0..n-1 of the
+        caches [slots, kv_heads, context, d], and attends each slot's queries to its
+        positions up to its own. Returns [n, heads * d] float32.
         """
-        n, heads, head_dim = q.shape
-        kv_heads, context = k_cache.shape[1], k_cache.shape[2]
-        for t in (q, k, v):
-            if t.dtype != torch.float32 or t.stride(2) != 1 or t.stride(1) != head_dim:
-                raise ValueError("decode_attention: q, k, v need float32 rows of whole heads")
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("decode_attention: the caches must be contiguous")
+        tables = (k_cache, v_cache, cos, sin)
+        if not all(t.is_contiguous() and t.dtype == torch.float32 for t in tables):
+            raise ValueError("decode_attention: caches and tables must be contiguous float32")
+        if k_cache.shape != v_cache.shape:
+            raise ValueError("decode_attention: the K and V caches differ in shape")
+        _, kv_heads, context, head_dim = k_cache.shape
+        n = qkv.shape[0]
+        if qkv.dtype != torch.float32 or qkv.stride(1) != 1:
+            raise ValueError("decode_attention: qkv must be float32 rows")
+        if qkv.shape[1] != (heads + 2 * kv_heads) * head_dim:
+            raise ValueError(f"decode_attention: qkv rows of {qkv.shape[1]} do not fit")
+        if cos.shape != (context, head_dim) or sin.shape != cos.shape:
+            raise ValueError("decode_attention: cos/sin must be [context, head_dim]")
         if positions.dtype != torch.int64 or positions.shape != (n,) or n > k_cache.shape[0]:
             raise ValueError("decode_attention: one int64 position per active slot")
         positions = positions.contiguous()
         out = torch.empty(n, heads * head_dim)
-        status = self._fn(
-            q.data_ptr(),
-            q.stride(0),
-            k.data_ptr(),
-            k.stride(0),
-            v.data_ptr(),
-            v.stride(0),
+        status = self._attention(
+            qkv.data_ptr(),
+            qkv.stride(0),
+            cos.data_ptr(),
+            sin.data_ptr(),
             k_cache.data_ptr(),
             v_cache.data_ptr(),
             positions.data_ptr(),
@@ -113,15 +126,48 @@ class NativeAttention:
             context,
             scale,
         )
+        if status == -3:
+            raise ValueError(f"decode_attention: positions must lie in [0, {context})")
         if status == -2:
-            raise ValueError(f"decode_attention: unsupported shape {tuple(q.shape)}")
+            raise ValueError(
+                f"decode_attention: unsupported shape {heads=} {kv_heads=} {head_dim=}"
+            )
         if status != 0:
             raise MemoryError("decode_attention: could not allocate its score buffer")
         return out
 
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """``x += delta`` in place (none when ``delta`` is None), then RMSNorm of ``x``
+        [n, width] with ``weight`` [width]: the residual add and the next norm."""
+        n, width = x.shape
+        parts = (x, weight) if delta is None else (x, delta, weight)
+        if not all(t.is_contiguous() and t.dtype == torch.float32 for t in parts):
+            raise ValueError("add_rms_norm: contiguous float32 tensors only")
+        if weight.shape != (width,) or (delta is not None and delta.shape != x.shape):
+            raise ValueError("add_rms_norm: shapes do not match")
+        if width % 8:
+            raise ValueError("add_rms_norm: width must be a multiple of 8")
+        out = torch.empty_like(x)
+        delta_ptr = None if delta is None else delta.data_ptr()
+        self._add_rms_norm(
+            x.data_ptr(), delta_ptr, weight.data_ptr(), out.data_ptr(), n, width, eps
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for ``gate_up`` [n, 2 * width] (gate first): [n, width]."""
+        n, double = gate_up.shape
+        if not gate_up.is_contiguous() or gate_up.dtype != torch.float32 or double % 16:
+            raise ValueError("silu_mul: contiguous float32 rows of a multiple of 16")
+        out = torch.empty(n, double // 2)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), n, double // 2)
+        return out
+
 
 def _unavailable(reason: str) -> None:
-    log.warning("native decode attention unavailable (%s); using the ATen path", reason)
+    log.warning("native decode kernels unavailable (%s); using the ATen path", reason)
 
 
 def _compiler_id(compiler: str) -> str:
@@ -130,7 +176,7 @@ def _compiler_id(compiler: str) -> str:
 
 
 def build(target_dir: Path | None = None) -> Path:
-    """Compile the kernel (once per source, flags and compiler) and return the library.
+    """Compile the kernels (once per source, flags and compiler) and return the library.
 
     Raises ``RuntimeError`` naming what is missing or what the compiler said.
     """
@@ -143,12 +189,12 @@ def build(target_dir: Path | None = None) -> Path:
     ).hexdigest()[:12]
     folder = target_dir or cache_dir() / "native"
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"decode_attention-{key}.so"
+    target = folder / f"kernels-{key}.so"
     if target.is_file():
         return target
     # Build beside the target, then rename: concurrent model instances never load a
     # half-written library, and the last rename wins with identical bytes.
-    fd, tmp = tempfile.mkstemp(prefix="decode_attention-", suffix=".so", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix="kernels-", suffix=".so", dir=folder)
     os.close(fd)
     try:
         done = subprocess.run(
@@ -167,10 +213,10 @@ def build(target_dir: Path | None = None) -> Path:
 
 
 @functools.cache
-def load() -> NativeAttention | None:
-    """The kernel, built if needed; ``None`` (logged once) where it cannot be used."""
+def load() -> NativeKernels | None:
+    """The kernels, built if needed; ``None`` (logged once) where they cannot be used."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
-        log.info("native decode attention off (%s=0); using the ATen path", ENV_SWITCH)
+        log.info("native decode kernels off (%s=0); using the ATen path", ENV_SWITCH)
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         _unavailable(f"built for x86-64 only, this is {platform.machine()}")
@@ -180,7 +226,10 @@ def load() -> NativeAttention | None:
         _unavailable(f"the CPU has no AVX2 (torch reports {capability})")
         return None
     try:
-        return NativeAttention(ctypes.CDLL(str(build())))
+        path = build()
+        kernels = NativeKernels(ctypes.CDLL(str(path)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _unavailable(str(exc))
         return None
+    log.info("native decode kernels: %s", path)
+    return kernels

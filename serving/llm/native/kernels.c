@@ -1,24 +1,29 @@
 /*
- * One decode step's attention for every active sequence, with its KV cache write: one call
- * per layer instead of ATen's index_put, two batched products of tiny matrices, a mask and
- * a softmax (22 of the 34 ms a 16-sequence step spent outside its weight products on an
- * AVX2 EPYC). Built and loaded by serving/llm/native.py; the ATen path in
- * serving/llm/runner.py stays the reference it is tested against.
+ * The CPU engine's decode step outside its weight products, in four calls per layer
+ * instead of about thirty ATen operators: built and loaded by serving/llm/native; the
+ * ATen path in serving/llm/runner.py stays the reference these are tested against.
+ *
+ * - decode_attention: RoPE on the new queries and key, the KV cache write, and attention
+ *   for every active sequence. ATen's version (index_put, two batched products of tiny
+ *   matrices, a mask, a softmax) took 22 of the 34 ms a 16-sequence step spent outside its
+ *   weight products on an AVX2 EPYC.
+ * - add_rms_norm: the residual add and the next RMSNorm.
+ * - silu_mul: SiLU(gate) * up.
  *
  * Layout (float32, the runner's):
- *   q      [n, kv_heads, group, head_dim]   row b at q + b * q_stride (rotated)
- *   k_new  [n, kv_heads, head_dim]          row b at k_new + b * k_stride (rotated)
- *   v_new  [n, kv_heads, head_dim]          row b at v_new + b * v_stride
+ *   qkv    [n, (heads + 2 * kv_heads) * head_dim], row b at qkv + b * qkv_stride: the
+ *          fused projection's output, queries then keys then values, not yet rotated
+ *   cos, sin [max_context, head_dim]: RoPE's tables (rotate-half layout, as transformers)
  *   cache  [max_active, kv_heads, max_context, head_dim] for K and for V
- *   out    [n, kv_heads * group * head_dim] contiguous
- * Sequence b's new key and value go to position positions[b] of slot b, and its queries
- * attend to positions 0..positions[b] of slot b only (no mask, no work past its end).
+ *   out    [n, heads * head_dim] contiguous
+ * Sequence b's rotated key and its value go to position positions[b] of slot b, and its
+ * queries attend to positions 0..positions[b] of slot b only (no mask, no work past its
+ * end).
  *
  * One task per (sequence, KV head): the group's query heads read that head's keys and
- * values once. Scores and weights are float32; dot products and the weighted sum of values
- * run over 8-float vectors (GCC/Clang vector extensions), summed in a fixed order, so one
+ * values. Everything is float32; sums run over 8-float AVX vectors in a fixed order, so one
  * build gives the same result whatever the thread count or schedule. exp is a degree-6
- * polynomial after range reduction (relative error below 2e-7 over the softmax's inputs).
+ * polynomial after range reduction (relative error below 2e-7).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -39,9 +44,9 @@ static inline __m256 sum8(const __m256 a[8]) {
                          _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
-/* exp(x) for x <= 0 (inputs are score - max): exp(x) = 2^k * exp(r), |r| <= ln2/2. */
+/* exp(x), x clamped to [-87, 88]: exp(x) = 2^k * exp(r), |r| <= ln2/2. */
 static inline __m256 exp8(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
@@ -152,30 +157,95 @@ static int attend(const float *q, const float *k_slot, const float *v_slot, floa
     return 0;
 }
 
+/* x rotated by RoPE into out (rotate-half: dimension i pairs with i + head_dim / 2). */
+static inline void rotate(const float *x, const float *cos, const float *sin, float *out,
+                          int head_dim) {
+    const int half = head_dim / 2;
+    for (int i = 0; i < half; i += LANES) {
+        const __m256 a = _mm256_loadu_ps(x + i), b = _mm256_loadu_ps(x + half + i);
+        _mm256_storeu_ps(out + i, _mm256_fmsub_ps(a, _mm256_loadu_ps(cos + i),
+                                                  _mm256_mul_ps(b, _mm256_loadu_ps(sin + i))));
+        _mm256_storeu_ps(out + half + i,
+                         _mm256_fmadd_ps(b, _mm256_loadu_ps(cos + half + i),
+                                         _mm256_mul_ps(a, _mm256_loadu_ps(sin + half + i))));
+    }
+}
+
 /* Returns 0; -1 if a score buffer could not be allocated (the new cache rows are
  * written, the output is not); -2 for a group beyond MAX_GROUP, or a head_dim beyond
- * MAX_HEAD_DIM or not a multiple of CHUNK (nothing is touched). */
-int decode_attention(const float *q, int64_t q_stride, const float *k_new, int64_t k_stride,
-                     const float *v_new, int64_t v_stride, float *k_cache, float *v_cache,
+ * MAX_HEAD_DIM or not a multiple of CHUNK; -3 for a position outside [0, max_context)
+ * (nothing is touched on -2 and -3). */
+int decode_attention(const float *qkv, int64_t qkv_stride, const float *cos_table,
+                     const float *sin_table, float *k_cache, float *v_cache,
                      const int64_t *positions, float *out, int n, int kv_heads, int group,
                      int head_dim, int64_t max_context, float scale) {
     if (group < 1 || group > MAX_GROUP || head_dim % CHUNK || head_dim > MAX_HEAD_DIM)
         return -2;
+    for (int b = 0; b < n; b++)
+        if (positions[b] < 0 || positions[b] >= max_context) return -3;
     const int tasks = n * kv_heads;
+    const int64_t heads = (int64_t)kv_heads * group;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
     for (int task = 0; task < tasks; task++) {
         const int b = task / kv_heads, h = task % kv_heads;
         const int64_t pos = positions[b];
+        const float *row = qkv + b * qkv_stride;
+        const float *cos = cos_table + pos * head_dim, *sin = sin_table + pos * head_dim;
         const int64_t head = ((int64_t)b * kv_heads + h) * max_context * head_dim;
         float *k_slot = k_cache + head, *v_slot = v_cache + head;
-        memcpy(k_slot + pos * head_dim, k_new + b * k_stride + (int64_t)h * head_dim,
+        rotate(row + (heads + h) * head_dim, cos, sin, k_slot + pos * head_dim, head_dim);
+        memcpy(v_slot + pos * head_dim, row + (heads + kv_heads + h) * head_dim,
                sizeof(float) * (size_t)head_dim);
-        memcpy(v_slot + pos * head_dim, v_new + b * v_stride + (int64_t)h * head_dim,
-               sizeof(float) * (size_t)head_dim);
-        const float *qg = q + b * q_stride + (int64_t)h * group * head_dim;
+        float q[MAX_GROUP * MAX_HEAD_DIM];
+        for (int g = 0; g < group; g++)
+            rotate(row + (h * group + g) * (int64_t)head_dim, cos, sin, q + g * head_dim,
+                   head_dim);
         float *og = out + ((int64_t)b * kv_heads + h) * group * head_dim;
-        failed |= attend(qg, k_slot, v_slot, og, pos + 1, group, head_dim, scale) != 0;
+        failed |= attend(q, k_slot, v_slot, og, pos + 1, group, head_dim, scale) != 0;
     }
     return failed ? -1 : 0;
+}
+
+/* x[b] += delta[b]; out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * weight, for n rows of
+ * width (a multiple of 8). delta may be NULL (the first layer's norm: no add). */
+void add_rms_norm(float *x, const float *delta, const float *weight, float *out, int n,
+                  int width, float eps) {
+    for (int b = 0; b < n; b++) {
+        float *xb = x + (int64_t)b * width;
+        const float *db = delta == NULL ? NULL : delta + (int64_t)b * width;
+        __m256 squares = _mm256_setzero_ps();
+        for (int i = 0; i < width; i += LANES) {
+            __m256 v = _mm256_loadu_ps(xb + i);
+            if (db != NULL) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(db + i));
+                _mm256_storeu_ps(xb + i, v);
+            }
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        float lanes[LANES];
+        _mm256_storeu_ps(lanes, squares);
+        const float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+                          ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(sum / (float)width + eps));
+        float *ob = out + (int64_t)b * width;
+        for (int i = 0; i < width; i += LANES)
+            _mm256_storeu_ps(ob + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + i), inv),
+                                                   _mm256_loadu_ps(weight + i)));
+    }
+}
+
+/* out[b, i] = silu(gate_up[b, i]) * gate_up[b, width + i]: the MLP's activation, for n rows
+ * of 2 * width (width a multiple of 8). */
+void silu_mul(const float *gate_up, float *out, int n, int width) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (int b = 0; b < n; b++) {
+        const float *gate = gate_up + (int64_t)b * 2 * width, *up = gate + width;
+        float *ob = out + (int64_t)b * width;
+        for (int i = 0; i < width; i += LANES) {
+            const __m256 g = _mm256_loadu_ps(gate + i);
+            const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, g))));
+            _mm256_storeu_ps(ob + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+        }
+    }
 }

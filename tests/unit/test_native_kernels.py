@@ -1,0 +1,213 @@
+"""The native decode kernels against the ATen path they replace, and their fallbacks."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+from serving.assets import smollm2_gguf
+from serving.llm import native
+from serving.llm.runner import LlamaRunner, load_hf_model
+
+#: Where the kernel must load: CI's and every target machine's kind. Elsewhere the tests
+#: that need it fail rather than skip, unless the machine really cannot build it.
+BUILDABLE = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    and shutil.which("cc") is not None
+)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_load(monkeypatch):
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
+    native.load.cache_clear()
+    yield
+    native.load.cache_clear()
+
+
+def kernels() -> native.NativeKernels:
+    loaded = native.load()
+    assert loaded is not None, "the kernels should build on an x86-64 AVX2 machine with cc"
+    return loaded
+
+
+def rope_tables(context: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.outer(torch.arange(context).float(), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().contiguous(), emb.sin().contiguous()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate-half RoPE, written out again: x [heads, d], cos/sin [d]."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def reference(qkv, heads, k_cache, v_cache, positions, cos, sin, scale):
+    """Per slot, the textbook computation on the slot's own span (no batching, no mask)."""
+    kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    out = []
+    for b, pos in enumerate(positions.tolist()):
+        row = qkv[b].reshape(-1, head_dim)
+        q = rotate(row[:heads], cos[pos], sin[pos])
+        k_cache[b, :, pos] = rotate(row[heads : heads + kv_heads], cos[pos], sin[pos])
+        v_cache[b, :, pos] = row[heads + kv_heads :]
+        group = heads // kv_heads
+        keys = k_cache[b, :, : pos + 1].repeat_interleave(group, dim=0)  # [heads, T, d]
+        values = v_cache[b, :, : pos + 1].repeat_interleave(group, dim=0)
+        weights = torch.softmax(q.unsqueeze(1) @ keys.transpose(1, 2) * scale, dim=-1)
+        out.append((weights @ values).reshape(-1))
+    return torch.stack(out)
+
+
+pytestmark = pytest.mark.skipif(not BUILDABLE, reason="needs x86-64 with AVX2 and a C compiler")
+
+
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(3, 3, 64), (2, 4, 128), (1, 1, 64)])
+def test_attention_matches_the_textbook_and_writes_the_rotated_cache(kv_heads, group, head_dim):
+    torch.manual_seed(0)
+    slots, context, heads = 6, 80, kv_heads * group
+    # lengths 1, 8, 9 (block edges), 17, 64 and 80 (the whole context)
+    positions = torch.tensor([0, 7, 8, 16, 63, 79])
+    n = len(positions)
+    k_cache = torch.randn(slots, kv_heads, context, head_dim)
+    v_cache = torch.randn(slots, kv_heads, context, head_dim)
+    # as the runner may pass it: a view of rows wider than the projection
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim + 8)[:, :-8]
+    cos, sin = rope_tables(context, head_dim)
+    scale = head_dim**-0.5
+
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected = reference(qkv, heads, expected_k, expected_v, positions, cos, sin, scale)
+    got = kernels().attention(qkv, heads, k_cache, v_cache, positions, cos, sin, scale)
+
+    assert got.shape == (n, heads * head_dim)
+    assert torch.allclose(got, expected, atol=2e-6, rtol=1e-5)
+    assert torch.allclose(k_cache, expected_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(v_cache, expected_v)
+
+
+def test_attention_ignores_what_lies_past_each_slots_position():
+    torch.manual_seed(1)
+    k_cache, v_cache = torch.randn(2, 3, 32, 64), torch.randn(2, 3, 32, 64)
+    qkv, (cos, sin) = torch.randn(2, 15 * 64), rope_tables(32, 64)
+    positions = torch.tensor([4, 20])
+    first = kernels().attention(qkv, 9, k_cache, v_cache, positions, cos, sin, 0.125)
+    k_cache[0, :, 5:] = float("nan")  # never written memory may hold anything
+    v_cache[0, :, 5:] = float("inf")
+    second = kernels().attention(qkv, 9, k_cache, v_cache, positions, cos, sin, 0.125)
+    assert torch.equal(first, second)
+
+
+def test_attention_rejects_what_it_cannot_read():
+    attend = kernels().attention
+    caches = torch.zeros(2, 3, 16, 64), torch.zeros(2, 3, 16, 64)
+    tables = rope_tables(16, 64)
+    qkv, pos = torch.zeros(1, 15 * 64), torch.tensor([0])
+    with pytest.raises(ValueError, match="float32"):
+        attend(qkv.double(), 9, *caches, pos, *tables, 0.1)
+    with pytest.raises(ValueError, match="do not fit"):
+        attend(qkv[:, :-64], 9, *caches, pos, *tables, 0.1)
+    with pytest.raises(ValueError, match="position"):
+        attend(qkv, 9, *caches, pos.int(), *tables, 0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        attend(qkv, 9, caches[0].transpose(2, 3), caches[1], pos, *tables, 0.1)
+    for outside in (-1, 16):  # a write outside the cache is refused before anything runs
+        with pytest.raises(ValueError, match=r"positions must lie in \[0, 16\)"):
+            attend(qkv + 1, 9, *caches, torch.tensor([outside]), *tables, 0.1)
+    assert not caches[0].any() and not caches[1].any()
+    with pytest.raises(ValueError, match="unsupported shape"):
+        small = torch.zeros(2, 3, 16, 32)
+        attend(torch.zeros(1, 15 * 32), 9, small, small.clone(), pos, *rope_tables(16, 32), 0.1)
+    assert not native.NativeKernels.supports(9, 3, 32, 576, 1536)
+    assert native.NativeKernels.supports(32, 8, 128, 4096, 14336)
+
+
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_adds_in_place_and_normalises(with_delta):
+    torch.manual_seed(2)
+    x, delta, weight = torch.randn(5, 576) * 3, torch.randn(5, 576), torch.rand(576) + 0.5
+    start = x.clone()
+    h = kernels().add_rms_norm(x, delta if with_delta else None, weight, 1e-5)
+    expected_x = start + delta if with_delta else start
+    assert torch.equal(x, expected_x)
+    expected = torch.nn.functional.rms_norm(expected_x, (576,), weight, 1e-5)
+    assert torch.allclose(h, expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="shapes"):
+        kernels().add_rms_norm(x, delta, weight[:-8], 1e-5)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels().add_rms_norm(x.t(), None, weight, 1e-5)
+
+
+def test_silu_mul_matches_aten_over_the_whole_range():
+    gate = torch.linspace(-100, 100, 4 * 1536).view(4, 1536)
+    up = torch.randn(4, 1536)
+    got = kernels().silu_mul(torch.cat([gate, up], dim=1))
+    assert torch.allclose(got, torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kernels().silu_mul(torch.zeros(2, 24))
+
+
+def test_switch_off_and_a_missing_compiler_fall_back_to_aten(monkeypatch, caplog):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.load() is None
+    native.load.cache_clear()
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native, "cache_dir", lambda: pytest.fail("must not build"))
+    with caplog.at_level("WARNING"):
+        assert native.load() is None
+    assert "no C compiler" in caplog.text
+
+
+def test_a_failed_build_names_the_compilers_error(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.c"
+    broken.write_text("int silu_mul(void) { return syntax error; }\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(RuntimeError, match=r"(?s)failed:.*error"):
+        native.build(tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.so"))  # no half-written library is left
+
+
+def test_build_is_cached_by_source(tmp_path):
+    first = native.build(tmp_path)
+    assert native.build(tmp_path) == first
+    assert first.stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return load_hf_model(smollm2_gguf())
+
+
+def test_runner_decodes_the_same_logits_natively_and_in_aten(hf_model):
+    """Sequences of different lengths in one step: the kernels (each slot's own span) and
+    ATen (the longest span, masked) agree within float32 summation order."""
+    fast = LlamaRunner(hf_model, 8, 256, torch.float32)
+    aten = LlamaRunner(hf_model, 8, 256, torch.float32, native_kernels=False)
+    assert fast.native is not None and aten.native is None
+    lengths = [3, 9, 16, 17, 40, 41, 63, 100]
+    prompts = [[(17 * i + 5 * t) % 4000 + 10 for t in range(n)] for i, n in enumerate(lengths)]
+    tokens = [int(x) for x in fast.prefill_batch(list(range(8)), prompts).argmax(-1)]
+    aten.prefill_batch(list(range(8)), prompts)
+    for step in range(6):
+        positions = [n + step for n in lengths]
+        got, expected = fast.decode(tokens, positions), aten.decode(tokens, positions)
+        assert (got - expected).abs().max().item() < 1e-3
+        assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+        tokens = got.argmax(-1).tolist()
+    # and one sequence alone, the single-stream step
+    alone = [lengths[0] + 6]
+    assert torch.allclose(fast.decode(tokens[:1], alone), aten.decode(tokens[:1], alone), atol=1e-3)
+
+
+def test_asking_for_the_kernels_where_it_cannot_load_is_an_error(hf_model, monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    with pytest.raises(RuntimeError, match="native decode kernels"):
+        LlamaRunner(hf_model, 1, 16, torch.float32, native_kernels=True)
+    assert LlamaRunner(hf_model, 1, 16, torch.float32).native is None
