@@ -54,7 +54,7 @@ class NativeKernels:
         ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         self._attention = library.decode_attention
         self._attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr]
-        self._attention.argtypes += [i32, i32, i32, i32, i64, f32]
+        self._attention.argtypes += [i32, i32, i32, i32, i64, f32, i32]
         self._attention.restype = i32
         self._add_rms_norm = library.add_rms_norm
         self._add_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i32, i32, f32]
@@ -125,6 +125,7 @@ class NativeKernels:
             head_dim,
             context,
             scale,
+            torch.get_num_threads(),
         )
         if status == -3:
             raise ValueError(f"decode_attention: positions must lie in [0, {context})")

@@ -178,7 +178,7 @@ static inline void rotate(const float *x, const float *cos, const float *sin, fl
 int decode_attention(const float *qkv, int64_t qkv_stride, const float *cos_table,
                      const float *sin_table, float *k_cache, float *v_cache,
                      const int64_t *positions, float *out, int n, int kv_heads, int group,
-                     int head_dim, int64_t max_context, float scale) {
+                     int head_dim, int64_t max_context, float scale, int threads) {
     if (group < 1 || group > MAX_GROUP || head_dim % CHUNK || head_dim > MAX_HEAD_DIM)
         return -2;
     for (int b = 0; b < n; b++)
@@ -186,7 +186,9 @@ int decode_attention(const float *qkv, int64_t qkv_stride, const float *cos_tabl
     const int tasks = n * kv_heads;
     const int64_t heads = (int64_t)kv_heads * group;
     int failed = 0;
-#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    /* threads: torch's intra-op count, passed in because OpenMP's own default is per
+     * calling thread (the engine's decode thread may never have set it). */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : failed)
     for (int task = 0; task < tasks; task++) {
         const int b = task / kv_heads, h = task % kv_heads;
         const int64_t pos = positions[b];
