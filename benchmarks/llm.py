@@ -370,7 +370,7 @@ def served_server(variant: str) -> Iterator[TritonLauncher]:
     """A tritonserver serving only the tier, from a repository copy with its dtype set.
 
     ``variant`` is a dtype (``float32``, ``int8``, ``bfloat16``), optionally followed by
-    ``-aten`` for the ATen attention path instead of the native kernel (an A/B).
+    ``-aten`` for the ATen path instead of the native decode kernels (an A/B).
     """
     dtype, _, path = variant.partition("-")
     if path not in ("", "aten"):

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "--served-dtypes",
         type=dtypes,
         default=["float32", "int8"],
-        help="served variants: a dtype, or <dtype>-aten for the ATen attention path",
+        help="served variants: a dtype, or <dtype>-aten for the ATen path (no native kernels)",
     )
     parser.add_argument("--vllm-dtypes", type=dtypes, default=["float32", "bfloat16"])
     parser.add_argument(

@@ -71,17 +71,17 @@ class TierConfig:
                 f"{checkpoint!r}"
             )
         blocked = params.get("float32_blocked_copy", bool, True)
-        attention = params.get("native_kernels", str, "auto")
-        if attention not in _NATIVE:
+        kernels = params.get("native_kernels", str, "auto")
+        if kernels not in _NATIVE:
             raise ConfigError(
-                f"parameter native_kernels must be one of {sorted(_NATIVE)}, got {attention!r}"
+                f"parameter native_kernels must be one of {sorted(_NATIVE)}, got {kernels!r}"
             )
         return cls(
             limits=limits,
             dtype=dtype,
             checkpoint=checkpoint,
             float32_blocked_copy=blocked,
-            native_kernels=_NATIVE[attention],
+            native_kernels=_NATIVE[kernels],
         )
 
 
