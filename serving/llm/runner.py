@@ -319,11 +319,12 @@ class LlamaRunner:
         freqs = torch.outer(torch.arange(max_context, dtype=f32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self._cos, self._sin = emb.cos(), emb.sin()
-        # Uninitialised, so memory is committed only as sequences grow, and cleaned lazily:
-        # a decode step attends over every slot up to the longest one and masks the
-        # rest, but a masked NaN in never-written memory still poisons the weighted sum
-        # (0 * NaN). ``_clean[b]`` is how far slot b holds finite values; decode zeroes
-        # ahead of it in chunks. Stale values from earlier sequences are finite and safe.
+        # Uninitialised, so memory is committed only as sequences grow. The native kernels
+        # read a slot only up to its own position. The ATen decode path attends over every
+        # slot up to the longest one and masks the rest, but a masked NaN in never-written
+        # memory still poisons the weighted sum (0 * NaN), so it cleans lazily: ``_clean[b]``
+        # is how far slot b holds finite values, and that path zeroes ahead of it in chunks.
+        # Stale values from earlier sequences are finite and safe.
         cache_shape = (max_active, s.kv_heads, max_context, s.head_dim)
         self.k_cache = [torch.empty(cache_shape, dtype=f32) for _ in range(s.layers)]
         self.v_cache = [torch.empty(cache_shape, dtype=f32) for _ in range(s.layers)]
@@ -476,9 +477,7 @@ class LlamaRunner:
         Everything but the weight products runs in the native kernels where they loaded
         (:attr:`native`: four calls a layer), else in ATen (:class:`_AtenDecode`).
         """
-        n = len(token_ids)
         pos = torch.tensor(positions)
-        self._clean_up_to(n, max(positions) + 1)
         ops = _NativeDecode(self, pos) if self.native else _AtenDecode(self, positions, pos)
         x, h = ops.add_rms_norm(self.embed[torch.tensor(token_ids)], None, self.layers[0].norm1)
         for i, layer in enumerate(self.layers):
@@ -549,6 +548,8 @@ class _AtenDecode:
     def __init__(self, runner: LlamaRunner, positions: list[int], pos: torch.Tensor) -> None:
         self._runner, self._pos = runner, pos
         n, span = len(positions), max(positions) + 1
+        # Only this path reads past a slot's position (masked): that memory must be finite.
+        runner._clean_up_to(n, span)
         self._n, self._span, self._rows = n, span, torch.arange(n)
         self._cos, self._sin = runner._cos[pos].unsqueeze(1), runner._sin[pos].unsqueeze(1)
         # Additive mask [n, 1, 1, span]: 0 where a slot may attend, -inf past its position;

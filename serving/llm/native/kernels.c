@@ -44,6 +44,14 @@ static inline __m256 sum8(const __m256 a[8]) {
                          _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
+/* The sum of v's 8 lanes, always in the same order. */
+static inline float hsum(__m256 v) {
+    float lanes[LANES];
+    _mm256_storeu_ps(lanes, v);
+    return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
+           ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
 /* exp(x), x clamped to [-87, 88]: exp(x) = 2^k * exp(r), |r| <= ln2/2. */
 static inline __m256 exp8(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
@@ -73,7 +81,7 @@ static inline __m256 exp8(__m256 x) {
 
 /* scores[t] = scale * q . keys[t] for t < length (padded to a multiple of 8 with -inf).
  * Eight keys at a time: eight independent sums, reduced together. With ``values`` (the
- * first head of a group) the keys two blocks ahead and the values of this block are
+ * first head of a group) the keys KEYS_AHEAD blocks ahead and the values of this block are
  * prefetched, so the reads from memory overlap the products. */
 static void dot_keys(const float *q, const float *keys, const float *values, int64_t length,
                      int head_dim, float scale, float *scores) {
@@ -118,10 +126,7 @@ static float softmax_weights(float *scores, int64_t padded) {
         _mm256_storeu_ps(scores + t, e);
         total = _mm256_add_ps(total, e);
     }
-    _mm256_storeu_ps(lanes, total);
-    const float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-                      ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    return 1.0f / sum;
+    return 1.0f / hsum(total);
 }
 
 /* out = inv * sum_t weights[t] * values[t], 64 dimensions at a time in registers. */
@@ -225,11 +230,7 @@ void add_rms_norm(float *x, const float *delta, const float *weight, float *out,
             }
             squares = _mm256_fmadd_ps(v, v, squares);
         }
-        float lanes[LANES];
-        _mm256_storeu_ps(lanes, squares);
-        const float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) +
-                          ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(sum / (float)width + eps));
+        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(hsum(squares) / (float)width + eps));
         float *ob = out + (int64_t)b * width;
         for (int i = 0; i < width; i += LANES)
             _mm256_storeu_ps(ob + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xb + i), inv),
