@@ -7,9 +7,13 @@ hits every layout alike), and reports the median per layout and row count:
 
 - ``plain``: float32 ``[in, out]``, ``x @ w`` (MKL);
 - ``blocked``: float32 in oneDNN's blocked layout (``prepack_float32``);
-- ``int8``: int8 with bfloat16 scales (``_weight_int8pack_mm``, the int8 tier's decode).
+- ``int8``: int8 with bfloat16 scales (``_weight_int8pack_mm``, the int8 tier's decode);
+- ``native-float32``, ``native-bfloat16``, ``native-int8``: the native kernels' packed
+  panels (``serving.llm.native``, float32 accumulation), what the runner uses wherever the
+  kernels load.
 
-``serving.llm.runner.FLOAT32_PLAIN_MAX_ROWS`` and ``INT8_MAX_ROWS`` are read off this.
+``serving.llm.runner.FLOAT32_PLAIN_MAX_ROWS`` and ``INT8_MAX_ROWS`` (the ATen path's
+choices) are read off this.
 
     flock /tmp/bench.lock .venv/bin/python benchmarks/llm_matmul.py
 
@@ -31,6 +35,7 @@ import torch
 from llm import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from serving.assets import smollm2_gguf
+from serving.llm import native
 from serving.llm.runner import (
     FLOAT32_PLAIN_MAX_ROWS,
     INT8_MAX_ROWS,
@@ -39,6 +44,7 @@ from serving.llm.runner import (
     LlamaRunner,
     float32_matmul,
     load_hf_model,
+    quantize_int8,
 )
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -52,6 +58,26 @@ def layer_weights(runner: LlamaRunner) -> list[Float32Weight]:
 def layouts(held: list[Float32Weight]) -> dict[str, Callable[[dict[int, torch.Tensor]], None]]:
     """Layout name -> one pass of products over every layer weight, given rows per width."""
     int8 = [Int8Weight.quantize(w.plain) for w in held]
+    kernels = native.load()
+    if kernels is None:
+        raise SystemExit("the native kernels did not load (see the log): nothing to compare")
+    packed = {
+        "native-float32": [kernels.pack(w.plain) for w in held],
+        "native-bfloat16": [kernels.pack(w.plain, torch.bfloat16) for w in held],
+        "native-int8": [
+            kernels.pack(q.t(), torch.int8, scales)
+            for q, scales in (quantize_int8(w.plain) for w in held)
+        ],
+    }
+
+    def native_pass(
+        weights: list[native.PackedWeight],
+    ) -> Callable[[dict[int, torch.Tensor]], None]:
+        def one_pass(xs: dict[int, torch.Tensor]) -> None:
+            for w in weights:
+                w.matmul(xs[w.in_features])
+
+        return one_pass
 
     def plain(xs: dict[int, torch.Tensor]) -> None:
         for w in held:
@@ -65,7 +91,8 @@ def layouts(held: list[Float32Weight]) -> dict[str, Callable[[dict[int, torch.Te
         for w in int8:
             torch.ops.aten._weight_int8pack_mm(xs[w.q.shape[1]].to(torch.bfloat16), w.q, w.scales)
 
-    return {"plain": plain, "blocked": blocked, "int8": int8_mm}
+    passes = {"plain": plain, "blocked": blocked, "int8": int8_mm}
+    return passes | {name: native_pass(weights) for name, weights in packed.items()}
 
 
 def measure(held: list[Float32Weight], rows: list[int], rounds: int, repeats: int) -> dict:
@@ -103,7 +130,7 @@ def markdown(report: dict) -> str:
         f"float32); median over {report['rounds']} interleaved rounds of the best of "
         f"{report['repeats']}.",
         "",
-        "| rows | " + " | ".join(f"{n} (ms)" for n in names) + " | fastest float32 |",
+        "| rows | " + " | ".join(f"{n} (ms)" for n in names) + " | fastest ATen float32 |",
         "|---|" + "---|" * (len(names) + 1),
     ]
     for n in rows:
@@ -112,8 +139,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {n} | " + " | ".join(f"{med[k]:.1f}" for k in names) + f" | {best} |")
     lines += [
         "",
-        f"The runner uses `plain` up to {report['float32_plain_max_rows']} row(s) and `blocked` "
-        f"above (`FLOAT32_PLAIN_MAX_ROWS`); the int8 tier uses `int8` up to "
+        "Where the native kernels load the runner uses `native-<dtype>` at every row count "
+        "(one copy of each weight). On the ATen path it uses `plain` up to "
+        f"{report['float32_plain_max_rows']} row(s) and `blocked` above "
+        "(`FLOAT32_PLAIN_MAX_ROWS`); the int8 tier uses `int8` up to "
         f"{report['int8_max_rows']} rows (`INT8_MAX_ROWS`) and `blocked` above.",
         "",
     ]
@@ -129,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "llm_matmul")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    held = layer_weights(LlamaRunner(load_hf_model(smollm2_gguf()), 1, 8, torch.float32))
+    runner = LlamaRunner(load_hf_model(smollm2_gguf()), 1, 8, torch.float32, native_kernels=False)
+    held = layer_weights(runner)
     report = {
         "command": "flock /tmp/bench.lock .venv/bin/python benchmarks/llm_matmul.py "
         + " ".join(sys.argv[1:] if argv is None else argv),

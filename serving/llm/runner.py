@@ -73,8 +73,12 @@ INT8_MAX_ROWS = 4
 _ONEDNN_ROWS_HINT = 64
 
 
-def prepack_float32(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 ``[in, out]`` weight for many-row products: oneDNN's blocked layout.
+def prepack_float32(
+    weight: torch.Tensor, kernels: native.NativeKernels | None = None
+) -> torch.Tensor | native.PackedWeight:
+    """A float32 ``[in, out]`` weight for many-row products: the native kernels' panels
+    where they loaded (faster than oneDNN at every row count, see
+    :mod:`serving.llm.native`), else oneDNN's blocked layout.
 
     Over the 30 layers' weights (2 threads, AVX-512 Xeon) oneDNN's prepacked linear took
     47 ms at 16 rows against 60 for MKL on the plain ``[in, out]`` weight (which repacks
@@ -83,8 +87,11 @@ def prepack_float32(weight: torch.Tensor) -> torch.Tensor:
     It is used for the ``lm_head`` (one big product, faster at every row count), for the
     float32 tier's products of more than :data:`FLOAT32_PLAIN_MAX_ROWS` rows and for the
     int8 tier's products of more than :data:`INT8_MAX_ROWS` rows. The plain weight is
-    returned where PyTorch was built without oneDNN; :func:`float32_matmul` takes either.
+    returned where PyTorch was built without oneDNN; :func:`float32_matmul` takes any of
+    the three.
     """
+    if kernels is not None:
+        return kernels.pack(weight, torch.float32)
     if torch.backends.mkldnn.is_available():
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(
@@ -97,13 +104,25 @@ def prepack_float32(weight: torch.Tensor) -> torch.Tensor:
     return weight.contiguous()
 
 
-def float32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def float32_matmul(x: torch.Tensor, weight: torch.Tensor | native.PackedWeight) -> torch.Tensor:
     """``x @ w`` in float32 for a weight from :func:`prepack_float32`."""
+    if isinstance(weight, native.PackedWeight):
+        return weight.matmul(x.float())
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(
             x.float().contiguous(), weight, None, "none", [], ""
         )
     return x.float() @ weight
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float ``[in, out]`` weight as int8 ``q`` [out, in] and bfloat16 ``scales`` [out],
+    one per output channel: ``scale = max|w| / 127``, rounded to bfloat16 *before* the
+    weights are divided by it, so ``q * scale`` is exactly the weight a product uses."""
+    w = weight.detach().float().t()  # [out, in]
+    scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127).to(torch.bfloat16)
+    q = torch.round(w / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scales.contiguous()
 
 
 @dataclass(frozen=True)
@@ -134,11 +153,8 @@ class Int8Weight:
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Weight:
         """From a float ``[in, out]`` weight (the runner's ``x @ w`` layout)."""
-        w = weight.detach().float().t()  # [out, in]
-        scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127).to(torch.bfloat16)
-        q = torch.round(w / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-        full = prepack_float32(weight.detach().float())
-        return cls(q=q.contiguous(), scales=scales.contiguous(), full=full)
+        q, scales = quantize_int8(weight)
+        return cls(q=q, scales=scales, full=prepack_float32(weight.detach().float()))
 
     def dequantize(self) -> torch.Tensor:
         """The float32 ``[in, out]`` weight this stands for."""
@@ -209,7 +225,7 @@ class Float32Weight:
 
 
 #: A matmul weight: a float tensor ``[in, out]`` or int8 with per-channel scales.
-Weight = torch.Tensor | Int8Weight | Float32Weight
+Weight = torch.Tensor | Int8Weight | Float32Weight | native.PackedWeight
 
 
 @dataclass
@@ -247,10 +263,14 @@ class LlamaRunner:
     bfloat16 product therefore only perturbs the logits by the weights' own rounding, and
     no longer turns a 0.09 margin into a tie that each CPU's kernels break their own way.
 
-    Weight layouts: the float32 tier's layer weights are :class:`Float32Weight` (plain
-    ``[in, out]`` for one-sequence steps, oneDNN-blocked for more rows), the int8 tier's
-    :class:`Int8Weight`, bfloat16 ones plain ``[in, out]``. The ``lm_head`` is float32 in
-    oneDNN's blocked layout in every dtype (:func:`prepack_float32`).
+    Weight layouts: where the native kernels loaded, float32 and bfloat16 layer weights
+    and the float32 ``lm_head`` are :class:`~serving.llm.native.PackedWeight` (one copy,
+    every row count, each output summed in one fixed order: bitwise batch-invariant), and
+    the int8 tier's :class:`Int8Weight` keeps its float32 copy packed the same way.
+    Without them: the float32 tier's layer weights are :class:`Float32Weight` (plain
+    ``[in, out]`` for one-sequence steps, oneDNN-blocked for more rows), bfloat16 ones
+    plain ``[in, out]``, and the ``lm_head`` is float32 in oneDNN's blocked layout in every
+    dtype (:func:`prepack_float32`).
     """
 
     def __init__(
@@ -265,10 +285,11 @@ class LlamaRunner:
         """``float32_blocked_copy=False`` keeps float32 layer weights plain only: half
         their memory, slower products of more than one row (see :class:`Float32Weight`).
 
-        ``native_kernels``: a decode step's work outside the weight products (RoPE, the
-        cache write, attention, residual adds, norms, SiLU) runs in the C kernels of
-        :mod:`serving.llm.native` when ``True``, in ATen when ``False``; ``None`` uses the
-        kernels wherever they build and load, the ATen path elsewhere."""
+        ``native_kernels``: the C kernels of :mod:`serving.llm.native` run a decode step's
+        work outside the weight products (RoPE, the cache write, attention, residual adds,
+        norms, SiLU) and every float32 and bfloat16 product (packed weights, one copy)
+        when ``True``, ATen and oneDNN when ``False``; ``None`` uses the kernels wherever
+        they build and load, the ATen path elsewhere."""
         self.shape = LlamaShape.from_config(hf_model.config)
         self.dtype = dtype
         self.max_active = max_active
@@ -276,9 +297,23 @@ class LlamaRunner:
         s = self.shape
         inner = hf_model.model
         f32 = torch.float32
+        self.native: native.NativeKernels | None = None
+        if native_kernels is not False:
+            fits = native.NativeKernels.supports(
+                s.heads, s.kv_heads, s.head_dim, s.hidden, hf_model.config.intermediate_size
+            )
+            self.native = native.load() if fits else None
+            if self.native is None and native_kernels:
+                raise RuntimeError("native kernels were asked for but are unavailable")
+        kernels = self.native
 
         def matmul_weight(*parts: torch.Tensor) -> Weight:
             weight = torch.cat([p.detach() for p in parts]).t()
+            if kernels is not None and dtype == torch.int8:
+                q, scales = quantize_int8(weight)
+                return kernels.pack(q.t(), torch.int8, scales)
+            if kernels is not None:
+                return kernels.pack(weight, dtype)
             if dtype == torch.int8:
                 return Int8Weight.quantize(weight)
             if dtype == torch.float32 and float32_blocked_copy:
@@ -291,10 +326,11 @@ class LlamaRunner:
         with torch.no_grad():
             self.embed = inner.embed_tokens.weight.detach().to(f32).contiguous()
             # float32 on purpose, whatever ``dtype`` is: these are the logits' weights. One
-            # big product, so oneDNN's blocked layout pays at every row count: 6.5-6.7 ms
-            # against MKL's 5.5-9.7 at one row, 6.6 against 11.6-12.4 at 4, 10 against
-            # 16 at 16 (2 threads, AVX-512 Xeon).
-            self.lm_head = prepack_float32(hf_model.lm_head.weight.detach().t().to(f32))
+            # big product: the kernels' panels where they loaded (5.2 ms against oneDNN's
+            # 8.4 at one row, 12.4 against 16 at 16, AVX2 EPYC), else oneDNN's blocked
+            # layout, which pays at every row count: 6.5-6.7 ms against MKL's 5.5-9.7 at
+            # one row, 6.6 against 11.6-12.4 at 4, 10 against 16 at 16 (AVX-512 Xeon).
+            self.lm_head = prepack_float32(hf_model.lm_head.weight.detach().t().to(f32), kernels)
             self.final_norm = vector(inner.norm.weight)
             self.layers = [
                 _Layer(
@@ -330,19 +366,10 @@ class LlamaRunner:
         self.v_cache = [torch.empty(cache_shape, dtype=f32) for _ in range(s.layers)]
         self._clean = [0] * max_active
         self._positions = torch.arange(max_context)
-        self.native: native.NativeKernels | None = None
-        if native_kernels is not False:
-            fits = native.NativeKernels.supports(
-                s.heads, s.kv_heads, s.head_dim, s.hidden, hf_model.config.intermediate_size
-            )
-            kernels = native.load() if fits else None
-            if kernels is None and native_kernels:
-                raise RuntimeError("native decode kernels were asked for but are unavailable")
-            self.native = kernels
 
     def _matmul(self, x: torch.Tensor, weight: Weight) -> torch.Tensor:
         """``x @ weight`` in the weights' dtype, returned as float32."""
-        if isinstance(weight, (Int8Weight, Float32Weight)):
+        if isinstance(weight, (Int8Weight, Float32Weight, native.PackedWeight)):
             return weight.matmul(x)
         return (x.to(weight.dtype) @ weight).float()
 
@@ -475,7 +502,8 @@ class LlamaRunner:
         Returns float32 logits ``[n, vocab]``. Each slot attends only to its own first
         ``positions[b] + 1`` cache entries, so sequences of any length share the step.
         Everything but the weight products runs in the native kernels where they loaded
-        (:attr:`native`: four calls a layer), else in ATen (:class:`_AtenDecode`).
+        (:attr:`native`: four calls a layer, besides the products), else in ATen
+        (:class:`_AtenDecode`).
         """
         pos = torch.tensor(positions)
         ops = _NativeDecode(self, pos) if self.native else _AtenDecode(self, positions, pos)

@@ -42,7 +42,8 @@ class TierConfig:
     dtype: str = "float32"
     checkpoint: str = SMOLLM2_CHECKPOINT
     float32_blocked_copy: bool = True
-    #: Decode steps through :mod:`serving.llm.native`'s kernels: ``None`` where they load
+    #: Weight products and decode steps through :mod:`serving.llm.native`'s kernels
+    #: (``float32_blocked_copy`` then has nothing to do): ``None`` where they load
     #: (else ATen, logged), ``True`` required (the load fails without them), ``False`` ATen.
     native_kernels: bool | None = None
 

@@ -100,10 +100,12 @@ NUMERICS_PROMPTS = [
     "Explain what a database index is.",
 ]
 #: Where float32 ranks its top two tokens further apart than this, the cheaper weights must
-#: pick the same token. Measured on these prompts (AVX-512 Xeon, docs/llm.md): bfloat16
-#: weights move the top-two gap by at most 0.23, int8 weight-only (with bfloat16
-#: activations into its kernel) by at most 0.61; the margins leave room for other CPUs'
-#: kernels, which round the same products in another order.
+#: pick the same token. Measured on these prompts (docs/llm.md): bfloat16 weights move the
+#: top-two gap by at most 0.23 through oneDNN (AVX-512 Xeon) and 0.11 through the native
+#: kernels (AVX2 EPYC); int8 weight-only by at most 0.61 through ATen's kernel (bfloat16
+#: activations, float32 prefill) and 0.68 through the native one (float32 activations,
+#: int8 prefill too). The margins leave room for the ATen path's other CPUs' kernels,
+#: which round the same products in another order.
 MARGINS = {torch.bfloat16: 0.5, torch.int8: 1.0}
 
 
@@ -112,8 +114,9 @@ def _teacher_forced_logits(
 ) -> torch.Tensor:
     """Logits [prompts, steps, vocab] along greedy (or ``forced``) tokens, batched decode.
 
-    int8 decodes at most :data:`INT8_MAX_ROWS` sequences per step in int8 (more rows take
-    its float32 weights), so its prompts are decoded in groups of that size.
+    On the ATen path int8 decodes at most :data:`INT8_MAX_ROWS` sequences per step in int8
+    (more rows take its float32 weights), so its prompts are decoded in groups of that
+    size (the native kernels' int8 product takes any row count the same way).
     """
     group = INT8_MAX_ROWS if dtype == torch.int8 else len(prompts)
     if len(prompts) > group:
@@ -213,9 +216,12 @@ def test_float32_weights_use_the_plain_layout_for_one_row_and_oneDNN_for_more() 
 
 
 def test_float32_runner_without_the_blocked_copy_holds_plain_weights(hf_model) -> None:
-    """``float32_blocked_copy=False``: one layout, the same logits within float32 rounding."""
-    lean = LlamaRunner(hf_model, 2, 64, torch.float32, float32_blocked_copy=False)
-    full = LlamaRunner(hf_model, 2, 64, torch.float32)
+    """``float32_blocked_copy=False`` (ATen path): one layout, the same logits within
+    float32 rounding."""
+    lean = LlamaRunner(
+        hf_model, 2, 64, torch.float32, float32_blocked_copy=False, native_kernels=False
+    )
+    full = LlamaRunner(hf_model, 2, 64, torch.float32, native_kernels=False)
     assert all(isinstance(w, torch.Tensor) for w in lean.layers[0].matmul_weights())
     assert all(isinstance(w, Float32Weight) for w in full.layers[0].matmul_weights())
     assert lean.weight_footprint() == full.weight_footprint()
@@ -354,8 +360,9 @@ def test_int8_runner_gives_float32_answer_and_reads_fewer_bytes(
     ids = template.encode(PROMPTS[0])
     answer, margins = _greedy(exact, ids, 6)  # "The capital of France is Paris"
     assert "Paris" in TokenBytes(tokenizer).text_of(answer)
-    # The first token is float32's own ("The" over "L" by 0.08: the tie of issue 10): the
-    # prompt's prefill runs on the float32 weights. Every later token is an int8 step.
+    # The first token is the tie of issue 10 ("The" over "L" by 0.08 in float32). On the
+    # ATen path the prefill runs on the float32 weights; on the kernels it is int8 too and
+    # still picks "The". Every later token is an int8 step.
     assert len(ids) > INT8_MAX_ROWS
     assert min(margins[1:]) > MARGINS[torch.int8], "float32's own answer is not clear here"
     assert _greedy(runner, ids, 6)[0] == answer

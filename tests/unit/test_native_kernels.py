@@ -10,7 +10,7 @@ import torch
 
 from serving.assets import smollm2_gguf
 from serving.llm import native
-from serving.llm.runner import LlamaRunner, load_hf_model
+from serving.llm.runner import LlamaRunner, load_hf_model, quantize_int8
 
 #: Where the kernel must load: CI's and every target machine's kind. Elsewhere the tests
 #: that need it fail rather than skip, unless the machine really cannot build it.
@@ -208,6 +208,92 @@ def test_runner_decodes_the_same_logits_natively_and_in_aten(hf_model):
 
 def test_asking_for_the_kernels_where_it_cannot_load_is_an_error(hf_model, monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "0")
-    with pytest.raises(RuntimeError, match="native decode kernels"):
+    with pytest.raises(RuntimeError, match="native kernels were asked for"):
         LlamaRunner(hf_model, 1, 16, torch.float32, native_kernels=True)
     assert LlamaRunner(hf_model, 1, 16, torch.float32).native is None
+
+
+def _packed(dtype: torch.dtype, weight: torch.Tensor) -> native.PackedWeight:
+    if dtype == torch.int8:
+        q, scales = quantize_int8(weight)
+        return kernels().pack(q.t(), torch.int8, scales)
+    return kernels().pack(weight, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+@pytest.mark.parametrize("cols", [48, 40])  # 40: a last panel padded with zero columns
+def test_matmul_is_the_packed_weights_product_at_every_row_count(dtype, cols):
+    torch.manual_seed(0)
+    weight = torch.randn(96, cols) * torch.linspace(0.05, 2.0, cols)
+    packed = _packed(dtype, weight)
+    assert packed.dtype == dtype and packed.numel() == 96 * cols
+    assert packed.panels.shape == (3, 96, 16)
+    if dtype == torch.float32:
+        assert torch.equal(packed.unpack(), weight)
+    else:  # the weight the product really uses: bfloat16's or int8's rounding of it
+        assert ((packed.unpack() - weight).abs() <= weight.abs().amax(0) / 200).all()
+    for rows in (0, 1, 2, 3, 5, 6, 7, 13, 16, 40):
+        x = torch.randn(rows, 96)
+        got = packed.matmul(x)
+        assert got.shape == (rows, cols) and got.dtype == torch.float32
+        exact = (x.double() @ packed.unpack().double()).float()
+        assert torch.allclose(got, exact, atol=1e-4, rtol=1e-5), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+def test_matmul_gives_each_row_the_same_bits_alone_or_batched_on_any_thread_count(dtype):
+    """Each output is one FMA chain in a fixed order: no dependence on the row count, the
+    tile a row lands in, or the threads (what makes batched greedy decoding equal alone)."""
+    torch.manual_seed(1)
+    packed = _packed(dtype, torch.randn(576, 960) * 0.05)
+    x = torch.randn(16, 576)
+    together = packed.matmul(x)
+    alone = torch.cat([packed.matmul(x[i : i + 1]) for i in range(16)])
+    assert torch.equal(together, alone)
+    assert torch.equal(packed.matmul(x[3:11]), together[3:11])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(packed.matmul(x), together)
+    finally:
+        torch.set_num_threads(threads)
+    strided = torch.randn(16, 1200)[:, :576]  # rows of a wider tensor, not copied
+    assert torch.equal(packed.matmul(strided), packed.matmul(strided.contiguous()))
+
+
+def test_matmul_and_pack_reject_what_they_cannot_multiply():
+    packed = kernels().pack(torch.randn(64, 32))
+    with pytest.raises(ValueError, match="columns"):
+        packed.matmul(torch.randn(2, 65))
+    with pytest.raises(ValueError, match="float32"):
+        packed.matmul(torch.randn(2, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float32"):
+        packed.matmul(torch.randn(64))
+    with pytest.raises(ValueError, match="non-empty"):
+        kernels().pack(torch.randn(0, 16))
+    with pytest.raises(ValueError, match="float16"):
+        kernels().pack(torch.randn(64, 32), torch.float16)
+    with pytest.raises(ValueError, match="one scale per column"):
+        kernels().pack(torch.zeros(64, 32, dtype=torch.int8), torch.int8)
+    with pytest.raises(ValueError, match="one scale per column"):
+        kernels().pack(torch.randn(64, 32), torch.int8, torch.ones(32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+def test_runner_logits_are_the_same_bits_decoded_alone_or_beside_others(hf_model, dtype):
+    """Greedy decoding is batch-invariant to the bit in every dtype on the kernels: a
+    sequence's prefill and decode logits do not depend on what shares its step."""
+    lengths = [5, 12, 30]
+    prompts = [[(13 * i + 7 * t) % 4000 + 10 for t in range(n)] for i, n in enumerate(lengths)]
+    batched = LlamaRunner(hf_model, 3, 64, dtype)
+    assert batched.native is not None
+    first = batched.prefill_batch([0, 1, 2], prompts)
+    tokens = first.argmax(-1).tolist()
+    steps = [batched.decode(tokens, lengths)]
+    steps.append(batched.decode(steps[0].argmax(-1).tolist(), [n + 1 for n in lengths]))
+    for b, ids in enumerate(prompts):
+        alone = LlamaRunner(hf_model, 1, 64, dtype)
+        assert torch.equal(alone.prefill(0, ids), first[b])
+        assert torch.equal(alone.decode([tokens[b]], [lengths[b]])[0], steps[0][b])
+        again = [int(steps[0][b].argmax())]
+        assert torch.equal(alone.decode(again, [lengths[b] + 1])[0], steps[1][b])

@@ -9,6 +9,11 @@
  *   weight products on an AVX2 EPYC.
  * - add_rms_norm: the residual add and the next RMSNorm.
  * - silu_mul: SiLU(gate) * up.
+ * - matmul_f32 / matmul_bf16 / matmul_i8: x @ w for a weight packed in panels of 16
+ *   output columns, float32, bfloat16 or int8 with a scale per column, always with
+ *   float32 accumulation. Over the 30 layers' weights (AVX2 EPYC, 2 threads) 21 ms at one
+ *   row against MKL's 44 and oneDNN's 34, 60 ms at 16 rows against oneDNN's 83; bfloat16
+ *   weights 13 and 41 ms.
  *
  * Layout (float32, the runner's):
  *   qkv    [n, (heads + 2 * kv_heads) * head_dim], row b at qkv + b * qkv_stride: the
@@ -252,3 +257,109 @@ void silu_mul(const float *gate_up, float *out, int n, int width) {
         }
     }
 }
+
+/* ---- Weight products ------------------------------------------------------------------
+ *
+ * x [rows, in] float32 (row stride xs) times a weight packed in panels: panel p holds
+ * output columns 16p..16p+15 as [in][16], contiguous, so a product streams each panel
+ * once from memory (serving/llm/native packs them). out [rows, cols] (row stride os).
+ * scales [cols] (int8 weights; NULL for float ones) multiply each column's sum at the end.
+ *
+ * Every output is one float32 FMA chain over k = 0..in-1 in order, started at zero: the
+ * same sum whatever the row count, the tile it falls in, the thread count or the CPU (no
+ * split over k, no reassociation). A sequence's logits are therefore bitwise the same
+ * decoded alone or beside fifteen others, and the same on every x86-64 with AVX2/FMA.
+ *
+ * A tile is R rows (at most 6) by P panels (1 or 2): 2 * R * P accumulators, the
+ * panel's 2 * P weight vectors and one broadcast of x in the 16 AVX registers. One-
+ * and two-row products take two panels at a time so a chain is never alone in waiting on
+ * its FMA latency; more rows take one panel, reused across the rows' tiles from cache.
+ */
+#define PANEL 16
+#define TILE_ROWS 6
+#define ALWAYS_INLINE __attribute__((always_inline)) static inline
+
+ALWAYS_INLINE void widen_f32(const float *w, __m256 *lo, __m256 *hi) {
+    *lo = _mm256_loadu_ps(w);
+    *hi = _mm256_loadu_ps(w + LANES);
+}
+
+/* bfloat16 is float32's upper half: widening is a shift, exact. */
+ALWAYS_INLINE void widen_bf16(const uint16_t *w, __m256 *lo, __m256 *hi) {
+    const __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
+    const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + LANES)));
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
+    *hi = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+}
+
+/* int8 to float32 is exact; the column's scale is applied to the finished sum. */
+ALWAYS_INLINE void widen_i8(const int8_t *w, __m256 *lo, __m256 *hi) {
+    *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+    *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + LANES))));
+}
+
+/* One R x P tile; R and P are constants at each call, so the loops unroll into registers. */
+#define DEFINE_TILE(NAME, WIDEN, WEIGHT)                                                     \
+    ALWAYS_INLINE void NAME(const float *x, int64_t xs, const WEIGHT *w, int64_t panel_size, \
+                            const float *scales, float *out, int64_t os, int in, const int R, \
+                            const int P) {                                                    \
+        __m256 acc[TILE_ROWS][4];                                                             \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int j = 0; j < 2 * P; j++) acc[r][j] = _mm256_setzero_ps();                  \
+        for (int k = 0; k < in; k++) {                                                        \
+            __m256 wk[4];                                                                     \
+            for (int p = 0; p < P; p++)                                                       \
+                WIDEN(w + p * panel_size + (int64_t)k * PANEL, &wk[2 * p], &wk[2 * p + 1]);  \
+            for (int r = 0; r < R; r++) {                                                     \
+                const __m256 xk = _mm256_broadcast_ss(x + r * xs + k);                        \
+                for (int j = 0; j < 2 * P; j++) acc[r][j] = _mm256_fmadd_ps(xk, wk[j], acc[r][j]); \
+            }                                                                                 \
+        }                                                                                     \
+        if (scales != NULL)                                                                   \
+            for (int j = 0; j < 2 * P; j++) {                                                 \
+                const __m256 scale = _mm256_loadu_ps(scales + j * LANES);                     \
+                for (int r = 0; r < R; r++) acc[r][j] = _mm256_mul_ps(acc[r][j], scale);      \
+            }                                                                                 \
+        for (int r = 0; r < R; r++)                                                           \
+            for (int j = 0; j < 2 * P; j++) _mm256_storeu_ps(out + r * os + j * LANES, acc[r][j]); \
+    }
+
+DEFINE_TILE(tile_f32, widen_f32, float)
+DEFINE_TILE(tile_bf16, widen_bf16, uint16_t)
+DEFINE_TILE(tile_i8, widen_i8, int8_t)
+
+/* Returns 0, or -2 when cols is not a multiple of PANEL (nothing is written). */
+#define DEFINE_MATMUL(NAME, TILE, WEIGHT)                                                    \
+    int NAME(const float *x, int64_t xs, const WEIGHT *w, const float *scales, float *out,    \
+             int64_t os, int rows, int in, int cols, int threads) {                           \
+        if (cols % PANEL || rows < 0 || in < 1) return -2;                                    \
+        const int panels = cols / PANEL, per = rows <= 2 ? 2 : 1;                             \
+        const int units = (panels + per - 1) / per;                                           \
+        const int64_t panel_size = (int64_t)in * PANEL;                                       \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                     \
+        for (int u = 0; u < units; u++) {                                                     \
+            const int p0 = u * per, P = panels - p0 < per ? panels - p0 : per;                \
+            const WEIGHT *wp = w + p0 * panel_size;                                           \
+            const float *sp = scales == NULL ? NULL : scales + p0 * PANEL;                    \
+            for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {                                    \
+                const int R = rows - r0 < TILE_ROWS ? rows - r0 : TILE_ROWS;                  \
+                const float *xr = x + r0 * xs;                                                \
+                float *o = out + r0 * os + p0 * PANEL;                                        \
+                if (P == 2 && R == 1) TILE(xr, xs, wp, panel_size, sp, o, os, in, 1, 2);          \
+                else if (P == 2) TILE(xr, xs, wp, panel_size, sp, o, os, in, 2, 2);               \
+                else switch (R) {                                                             \
+                    case 1: TILE(xr, xs, wp, panel_size, sp, o, os, in, 1, 1); break;             \
+                    case 2: TILE(xr, xs, wp, panel_size, sp, o, os, in, 2, 1); break;             \
+                    case 3: TILE(xr, xs, wp, panel_size, sp, o, os, in, 3, 1); break;             \
+                    case 4: TILE(xr, xs, wp, panel_size, sp, o, os, in, 4, 1); break;             \
+                    case 5: TILE(xr, xs, wp, panel_size, sp, o, os, in, 5, 1); break;             \
+                    default: TILE(xr, xs, wp, panel_size, sp, o, os, in, 6, 1); break;            \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        return 0;                                                                             \
+    }
+
+DEFINE_MATMUL(matmul_f32, tile_f32, float)
+DEFINE_MATMUL(matmul_bf16, tile_bf16, uint16_t)
+DEFINE_MATMUL(matmul_i8, tile_i8, int8_t)
