@@ -224,7 +224,8 @@ class Float32Weight:
         return self.plain.nbytes
 
 
-#: A matmul weight: a float tensor ``[in, out]`` or int8 with per-channel scales.
+#: A matmul weight: the native kernels' panels, or (ATen path) a float tensor
+#: ``[in, out]``, int8 with per-channel scales, or float32 in two layouts.
 Weight = torch.Tensor | Int8Weight | Float32Weight | native.PackedWeight
 
 
@@ -263,10 +264,10 @@ class LlamaRunner:
     bfloat16 product therefore only perturbs the logits by the weights' own rounding, and
     no longer turns a 0.09 margin into a tie that each CPU's kernels break their own way.
 
-    Weight layouts: where the native kernels loaded, float32 and bfloat16 layer weights
-    and the float32 ``lm_head`` are :class:`~serving.llm.native.PackedWeight` (one copy,
-    every row count, each output summed in one fixed order: bitwise batch-invariant), and
-    the int8 tier's :class:`Int8Weight` keeps its float32 copy packed the same way.
+    Weight layouts: where the native kernels loaded, the layer weights (float32, bfloat16,
+    or int8 with per-channel scales) and the float32 ``lm_head`` are
+    :class:`~serving.llm.native.PackedWeight`: one copy, every row count, each output
+    summed in one fixed order (bitwise batch-invariant).
     Without them: the float32 tier's layer weights are :class:`Float32Weight` (plain
     ``[in, out]`` for one-sequence steps, oneDNN-blocked for more rows), bfloat16 ones
     plain ``[in, out]``, and the ``lm_head`` is float32 in oneDNN's blocked layout in every
@@ -287,8 +288,7 @@ class LlamaRunner:
 
         ``native_kernels``: the C kernels of :mod:`serving.llm.native` run a decode step's
         work outside the weight products (RoPE, the cache write, attention, residual adds,
-        norms, SiLU) and every float32 and bfloat16 product (packed weights, one copy)
-        when ``True``, ATen and oneDNN when ``False``; ``None`` uses the kernels wherever
+        norms, SiLU) and every weight product (packed weights, one copy) when ``True``, ATen and oneDNN when ``False``; ``None`` uses the kernels wherever
         they build and load, the ATen path elsewhere."""
         self.shape = LlamaShape.from_config(hf_model.config)
         self.dtype = dtype

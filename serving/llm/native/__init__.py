@@ -5,9 +5,9 @@ layer: RoPE, the KV cache write and attention for every active sequence in one; 
 residual add with the next RMSNorm (twice); SiLU-and-multiply. And it does the weight
 products themselves, for weights packed into panels of 16 output columns
 (:class:`PackedWeight`: float32, bfloat16, or int8 with a scale per column; float32
-accumulation), each output one FMA
-chain in a fixed order: a row's result does not depend on how many rows share the product,
-so greedy decoding is bitwise batch-invariant, and it does not depend on the CPU. ATen's attention alone
+accumulation), each output one FMA chain in a fixed order: a row's result does not depend
+on how many rows share the product, so greedy decoding is bitwise batch-invariant, nor on
+which AVX2 CPU runs it. ATen's attention alone
 (``index_put`` of the new keys and values, two batched products of 3x64 by 64xT matrices,
 a mask and a softmax) took 22 of the 34 ms that a 16-sequence step spent outside its weight
 products (AVX2 EPYC, span 201). Each sequence attends to its own length only: no mask, no
@@ -282,7 +282,7 @@ class PackedWeight:
 
 
 def _unavailable(reason: str) -> None:
-    log.warning("native decode kernels unavailable (%s); using the ATen path", reason)
+    log.warning("native kernels unavailable (%s); using the ATen path", reason)
 
 
 def _compiler_id(compiler: str) -> str:

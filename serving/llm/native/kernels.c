@@ -1,7 +1,7 @@
 /*
- * The CPU engine's decode step outside its weight products, in four calls per layer
- * instead of about thirty ATen operators: built and loaded by serving/llm/native; the
- * ATen path in serving/llm/runner.py stays the reference these are tested against.
+ * The CPU engine's weight products, and its decode step outside them in four calls per
+ * layer instead of about thirty ATen operators: built and loaded by serving/llm/native;
+ * the ATen path in serving/llm/runner.py stays the reference these are tested against.
  *
  * - decode_attention: RoPE on the new queries and key, the KV cache write, and attention
  *   for every active sequence. ATen's version (index_put, two batched products of tiny
@@ -11,9 +11,9 @@
  * - silu_mul: SiLU(gate) * up.
  * - matmul_f32 / matmul_bf16 / matmul_i8: x @ w for a weight packed in panels of 16
  *   output columns, float32, bfloat16 or int8 with a scale per column, always with
- *   float32 accumulation. Over the 30 layers' weights (AVX2 EPYC, 2 threads) 21 ms at one
- *   row against MKL's 44 and oneDNN's 34, 60 ms at 16 rows against oneDNN's 83; bfloat16
- *   weights 13 and 41 ms.
+ *   float32 accumulation. Over the 30 layers' weights (AVX2 EPYC, 2 threads,
+ *   benchmarks/llm_matmul.py) 19 ms at one row against MKL's 44 and oneDNN's 41, 46 ms at
+ *   16 rows against oneDNN's 67; bfloat16 weights 14 and 37 ms, int8 10 and 34.
  *
  * Layout (float32, the runner's):
  *   qkv    [n, (heads + 2 * kv_heads) * head_dim], row b at qkv + b * qkv_stride: the
@@ -299,28 +299,28 @@ ALWAYS_INLINE void widen_i8(const int8_t *w, __m256 *lo, __m256 *hi) {
 }
 
 /* One R x P tile; R and P are constants at each call, so the loops unroll into registers. */
-#define DEFINE_TILE(NAME, WIDEN, WEIGHT)                                                     \
-    ALWAYS_INLINE void NAME(const float *x, int64_t xs, const WEIGHT *w, int64_t panel_size, \
-                            const float *scales, float *out, int64_t os, int in, const int R, \
-                            const int P) {                                                    \
-        __m256 acc[TILE_ROWS][4];                                                             \
-        for (int r = 0; r < R; r++)                                                           \
-            for (int j = 0; j < 2 * P; j++) acc[r][j] = _mm256_setzero_ps();                  \
-        for (int k = 0; k < in; k++) {                                                        \
-            __m256 wk[4];                                                                     \
-            for (int p = 0; p < P; p++)                                                       \
-                WIDEN(w + p * panel_size + (int64_t)k * PANEL, &wk[2 * p], &wk[2 * p + 1]);  \
-            for (int r = 0; r < R; r++) {                                                     \
-                const __m256 xk = _mm256_broadcast_ss(x + r * xs + k);                        \
+#define DEFINE_TILE(NAME, WIDEN, WEIGHT)                                                       \
+    ALWAYS_INLINE void NAME(const float *x, int64_t xs, const WEIGHT *w, int64_t panel_size,   \
+                            const float *scales, float *out, int64_t os, int in, const int R,  \
+                            const int P) {                                                     \
+        __m256 acc[TILE_ROWS][4];                                                              \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int j = 0; j < 2 * P; j++) acc[r][j] = _mm256_setzero_ps();                   \
+        for (int k = 0; k < in; k++) {                                                         \
+            __m256 wk[4];                                                                      \
+            for (int p = 0; p < P; p++)                                                        \
+                WIDEN(w + p * panel_size + (int64_t)k * PANEL, &wk[2 * p], &wk[2 * p + 1]);    \
+            for (int r = 0; r < R; r++) {                                                      \
+                const __m256 xk = _mm256_broadcast_ss(x + r * xs + k);                         \
                 for (int j = 0; j < 2 * P; j++) acc[r][j] = _mm256_fmadd_ps(xk, wk[j], acc[r][j]); \
-            }                                                                                 \
-        }                                                                                     \
-        if (scales != NULL)                                                                   \
-            for (int j = 0; j < 2 * P; j++) {                                                 \
-                const __m256 scale = _mm256_loadu_ps(scales + j * LANES);                     \
-                for (int r = 0; r < R; r++) acc[r][j] = _mm256_mul_ps(acc[r][j], scale);      \
-            }                                                                                 \
-        for (int r = 0; r < R; r++)                                                           \
+            }                                                                                  \
+        }                                                                                      \
+        if (scales != NULL)                                                                    \
+            for (int j = 0; j < 2 * P; j++) {                                                  \
+                const __m256 scale = _mm256_loadu_ps(scales + j * LANES);                      \
+                for (int r = 0; r < R; r++) acc[r][j] = _mm256_mul_ps(acc[r][j], scale);       \
+            }                                                                                  \
+        for (int r = 0; r < R; r++)                                                            \
             for (int j = 0; j < 2 * P; j++) _mm256_storeu_ps(out + r * os + j * LANES, acc[r][j]); \
     }
 
@@ -329,35 +329,35 @@ DEFINE_TILE(tile_bf16, widen_bf16, uint16_t)
 DEFINE_TILE(tile_i8, widen_i8, int8_t)
 
 /* Returns 0, or -2 when cols is not a multiple of PANEL (nothing is written). */
-#define DEFINE_MATMUL(NAME, TILE, WEIGHT)                                                    \
-    int NAME(const float *x, int64_t xs, const WEIGHT *w, const float *scales, float *out,    \
-             int64_t os, int rows, int in, int cols, int threads) {                           \
-        if (cols % PANEL || rows < 0 || in < 1) return -2;                                    \
-        const int panels = cols / PANEL, per = rows <= 2 ? 2 : 1;                             \
-        const int units = (panels + per - 1) / per;                                           \
-        const int64_t panel_size = (int64_t)in * PANEL;                                       \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)")                     \
-        for (int u = 0; u < units; u++) {                                                     \
-            const int p0 = u * per, P = panels - p0 < per ? panels - p0 : per;                \
-            const WEIGHT *wp = w + p0 * panel_size;                                           \
-            const float *sp = scales == NULL ? NULL : scales + p0 * PANEL;                    \
-            for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {                                    \
-                const int R = rows - r0 < TILE_ROWS ? rows - r0 : TILE_ROWS;                  \
-                const float *xr = x + r0 * xs;                                                \
-                float *o = out + r0 * os + p0 * PANEL;                                        \
-                if (P == 2 && R == 1) TILE(xr, xs, wp, panel_size, sp, o, os, in, 1, 2);          \
-                else if (P == 2) TILE(xr, xs, wp, panel_size, sp, o, os, in, 2, 2);               \
-                else switch (R) {                                                             \
-                    case 1: TILE(xr, xs, wp, panel_size, sp, o, os, in, 1, 1); break;             \
-                    case 2: TILE(xr, xs, wp, panel_size, sp, o, os, in, 2, 1); break;             \
-                    case 3: TILE(xr, xs, wp, panel_size, sp, o, os, in, 3, 1); break;             \
-                    case 4: TILE(xr, xs, wp, panel_size, sp, o, os, in, 4, 1); break;             \
-                    case 5: TILE(xr, xs, wp, panel_size, sp, o, os, in, 5, 1); break;             \
-                    default: TILE(xr, xs, wp, panel_size, sp, o, os, in, 6, 1); break;            \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
-        return 0;                                                                             \
+#define DEFINE_MATMUL(NAME, TILE, WEIGHT)                                                      \
+    int NAME(const float *x, int64_t xs, const WEIGHT *w, const float *scales, float *out,     \
+             int64_t os, int rows, int in, int cols, int threads) {                            \
+        if (cols % PANEL || rows < 0 || in < 1) return -2;                                     \
+        const int panels = cols / PANEL, per = rows <= 2 ? 2 : 1;                              \
+        const int units = (panels + per - 1) / per;                                            \
+        const int64_t panel_size = (int64_t)in * PANEL;                                        \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                      \
+        for (int u = 0; u < units; u++) {                                                      \
+            const int p0 = u * per, P = panels - p0 < per ? panels - p0 : per;                 \
+            const WEIGHT *wp = w + p0 * panel_size;                                            \
+            const float *sp = scales == NULL ? NULL : scales + p0 * PANEL;                     \
+            for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {                                     \
+                const int R = rows - r0 < TILE_ROWS ? rows - r0 : TILE_ROWS;                   \
+                const float *xr = x + r0 * xs;                                                 \
+                float *o = out + r0 * os + p0 * PANEL;                                         \
+                if (P == 2 && R == 1) TILE(xr, xs, wp, panel_size, sp, o, os, in, 1, 2);       \
+                else if (P == 2) TILE(xr, xs, wp, panel_size, sp, o, os, in, 2, 2);            \
+                else switch (R) {                                                              \
+                    case 1: TILE(xr, xs, wp, panel_size, sp, o, os, in, 1, 1); break;          \
+                    case 2: TILE(xr, xs, wp, panel_size, sp, o, os, in, 2, 1); break;          \
+                    case 3: TILE(xr, xs, wp, panel_size, sp, o, os, in, 3, 1); break;          \
+                    case 4: TILE(xr, xs, wp, panel_size, sp, o, os, in, 4, 1); break;          \
+                    case 5: TILE(xr, xs, wp, panel_size, sp, o, os, in, 5, 1); break;          \
+                    default: TILE(xr, xs, wp, panel_size, sp, o, os, in, 6, 1); break;         \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        return 0;                                                                              \
     }
 
 DEFINE_MATMUL(matmul_f32, tile_f32, float)
