@@ -73,12 +73,9 @@ INT8_MAX_ROWS = 4
 _ONEDNN_ROWS_HINT = 64
 
 
-def prepack_float32(
-    weight: torch.Tensor, kernels: native.NativeKernels | None = None
-) -> torch.Tensor | native.PackedWeight:
-    """A float32 ``[in, out]`` weight for many-row products: the native kernels' panels
-    where they loaded (faster than oneDNN at every row count, see
-    :mod:`serving.llm.native`), else oneDNN's blocked layout.
+def prepack_float32(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 ``[in, out]`` weight for many-row products on the ATen path: oneDNN's
+    blocked layout (where the native kernels load, their panels are used instead).
 
     Over the 30 layers' weights (2 threads, AVX-512 Xeon) oneDNN's prepacked linear took
     47 ms at 16 rows against 60 for MKL on the plain ``[in, out]`` weight (which repacks
@@ -87,11 +84,9 @@ def prepack_float32(
     It is used for the ``lm_head`` (one big product, faster at every row count), for the
     float32 tier's products of more than :data:`FLOAT32_PLAIN_MAX_ROWS` rows and for the
     int8 tier's products of more than :data:`INT8_MAX_ROWS` rows. The plain weight is
-    returned where PyTorch was built without oneDNN; :func:`float32_matmul` takes any of
-    the three.
+    returned where PyTorch was built without oneDNN; :func:`float32_matmul` takes either,
+    and the native kernels' :class:`~serving.llm.native.PackedWeight` as well.
     """
-    if kernels is not None:
-        return kernels.pack(weight, torch.float32)
     if torch.backends.mkldnn.is_available():
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(
@@ -105,7 +100,8 @@ def prepack_float32(
 
 
 def float32_matmul(x: torch.Tensor, weight: torch.Tensor | native.PackedWeight) -> torch.Tensor:
-    """``x @ w`` in float32 for a weight from :func:`prepack_float32`."""
+    """``x @ w`` in float32 for a weight from :func:`prepack_float32` or a float32
+    :class:`~serving.llm.native.PackedWeight`."""
     if isinstance(weight, native.PackedWeight):
         return weight.matmul(x.float())
     if weight.is_mkldnn:
@@ -288,8 +284,9 @@ class LlamaRunner:
 
         ``native_kernels``: the C kernels of :mod:`serving.llm.native` run a decode step's
         work outside the weight products (RoPE, the cache write, attention, residual adds,
-        norms, SiLU) and every weight product (packed weights, one copy) when ``True``, ATen and oneDNN when ``False``; ``None`` uses the kernels wherever
-        they build and load, the ATen path elsewhere."""
+        norms, SiLU) and every weight product (packed weights, one copy) when ``True``;
+        ATen and oneDNN do when ``False``; ``None`` uses the kernels wherever they build
+        and load, the ATen path elsewhere."""
         self.shape = LlamaShape.from_config(hf_model.config)
         self.dtype = dtype
         self.max_active = max_active
@@ -330,7 +327,8 @@ class LlamaRunner:
             # 8.4 at one row, 12.4 against 16 at 16, AVX2 EPYC), else oneDNN's blocked
             # layout, which pays at every row count: 6.5-6.7 ms against MKL's 5.5-9.7 at
             # one row, 6.6 against 11.6-12.4 at 4, 10 against 16 at 16 (AVX-512 Xeon).
-            self.lm_head = prepack_float32(hf_model.lm_head.weight.detach().t().to(f32), kernels)
+            lm_head = hf_model.lm_head.weight.detach().t().to(f32)
+            self.lm_head = prepack_float32(lm_head) if kernels is None else kernels.pack(lm_head)
             self.final_norm = vector(inner.norm.weight)
             self.layers = [
                 _Layer(

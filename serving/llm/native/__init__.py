@@ -2,16 +2,17 @@
 
 ``kernels.c`` does a decode step's work outside the weight products in four calls per
 layer: RoPE, the KV cache write and attention for every active sequence in one; the
-residual add with the next RMSNorm (twice); SiLU-and-multiply. And it does the weight
-products themselves, for weights packed into panels of 16 output columns
-(:class:`PackedWeight`: float32, bfloat16, or int8 with a scale per column; float32
-accumulation), each output one FMA chain in a fixed order: a row's result does not depend
-on how many rows share the product, so greedy decoding is bitwise batch-invariant, nor on
-which AVX2 CPU runs it. ATen's attention alone
+residual add with the next RMSNorm (twice); SiLU-and-multiply. ATen's attention alone
 (``index_put`` of the new keys and values, two batched products of 3x64 by 64xT matrices,
 a mask and a softmax) took 22 of the 34 ms that a 16-sequence step spent outside its weight
 products (AVX2 EPYC, span 201). Each sequence attends to its own length only: no mask, no
 work on the positions between its end and the longest sequence's.
+
+It also does the weight products themselves, for weights packed into panels of 16 output
+columns (:class:`PackedWeight`: float32, bfloat16, or int8 with a scale per column;
+float32 accumulation). Each output is one FMA chain in a fixed order, so a row's result
+depends neither on how many rows share the product (greedy decoding is bitwise
+batch-invariant) nor on which AVX2 CPU runs it.
 
 Built with the machine's C compiler (``$CC``, else ``cc``) for x86-64 with AVX2 and FMA
 (x86-64-v3, which every CPU the tiers target has), into the cache folder under a name that

@@ -328,7 +328,8 @@ DEFINE_TILE(tile_f32, widen_f32, float)
 DEFINE_TILE(tile_bf16, widen_bf16, uint16_t)
 DEFINE_TILE(tile_i8, widen_i8, int8_t)
 
-/* Returns 0, or -2 when cols is not a multiple of PANEL (nothing is written). */
+/* Returns 0, or -2 (nothing written) when cols is not a multiple of PANEL, rows is
+ * negative or in is not positive. */
 #define DEFINE_MATMUL(NAME, TILE, WEIGHT)                                                      \
     int NAME(const float *x, int64_t xs, const WEIGHT *w, const float *scales, float *out,     \
              int64_t os, int rows, int in, int cols, int threads) {                            \
