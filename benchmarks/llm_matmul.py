@@ -10,7 +10,10 @@ hits every layout alike), and reports the median per layout and row count:
 - ``int8``: int8 with bfloat16 scales (``_weight_int8pack_mm``, the int8 tier's decode);
 - ``native-float32``, ``native-bfloat16``, ``native-int8``: the native kernels' packed
   panels (``serving.llm.native``, float32 accumulation), what the runner uses wherever the
-  kernels load.
+  kernels load; on a CPU with AVX-512 the same products on AVX2 as well
+  (``native-<dtype>-avx2``: the same bits, narrower registers);
+- ``aten-bfloat16``, where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX):
+  ``x @ w`` with both in bfloat16 through oneDNN, what vLLM's CPU build runs in bfloat16.
 
 ``serving.llm.runner.FLOAT32_PLAIN_MAX_ROWS`` and ``INT8_MAX_ROWS`` (the ATen path's
 choices) are read off this.
@@ -71,11 +74,11 @@ def layouts(held: list[Float32Weight]) -> dict[str, Callable[[dict[int, torch.Te
     }
 
     def native_pass(
-        weights: list[native.PackedWeight],
+        weights: list[native.PackedWeight], on: native.NativeKernels
     ) -> Callable[[dict[int, torch.Tensor]], None]:
         def one_pass(xs: dict[int, torch.Tensor]) -> None:
             for w in weights:
-                w.matmul(xs[w.in_features])
+                on.matmul(xs[w.in_features], w)
 
         return one_pass
 
@@ -92,7 +95,26 @@ def layouts(held: list[Float32Weight]) -> dict[str, Callable[[dict[int, torch.Te
             torch.ops.aten._weight_int8pack_mm(xs[w.q.shape[1]].to(torch.bfloat16), w.q, w.scales)
 
     passes = {"plain": plain, "blocked": blocked, "int8": int8_mm}
-    return passes | {name: native_pass(weights) for name, weights in packed.items()}
+    if native_bfloat16():
+        bf16 = [w.plain.to(torch.bfloat16) for w in held]
+
+        def aten_bfloat16(xs: dict[int, torch.Tensor]) -> None:
+            for w in bf16:
+                torch.mm(xs[w.shape[0]].to(torch.bfloat16), w)
+
+        passes["aten-bfloat16"] = aten_bfloat16
+    passes |= {name: native_pass(weights, kernels) for name, weights in packed.items()}
+    if kernels.isa != "avx2":
+        avx2 = kernels.with_isa("avx2")
+        passes |= {f"{name}-avx2": native_pass(w, avx2) for name, w in packed.items()}
+    return passes
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere
+    ATen's bfloat16 product is emulated, two orders of magnitude slower."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def measure(held: list[Float32Weight], rows: list[int], rounds: int, repeats: int) -> dict:

@@ -12,7 +12,8 @@ It also does the weight products themselves, for weights packed into panels of 1
 columns (:class:`PackedWeight`: float32, bfloat16, or int8 with a scale per column;
 float32 accumulation). Each output is one FMA chain in a fixed order, so a row's result
 depends neither on how many rows share the product (greedy decoding is bitwise
-batch-invariant) nor on which AVX2 CPU runs it.
+batch-invariant) nor on which CPU runs it. Where the CPU has AVX-512 the products run on
+16-float registers (:data:`ISAS`): the same chains in the same order, so the same bits.
 
 Built with the machine's C compiler (``$CC``, else ``cc``) for x86-64 with AVX2 and FMA
 (x86-64-v3, which every CPU the tiers target has), into the cache folder under a name that
@@ -57,13 +58,33 @@ PANEL = 16
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 #: Set to ``0`` to keep the ATen path (an A/B, or a machine whose build misbehaves).
 ENV_SWITCH = "TRITON_LLM_NATIVE"
+#: The instruction sets the weight products are built for, each a suffix of the C names;
+#: the other kernels are AVX2 on every CPU.
+ISAS = {"avx2": "", "avx512": "_avx512"}
+#: ``avx2`` or ``avx512`` picks the products' instruction set (default: the widest the CPU
+#: has), for an A/B on one machine.
+ISA_SWITCH = "TRITON_LLM_NATIVE_ISA"
 
 
 class NativeKernels:
-    """The loaded library: one method per kernel, each checking what it is given."""
+    """The loaded library: one method per kernel, each checking what it is given.
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    ``isa`` picks the weight products' instruction set: ``"avx2"``, ``"avx512"``, or
+    ``None`` for :data:`ISA_SWITCH`, else the widest this CPU has. ``ValueError`` for one
+    it does not know or this CPU lacks.
+    """
+
+    def __init__(self, library: ctypes.CDLL, isa: str | None = None) -> None:
         ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        self._library = library
+        library.has_avx512.restype = i32
+        self.available = ("avx2", "avx512") if library.has_avx512() else ("avx2",)
+        isa = isa or os.environ.get(ISA_SWITCH) or self.available[-1]
+        if isa not in ISAS:
+            raise ValueError(f"unknown instruction set {isa!r}: one of {', '.join(ISAS)}")
+        if isa not in self.available:
+            raise ValueError(f"this CPU has no {isa} for the native products")
+        self.isa = isa
         self._attention = library.decode_attention
         self._attention.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr]
         self._attention.argtypes += [i32, i32, i32, i32, i64, f32, i32]
@@ -81,10 +102,14 @@ class NativeKernels:
             torch.int8: "matmul_i8",
         }
         for dtype, name in names.items():
-            function = getattr(library, name)
+            function = getattr(library, name + ISAS[isa])
             function.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32]
             function.restype = i32
             self._matmul[dtype] = function
+
+    def with_isa(self, isa: str) -> NativeKernels:
+        """The same library with its products on ``isa`` (an A/B on one machine)."""
+        return NativeKernels(self._library, isa)
 
     @staticmethod
     def supports(heads: int, kv_heads: int, head_dim: int, hidden: int, intermediate: int) -> bool:
@@ -344,8 +369,8 @@ def load() -> NativeKernels | None:
     try:
         path = build()
         kernels = NativeKernels(ctypes.CDLL(str(path)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
         _unavailable(str(exc))
         return None
-    log.info("native decode kernels: %s", path)
+    log.info("native kernels (products on %s): %s", kernels.isa, path)
     return kernels

@@ -364,3 +364,106 @@ DEFINE_TILE(tile_i8, widen_i8, int8_t)
 DEFINE_MATMUL(matmul_f32, tile_f32, float)
 DEFINE_MATMUL(matmul_bf16, tile_bf16, uint16_t)
 DEFINE_MATMUL(matmul_i8, tile_i8, int8_t)
+
+/* ---- The same products with AVX-512 ------------------------------------------------------
+ *
+ * A panel is one 16-float register here. Each output is still one FMA chain over k in the
+ * same order, started at zero, and scaled at the end: the same operations on the same
+ * operands, so the bits are those of the AVX2 products above (the tests compare them). A
+ * tile is up to 12 rows by two panels (24 accumulators of the 32 registers); a product's
+ * rows are split into tiles of near-equal size, so 16 rows are two tiles of 8, not 12 + 4.
+ * The panels are prefetched WIDE_AHEAD steps ahead (past a panel's end that is the next
+ * panel, or nothing: a prefetch never faults). On an Intel Xeon with AMX (2 threads, the
+ * 120 layer weights) that took one row from 11.2 to 9.2 ms in bfloat16 and 16 rows from
+ * 29.7 to 23.9 ms in float32; AVX2's products were timed on AMD only and are left as
+ * they are.
+ * Compiled for AVX-512F by function attribute and only called where the CPU has it
+ * (has_avx512, which also checks that the OS saves the registers).
+ */
+#define AVX512 __attribute__((target("avx512f")))
+#define WIDE_TILE_ROWS 12
+#define WIDE_AHEAD 64 /* k steps the panels are prefetched ahead (4 KB of float32) */
+
+int has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+
+AVX512 ALWAYS_INLINE __m512 widen16_f32(const float *w) { return _mm512_loadu_ps(w); }
+
+AVX512 ALWAYS_INLINE __m512 widen16_bf16(const uint16_t *w) {
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+}
+
+AVX512 ALWAYS_INLINE __m512 widen16_i8(const int8_t *w) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
+}
+
+#define DEFINE_WIDE_TILE(NAME, WIDEN, WEIGHT)                                                  \
+    AVX512 ALWAYS_INLINE void NAME(const float *x, int64_t xs, const WEIGHT *w,                \
+                                   int64_t panel_size, const float *scales, float *out,        \
+                                   int64_t os, int in, const int R, const int P) {             \
+        __m512 acc[WIDE_TILE_ROWS][2];                                                         \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_ps();                       \
+        for (int k = 0; k < in; k++) {                                                         \
+            __m512 wk[2];                                                                      \
+            for (int p = 0; p < P; p++) wk[p] = WIDEN(w + p * panel_size + (int64_t)k * PANEL); \
+            for (int p = 0; p < P; p++)                                                        \
+                _mm_prefetch((const char *)(w + p * panel_size + (int64_t)(k + WIDE_AHEAD) * PANEL), \
+                             _MM_HINT_T0);                                                     \
+            for (int r = 0; r < R; r++) {                                                      \
+                const __m512 xk = _mm512_set1_ps(x[r * xs + k]);                               \
+                for (int p = 0; p < P; p++) acc[r][p] = _mm512_fmadd_ps(xk, wk[p], acc[r][p]); \
+            }                                                                                  \
+        }                                                                                      \
+        if (scales != NULL)                                                                    \
+            for (int p = 0; p < P; p++) {                                                      \
+                const __m512 scale = _mm512_loadu_ps(scales + p * PANEL);                      \
+                for (int r = 0; r < R; r++) acc[r][p] = _mm512_mul_ps(acc[r][p], scale);       \
+            }                                                                                  \
+        for (int r = 0; r < R; r++)                                                            \
+            for (int p = 0; p < P; p++) _mm512_storeu_ps(out + r * os + p * PANEL, acc[r][p]); \
+    }
+
+DEFINE_WIDE_TILE(wide_tile_f32, widen16_f32, float)
+DEFINE_WIDE_TILE(wide_tile_bf16, widen16_bf16, uint16_t)
+DEFINE_WIDE_TILE(wide_tile_i8, widen16_i8, int8_t)
+
+#define WIDE_CASE(TILE, R, P)                                                                  \
+    case R: TILE(xr, xs, wp, panel_size, sp, o, os, in, R, P); break;
+#define WIDE_CASES(TILE, P)                                                                    \
+    WIDE_CASE(TILE, 1, P) WIDE_CASE(TILE, 2, P) WIDE_CASE(TILE, 3, P) WIDE_CASE(TILE, 4, P)    \
+    WIDE_CASE(TILE, 5, P) WIDE_CASE(TILE, 6, P) WIDE_CASE(TILE, 7, P) WIDE_CASE(TILE, 8, P)    \
+    WIDE_CASE(TILE, 9, P) WIDE_CASE(TILE, 10, P) WIDE_CASE(TILE, 11, P)                        \
+    default: TILE(xr, xs, wp, panel_size, sp, o, os, in, WIDE_TILE_ROWS, P); break;
+
+/* The same contract as DEFINE_MATMUL's functions. */
+#define DEFINE_WIDE_MATMUL(NAME, TILE, WEIGHT)                                                 \
+    AVX512 int NAME(const float *x, int64_t xs, const WEIGHT *w, const float *scales,          \
+                    float *out, int64_t os, int rows, int in, int cols, int threads) {         \
+        if (cols % PANEL || rows < 0 || in < 1) return -2;                                     \
+        const int panels = cols / PANEL, units = (panels + 1) / 2;                             \
+        const int tiles = (rows + WIDE_TILE_ROWS - 1) / WIDE_TILE_ROWS;                        \
+        const int64_t panel_size = (int64_t)in * PANEL;                                        \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                      \
+        for (int u = 0; u < units; u++) {                                                      \
+            const int p0 = 2 * u, P = panels - p0 < 2 ? 1 : 2;                                 \
+            const WEIGHT *wp = w + p0 * panel_size;                                            \
+            const float *sp = scales == NULL ? NULL : scales + p0 * PANEL;                     \
+            for (int t = 0, r0 = 0; t < tiles; t++) {                                          \
+                const int R = rows / tiles + (t < rows % tiles);                               \
+                const float *xr = x + r0 * xs;                                                 \
+                float *o = out + r0 * os + p0 * PANEL;                                         \
+                if (P == 2) switch (R) { WIDE_CASES(TILE, 2) }                                 \
+                else switch (R) { WIDE_CASES(TILE, 1) }                                        \
+                r0 += R;                                                                       \
+            }                                                                                  \
+        }                                                                                      \
+        return 0;                                                                              \
+    }
+
+DEFINE_WIDE_MATMUL(matmul_f32_avx512, wide_tile_f32, float)
+DEFINE_WIDE_MATMUL(matmul_bf16_avx512, wide_tile_bf16, uint16_t)
+DEFINE_WIDE_MATMUL(matmul_i8_avx512, wide_tile_i8, int8_t)
