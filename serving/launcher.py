@@ -6,6 +6,7 @@ the class directly, so every server in this project starts the same way.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import errno
 import json
@@ -118,6 +119,22 @@ class LaunchOptions:
             for name in ("http_port", "grpc_port", "metrics_port", "health_port")
         }
         return cls(**{**ports, **kwargs})
+
+
+def compile_python_models(repository: Path) -> None:
+    """Write the bytecode of every Python model's files before Triton starts.
+
+    The Python backend's stub imports ``model.py`` and writes ``__pycache__`` beside it;
+    Triton sees the version folder changed and, when an ensemble on that model is loaded
+    next, loads the model again. On a fresh clone that loaded every model twice (the
+    ``llm_small_text`` chain 66-71 s against 36.5 once compiled). With valid bytecode in
+    place the stub writes nothing. A read-only repository is left as it is: its stubs
+    cannot write either.
+    """
+    for version in sorted(Path(repository).glob("*/*")):
+        if version.is_dir() and version.name.isdigit():
+            with contextlib.suppress(OSError):
+                compileall.compile_dir(version, quiet=2)
 
 
 def gpu_override(config: model_config_pb2.ModelConfig, ids: str) -> dict:
@@ -300,6 +317,7 @@ class TritonLauncher:
             o.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tritonserver-{o.http_port}.log"
         o.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(o.log_path, "wb")  # noqa: SIM115 (lives as long as the server)
+        compile_python_models(Path(o.repository))
         progress(f"starting tritonserver (log: {o.log_path})")
         self.process = subprocess.Popen(
             # It must not outlive a launcher killed with SIGKILL: the kernel then SIGKILLs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from serving.launcher import (
     LaunchOptions,
     TritonLauncher,
     check_port_free,
+    compile_python_models,
     requests_succeeded,
 )
 from serving.repository import configured_copy, dependents, load_order, load_repository
@@ -508,3 +510,36 @@ def test_requests_succeeded_sums_one_models_versions_from_a_metrics_page() -> No
     assert requests_succeeded(page, "llm_small") == 10
     assert requests_succeeded(page, "llm_small_text") == 100
     assert requests_succeeded(page, "embedding") == 0
+
+
+def _import_like_the_stub(path: Path) -> object:
+    spec = importlib.util.spec_from_file_location(f"stub_{path.parent.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stamps(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in [folder, *folder.rglob("*")]}
+
+
+def test_python_models_are_compiled_so_their_stubs_change_nothing(tmp_path, monkeypatch):
+    """A stub that writes __pycache__ into a version folder makes Triton load that model
+    again when an ensemble on it loads; compiled first, the import writes nothing."""
+    # The stub writes bytecode whatever PYTHONDONTWRITEBYTECODE says (seen: it ignores
+    # the PYTHON* variables); this process must import as it does.
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    for name in ("plain", "compiled"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "model.py").write_text(f"NAME = {name!r}\n")
+    plain = tmp_path / "plain" / "1"
+    before = _stamps(plain)
+    assert _import_like_the_stub(plain / "model.py").NAME == "plain"
+    assert _stamps(plain) != before  # what the stub does to an uncompiled model
+
+    compile_python_models(tmp_path)
+    compiled = tmp_path / "compiled" / "1"
+    before = _stamps(compiled)
+    assert any(p.suffix == ".pyc" for p in before)
+    assert _import_like_the_stub(compiled / "model.py").NAME == "compiled"
+    assert _stamps(compiled) == before
