@@ -18,7 +18,7 @@ from serving.launcher import (
     LaunchOptions,
     TritonLauncher,
 )
-from serving.runtime import run_foreground
+from serving.runtime import process_group, run_foreground
 
 
 def _model_ids(text: str) -> tuple[str, str]:
@@ -197,7 +197,12 @@ def start_gateway(launcher: TritonLauncher, port: int, extra: str) -> subprocess
     args = ["--host", host, "--port", str(port), "--triton-grpc", launcher.grpc_url]
     args += ["--triton-health", launcher.health_url, *shlex.split(extra)]
     try:
-        return gateway_process.start(args, f"http://{host}:{port}/health/ready")
+        # Its own process group, as tritonserver has: a SIGINT to the terminal's group
+        # reaches only this process, which stops the gateway first, then Triton. In that
+        # group the gateway (uvicorn handles SIGINT itself) left on its own: where this
+        # process ignores SIGINT (started in the background by a script) serve() then
+        # reported "the gateway exited (code 0)" as an error and stopped Triton.
+        return gateway_process.start(args, f"http://{host}:{port}/health/ready", **process_group())
     except RuntimeError as exc:
         raise LaunchError(str(exc)) from None
 

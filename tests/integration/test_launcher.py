@@ -275,3 +275,34 @@ def _is_loopback(ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
     mapped = getattr(addr, "ipv4_mapped", None)  # gRPC listens on ::ffff:127.0.0.1
     return (mapped or addr).is_loopback
+
+
+def test_ctrl_c_stops_the_gateway_then_triton_and_exits_0(tmp_path: Path) -> None:
+    """``make serve``'s Ctrl-C: the terminal sends SIGINT to its whole foreground group.
+    Only the launcher may act on it (the gateway and Triton have their own groups): it
+    stops the gateway, then Triton, and exits 0 with no error, leaving nothing running."""
+    gateway_port = free_port()
+    proc = _cli_process(
+        tmp_path,
+        "echo",
+        [*_ports(), "--gateway", f"--gateway-port={gateway_port}"],
+        stderr=subprocess.PIPE,
+        process_group=0,  # a terminal's foreground job: the launcher leads the group
+    )
+    lines = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("Ctrl-C stops the gateway") or not line:
+            break
+    assert f"http://127.0.0.1:{gateway_port}/v1" in "".join(lines), "".join(lines)
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert {"tritonserver"} <= {p.name() for p in family}
+    assert any("gateway" in " ".join(p.cmdline()) for p in family)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=90) == 0
+    stderr = proc.stderr.read()  # the gateway's JSON log is here too (uvicorn.error, ...)
+    assert not [ln for ln in stderr.splitlines() if ln.startswith("error")], stderr
+    _gone, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == []
