@@ -250,6 +250,9 @@ def llama_cpp_runs(batch: list[list[int]], tokens: int, threads: int) -> list[di
         text=True,
         timeout=3600,
     )
+    if result.returncode < 0:  # e.g. SIGILL: a kernel the CPU (or its VM) cannot run
+        name = signal.Signals(-result.returncode).name
+        return f"llama.cpp died of {name}: {result.stderr[-300:] or 'no output'}"
     if result.returncode != 0:
         return f"llama.cpp run failed: {result.stderr[-500:]}"
     return json.loads(result.stdout)
