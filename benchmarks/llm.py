@@ -503,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
             results += served_tier(args, work, dtype, progress, task)
         extra, notes = baselines(args, work, progress, task)
         results += extra
+        # Measured again after the runs, the better of the two kept: one reading alone
+        # caught this VM in a slow second (13.4 GB/s read, against 23.8 twenty minutes
+        # earlier and 29 through the native products), and a ceiling is what it can do.
+        progress.update(task, description="ceilings, again")
+        again = llm_baselines.ceilings(weight_bytes, 2.0 * params, args.threads)
+        limits = {key: max(value, again[key]) for key, value in limits.items()}
+        console.log(f"ceilings, the better of two: {limits}")
 
     def rate(prefix: str, streams: int) -> float | None:
         found = [
@@ -613,7 +620,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_ms(t, 'p50')} | {_ms(t, 'p90')} | {_ms(t, 'p99')} | "
             f"{_ms(i, 'p50')} | {_ms(i, 'p90')} | {_ms(i, 'p99')} |"
         )
-    lines += ["", "Latencies in ms. Ceilings measured in the same run:", ""]
+    lines += [
+        "",
+        "Latencies in ms. Ceilings measured in the same run (before and after the runs, the better kept):",
+        "",
+    ]
     lines += [f"- {name}: {value:.1f}" for name, value in report.get("ceilings", {}).items()]
     lines += ["", "Ratios:", ""]
     lines += [f"- {name}: **{value:.2f}x**" for name, value in report["ratios"].items()]
