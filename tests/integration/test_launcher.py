@@ -108,18 +108,23 @@ def _cli_process(tmp_path: Path, model: str, ports: list[str], **popen: object) 
     )
 
 
+def _banner(proc: Any, last: str, timeout: float) -> str:
+    """What ``python -m serving`` prints up to its line starting with ``last``."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith(last) or not line:
+            break
+    return "".join(lines)
+
+
 def test_cli_serves_prints_endpoints_and_stops_on_sigterm(tmp_path: Path) -> None:
     ports = _ports()
     http_port = ports[0].split("=")[1]
     proc = _cli_process(tmp_path, "echo_twice", ports, stderr=subprocess.PIPE)
-    banner = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        banner.append(line)
-        if line.startswith("Ctrl-C") or not line:
-            break
-    text = "".join(banner)
+    text = _banner(proc, "Ctrl-C", timeout=120)
     assert f"HTTP     http://127.0.0.1:{http_port}" in text
     assert "serving 2 models (cpu profile): echo, echo_twice" in text
     assert _echo(f"127.0.0.1:{http_port}", "echo_twice", 2.5) == 2.5
@@ -289,14 +294,8 @@ def test_ctrl_c_stops_the_gateway_then_triton_and_exits_0(tmp_path: Path) -> Non
         stderr=subprocess.PIPE,
         process_group=0,  # a terminal's foreground job: the launcher leads the group
     )
-    lines = []
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("Ctrl-C stops the gateway") or not line:
-            break
-    assert f"http://127.0.0.1:{gateway_port}/v1" in "".join(lines), "".join(lines)
+    text = _banner(proc, "Ctrl-C stops the gateway", timeout=180)
+    assert f"http://127.0.0.1:{gateway_port}/v1" in text, text
     family = psutil.Process(proc.pid).children(recursive=True)
     assert {"tritonserver"} <= {p.name() for p in family}
     assert any("gateway" in " ".join(p.cmdline()) for p in family)
