@@ -282,24 +282,50 @@ def _is_loopback(ip: str) -> bool:
     return (mapped or addr).is_loopback
 
 
-def test_ctrl_c_stops_the_gateway_then_triton_and_exits_0(tmp_path: Path) -> None:
-    """``make serve``'s Ctrl-C: the terminal sends SIGINT to its whole foreground group.
-    Only the launcher may act on it (the gateway and Triton have their own groups): it
-    stops the gateway, then Triton, and exits 0 with no error, leaving nothing running."""
+#: Runs the rest of argv with SIGINT as given: ``default`` (a terminal's foreground job)
+#: or ``ignore`` (a job a non-interactive shell started in the background, such as CI's).
+#: An exec, not a preexec_fn: a disposition set to default or ignore survives it.
+_SIGINT_AS = (
+    "import os, signal, sys; "
+    "signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[1] == 'ignore' else signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+)
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignore"])
+def test_sigint_to_the_group_stops_everything_in_order_or_nothing(
+    tmp_path: Path, sigint: str
+) -> None:
+    """``make serve``'s Ctrl-C: a SIGINT to the whole process group. The gateway and Triton
+    have groups of their own, so only the launcher acts on it: it stops the gateway, then
+    Triton, and exits 0 with no error. Where the launcher ignores SIGINT (started in the
+    background by a script) nothing stops: before the gateway had its own group, it alone
+    left and the launcher reported that as an error. SIGTERM then stops everything."""
     gateway_port = free_port()
-    proc = _cli_process(
-        tmp_path,
-        "echo",
-        [*_ports(), "--gateway", f"--gateway-port={gateway_port}"],
+    command = [sys.executable, "-c", _SIGINT_AS, sigint, "-m", "serving"]
+    command += ["--model-repository", str(TINY_REPO), *_ports(), "--models=echo"]
+    command += ["--gateway", f"--gateway-port={gateway_port}", f"--log-file={tmp_path / 'log'}"]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        process_group=0,  # a terminal's foreground job: the launcher leads the group
+        text=True,
+        cwd=ROOT,
+        process_group=0,  # a job of its own: the launcher leads the group, as under make
     )
     text = _banner(proc, "Ctrl-C stops the gateway", timeout=180)
     assert f"http://127.0.0.1:{gateway_port}/v1" in text, text
     family = psutil.Process(proc.pid).children(recursive=True)
     assert {"tritonserver"} <= {p.name() for p in family}
-    assert any("gateway" in " ".join(p.cmdline()) for p in family)
+    gateway = [p for p in family if "gateway" in " ".join(p.cmdline())]
+    assert gateway
     os.killpg(proc.pid, signal.SIGINT)
+    if sigint == "ignore":
+        time.sleep(5)
+        assert proc.poll() is None and gateway[0].is_running()
+        status, _ = _get(f"http://127.0.0.1:{gateway_port}/health/ready")
+        assert status == 200
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
     stderr = proc.stderr.read()  # the gateway's JSON log is here too (uvicorn.error, ...)
     assert not [ln for ln in stderr.splitlines() if ln.startswith("error")], stderr
