@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -313,21 +314,27 @@ def test_sigint_to_the_group_stops_everything_in_order_or_nothing(
         cwd=ROOT,
         process_group=0,  # a job of its own: the launcher leads the group, as under make
     )
-    text = _banner(proc, "Ctrl-C stops the gateway", timeout=180)
-    assert f"http://127.0.0.1:{gateway_port}/v1" in text, text
-    family = psutil.Process(proc.pid).children(recursive=True)
-    assert {"tritonserver"} <= {p.name() for p in family}
-    gateway = [p for p in family if "gateway" in " ".join(p.cmdline())]
-    assert gateway
-    os.killpg(proc.pid, signal.SIGINT)
-    if sigint == "ignore":
-        time.sleep(5)
-        assert proc.poll() is None and gateway[0].is_running()
-        status, _ = _get(f"http://127.0.0.1:{gateway_port}/health/ready")
-        assert status == 200
-        proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=90) == 0
-    stderr = proc.stderr.read()  # the gateway's JSON log is here too (uvicorn.error, ...)
-    assert not [ln for ln in stderr.splitlines() if ln.startswith("error")], stderr
-    _gone, alive = psutil.wait_procs(family, timeout=10)
-    assert alive == []
+    family: list[psutil.Process] = []
+    try:
+        text = _banner(proc, "Ctrl-C stops the gateway", timeout=180)
+        assert f"http://127.0.0.1:{gateway_port}/v1" in text, text
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert {"tritonserver"} <= {p.name() for p in family}
+        gateway = [p for p in family if "gateway" in " ".join(p.cmdline())]
+        assert gateway
+        os.killpg(proc.pid, signal.SIGINT)
+        if sigint == "ignore":
+            time.sleep(5)
+            assert proc.poll() is None and gateway[0].is_running()
+            status, _ = _get(f"http://127.0.0.1:{gateway_port}/health/ready")
+            assert status == 200
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        stderr = proc.stderr.read()  # the gateway's JSON log is here too (uvicorn.error, ...)
+        assert not [ln for ln in stderr.splitlines() if ln.startswith("error")], stderr
+        _gone, alive = psutil.wait_procs(family, timeout=10)
+        assert alive == []
+    finally:  # a failed run must not leave a server behind (each has a group of its own)
+        for process in [psutil.Process(proc.pid), *family] if proc.poll() is None else family:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
