@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,11 +89,18 @@ class TestCliErrors:
         assert "unknown model(s) nope; the repository has broken, echo, echo_twice" in result.stderr
 
 
-def _cli_process(tmp_path: Path, model: str, ports: list[str], **popen: object) -> Any:
-    """``python -m serving`` on the tiny repository with ``model``, its stdout piped."""
+def _cli_process(
+    tmp_path: Path,
+    model: str,
+    ports: list[str],
+    python: Sequence[str] = (sys.executable,),
+    **popen: object,
+) -> Any:
+    """``python -m serving`` on the tiny repository with ``model``, its stdout piped;
+    ``python`` is the interpreter's command (a wrapper that execs it, say)."""
     return subprocess.Popen(
         [
-            sys.executable,
+            *python,
             "-m",
             "serving",
             "--model-repository",
@@ -303,15 +310,12 @@ def test_sigint_to_the_group_stops_everything_in_order_or_nothing(
     background by a script) nothing stops: before the gateway had its own group, it alone
     left and the launcher reported that as an error. SIGTERM then stops everything."""
     gateway_port = free_port()
-    command = [sys.executable, "-c", _SIGINT_AS, sigint, "-m", "serving"]
-    command += ["--model-repository", str(TINY_REPO), *_ports(), "--models=echo"]
-    command += ["--gateway", f"--gateway-port={gateway_port}", f"--log-file={tmp_path / 'log'}"]
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
+    proc = _cli_process(
+        tmp_path,
+        "echo",
+        [*_ports(), "--gateway", f"--gateway-port={gateway_port}"],
+        python=[sys.executable, "-c", _SIGINT_AS, sigint],
         stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
         process_group=0,  # a job of its own: the launcher leads the group, as under make
     )
     family: list[psutil.Process] = []
@@ -335,6 +339,8 @@ def test_sigint_to_the_group_stops_everything_in_order_or_nothing(
         _gone, alive = psutil.wait_procs(family, timeout=10)
         assert alive == []
     finally:  # a failed run must not leave a server behind (each has a group of its own)
-        for process in [psutil.Process(proc.pid), *family] if proc.poll() is None else family:
+        if proc.poll() is None:
+            proc.kill()
+        for process in family:
             with contextlib.suppress(psutil.Error):
                 process.kill()
