@@ -579,14 +579,21 @@ def write_report(out: Path, report: dict[str, Any], text: str) -> None:
     console.print(text)
 
 
+def _cpuinfo() -> str:
+    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags, as ``lscpu`` lists them (none where there is no cpuinfo)."""
+    lines = _cpuinfo().splitlines()
+    return next((ln.split(":", 1)[1].split() for ln in lines if "flags" in ln), [])
+
+
 def cpu_model() -> str:
     """``lscpu``'s model name and the vector / matrix extensions that decide the kernels."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), "?"
-    )
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if "flags" in ln), [])
-    wanted = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
+    lines = _cpuinfo().splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if "model name" in ln), "?")
+    wanted = [f for f in cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
     return f"{name} ({' '.join(sorted(set(wanted)))})"
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from llm import cpu_model  # benchmarks/ is on sys.path when run as a script
+from llm import cpu_flags, cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from serving.assets import smollm2_gguf
 from serving.llm import native
@@ -113,8 +113,7 @@ def layouts(held: list[Float32Weight]) -> dict[str, Callable[[dict[int, torch.Te
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere
     ATen's bfloat16 product is emulated, two orders of magnitude slower."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return not {"avx512_bf16", "amx_bf16"}.isdisjoint(cpu_flags())
 
 
 def measure(held: list[Float32Weight], rows: list[int], rounds: int, repeats: int) -> dict:
