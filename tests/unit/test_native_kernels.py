@@ -166,6 +166,16 @@ def test_switch_off_and_a_missing_compiler_fall_back_to_aten(monkeypatch, caplog
     assert "no C compiler" in caplog.text
 
 
+def test_an_unknown_instruction_set_in_the_switch_falls_back_to_aten_saying_so(monkeypatch, caplog):
+    monkeypatch.setenv(native.ISA_SWITCH, "avx10")
+    with caplog.at_level("WARNING"):
+        assert native.load() is None
+    assert "unknown instruction set 'avx10'" in caplog.text
+    native.load.cache_clear()
+    monkeypatch.setenv(native.ISA_SWITCH, "avx2")
+    assert kernels().isa == "avx2"
+
+
 def test_a_failed_build_names_the_compilers_error(tmp_path, monkeypatch):
     broken = tmp_path / "broken.c"
     broken.write_text("int silu_mul(void) { return syntax error; }\n")
